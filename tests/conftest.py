@@ -1,0 +1,44 @@
+"""Shared fixtures. Models load once per test session; tests that change an index get their own copy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rag import offline  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "corpus"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from rag.embed import Embedder
+
+    embedder = Embedder(device="cpu")
+    embedder.model  # load now, once
+    return embedder
+
+
+@pytest.fixture
+def docs_dir(tmp_path: Path) -> Path:
+    """A small corpus of one file per format, in a folder the test may change."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    shutil.copy(CORPUS / "httpx" / "quickstart.md", folder / "quickstart.md")
+    shutil.copy(CORPUS / "httpx" / "advanced" / "timeouts.md", folder / "timeouts.md")
+    shutil.copy(CORPUS / "ntsb" / "20071229X02007.pdf", folder / "ntsb-report.pdf")
+    shutil.copy(DATA / "test_with_comment.docx", folder / "comment.docx")
+    shutil.copy(DATA / "test_blog.html", folder / "blog.html")
+    (folder / "notes.txt").write_text("Plain text notes.\n\nThe release train leaves every second Tuesday.\n")
+    return folder
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    from rag.config import Settings
+
+    return Settings(index_dir=tmp_path / "index", parse_workers=1)

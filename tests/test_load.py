@@ -1,0 +1,74 @@
+"""Every supported format yields real text with its metadata; bad files fail with a reason."""
+
+from pathlib import Path
+
+import pytest
+
+from ingest.load import LoadError, load
+from tests.conftest import CORPUS, DATA
+
+
+@pytest.mark.parametrize(
+    ("path", "expected_text"),
+    [
+        (CORPUS / "httpx" / "quickstart.md", "httpx.get"),
+        (CORPUS / "ntsb" / "20071229X02007.pdf", "National Transportation Safety Board"),
+        (CORPUS / "formats" / "autogen-paper.docx", "AutoGen"),
+        (CORPUS / "formats" / "wikipedia-microsoft.html", "Microsoft"),
+        (DATA / "test_with_comment.docx", ""),
+        (DATA / "test_blog.html", ""),
+        (DATA / "test.xlsx", ""),
+    ],
+    ids=lambda value: value.name if isinstance(value, Path) else None,
+)
+def test_each_format_yields_real_text(path: Path, expected_text: str):
+    elements = load(path)
+    text = " ".join(element.text for element in elements)
+    assert len(text) > 50, f"{path.name} gave almost no text"
+    assert expected_text in text
+
+
+def test_pdf_with_owner_password_yields_text_and_page_numbers():
+    # The fast strategy returns zero elements without raising when it cannot decrypt; this must not happen.
+    elements = load(CORPUS / "ntsb" / "20071229X02007.pdf")
+    assert len(elements) > 20
+    pages = {element.page for element in elements}
+    assert pages >= {1, 2}
+
+
+def test_markdown_elements_carry_their_heading():
+    elements = load(CORPUS / "httpx" / "advanced" / "timeouts.md")
+    assert elements[0].heading is None  # the file opens with text, before its first heading
+    assert any(e.heading == "Setting and disabling timeouts" for e in elements)
+    assert any(e.heading == "Setting a default timeout on a client" for e in elements)
+    assert {e.category for e in elements} >= {"Title", "NarrativeText"}
+
+
+def test_scanned_pdf_without_text_layer_is_an_error_not_silence():
+    with pytest.raises(LoadError, match="no text layer"):
+        load(DATA / "MEDRPT-2024-PAT-3847_medical_report_scan.pdf")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.md", b"", "empty file"),
+        ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 20, "binary content"),
+        ("garbage.txt", bytes(range(128, 256)) * 40, "not valid UTF-8"),
+        ("broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage", "corrupt PDF"),
+        ("truncated.docx", b"PK\x03\x04 not really a zip", "not a ZIP archive"),
+        ("data.xyz", b"some data", "unsupported file type '.xyz'"),
+    ],
+)
+def test_bad_input_is_reported_with_a_reason(tmp_path: Path, name: str, content: bytes, reason: str):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(LoadError, match=reason):
+        load(path)
+
+
+def test_latin1_text_is_decoded_not_rejected(tmp_path: Path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Café crème brûlée, naïve façade. Déjà vu à la carte.\n".encode("latin-1") * 5)
+    text = " ".join(element.text for element in load(path))
+    assert "Café" in text
