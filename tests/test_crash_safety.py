@@ -1,0 +1,64 @@
+"""SIGKILL at any moment of `rag ingest` leaves the previous index loadable, and a re-run completes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rag.store import Store
+from tests.conftest import CORPUS
+
+
+def _rag(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rag.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "RAG_PARSE_WORKERS": "2"}, **kwargs)
+
+
+def _wait_for_writer(index: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Returns once the writer has started its new snapshot copy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((index / "snapshots").glob(".tmp-*")):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the ingest never started writing")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.2, 3.0])
+def test_sigkill_mid_ingest_leaves_the_previous_snapshot_loadable(tmp_path, delay):
+    source, index = tmp_path / "docs", tmp_path / "index"
+    shutil.copytree(CORPUS / "httpx", source)
+    seed = _rag("ingest", str(source / "advanced"), "--index", str(index), "--json")
+    assert seed.wait(timeout=120) == 0, seed.communicate()
+    before = Store.open(index).counts()
+
+    (source / "ntsb").mkdir()
+    for pdf in sorted((CORPUS / "ntsb").glob("*.pdf"))[:2]:
+        shutil.copy(pdf, source / "ntsb" / pdf.name)
+    process = _rag("ingest", str(source), "--index", str(index))
+    _wait_for_writer(index, process)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+    store = Store.open(index)  # loadable, consistent, and either the old snapshot or a complete new one
+    counts = store.counts()
+    assert counts["chunks"] == counts["vectors"]
+    assert counts == before or process.returncode == 0
+
+    rerun = _rag("ingest", str(source), "--index", str(index), "--json")
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr.decode()
+    report = json.loads(stdout)
+    after = Store.open(index).counts()
+    assert after["documents"] == len(list(source.rglob("*.md"))) + len(list(source.rglob("*.pdf")))
+    assert after == report["index"]
+    assert not list((index / "snapshots").glob(".tmp-*"))  # the killed writer's leftovers are cleaned up

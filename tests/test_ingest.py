@@ -1,0 +1,167 @@
+"""The ingestion job: incremental, idempotent, safe against bad input, other models and network use."""
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from ingest.job import IngestJob
+from rag.store import IndexMismatchError, IndexNotFoundError, Store
+from tests.conftest import CORPUS
+
+
+def _duplicates(store: Store) -> int:
+    rows = store.db.execute(
+        "SELECT COUNT(*) FROM (SELECT doc_id, hash, ordinal FROM chunks GROUP BY doc_id, ordinal HAVING COUNT(*) > 1)"
+    ).fetchone()[0]
+    same_text = store.db.execute(
+        "SELECT COUNT(*) FROM (SELECT doc_id, hash FROM chunks GROUP BY doc_id, hash, ordinal HAVING COUNT(*) > 1)"
+    ).fetchone()[0]
+    return rows + same_text
+
+
+def test_ingest_writes_a_complete_snapshot(docs_dir, settings, embedder):
+    report = IngestJob(settings, embedder).run(docs_dir)
+    assert report.status_counts["new"] == 6 and not report.failed
+    store = Store.open(settings.index_dir, embedder.name, embedder.dimension)
+    counts = store.counts()
+    assert counts["documents"] == 6 and counts["chunks"] == counts["vectors"] > 20
+    manifest = store.manifest
+    assert manifest.embedding_model == embedder.name and manifest.dimension == 384
+    assert manifest.chunking["chunk_tokens"] == settings.chunk_tokens and manifest.created_at
+    pdf_chunks = [c for c in store.iter_chunks() if c.source.endswith("ntsb-report.pdf")]
+    assert pdf_chunks and all(c.page for c in pdf_chunks)
+    assert any(c.heading for c in store.iter_chunks() if c.source.endswith("quickstart.md"))
+    assert list((settings.index_dir / "CURRENT").resolve().iterdir())
+    assert not list(settings.index_dir.rglob("*.pkl")) and not list(settings.index_dir.rglob("*.pickle"))
+
+
+def test_three_runs_leave_identical_counts_and_no_duplicates(docs_dir, settings, embedder):
+    job = IngestJob(settings, embedder)
+    reports = [job.run(docs_dir) for _ in range(3)]
+    assert reports[1].status_counts["unchanged"] == reports[2].status_counts["unchanged"] == 6
+    assert reports[1].snapshot is None and reports[2].snapshot is None  # nothing changed, nothing rewritten
+    store = Store.open(settings.index_dir)
+    assert store.counts() == reports[0].index_counts
+    assert _duplicates(store) == 0
+
+
+def test_touched_but_identical_file_is_not_reparsed(docs_dir, settings, embedder):
+    job = IngestJob(settings, embedder)
+    job.run(docs_dir)
+    note = docs_dir / "notes.txt"
+    note.write_text(note.read_text())  # new mtime, same bytes
+    report = job.run(docs_dir)
+    assert report.status_counts["unchanged"] == 6 and report.chunks_added == 0
+
+
+def test_changed_file_replaces_its_chunks_and_deleted_file_is_pruned(docs_dir, settings, embedder):
+    job = IngestJob(settings, embedder)
+    before = job.run(docs_dir).index_counts
+    (docs_dir / "notes.txt").write_text("The release train now leaves every Friday at noon.\n")
+    (docs_dir / "blog.html").unlink()
+    report = job.run(docs_dir)
+    assert report.status_counts == {"new": 0, "changed": 1, "unchanged": 4, "removed": 1, "failed": 0}
+    store = Store.open(settings.index_dir)
+    texts = [c.text for c in store.iter_chunks() if c.source.endswith("notes.txt")]
+    assert texts == ["The release train now leaves every Friday at noon."]
+    assert not [c for c in store.iter_chunks() if c.source.endswith("blog.html")]
+    assert store.counts()["documents"] == before["documents"] - 1
+    assert store.counts()["chunks"] == store.counts()["vectors"]
+    hit, _ = store.search(embedder.encode_query("when does the release train leave?"), 1)[0]
+    assert "Friday" in hit.text
+
+
+def test_no_prune_keeps_documents_of_deleted_files(docs_dir, settings, embedder):
+    job = IngestJob(settings, embedder)
+    job.run(docs_dir)
+    (docs_dir / "notes.txt").unlink()
+    report = job.run(docs_dir, prune=False)
+    assert report.status_counts["removed"] == 0
+    assert Store.open(settings.index_dir).counts()["documents"] == 6
+
+
+def test_include_and_exclude_globs(docs_dir, settings, embedder):
+    report = IngestJob(settings, embedder).run(docs_dir, include=["*.md", "*.txt"], exclude=["time*"])
+    assert sorted(Path(r.source).name for r in report.files) == ["notes.txt", "quickstart.md"]
+
+
+def test_bad_inputs_are_reported_and_everything_else_ingests(docs_dir, settings, embedder):
+    (docs_dir / "broken.pdf").write_bytes(b"%PDF-1.7\n%garbage that is not a pdf body")
+    (docs_dir / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" * 50)
+    (docs_dir / "empty.md").write_bytes(b"")
+    (docs_dir / "table.numbers").write_bytes(b"unsupported")
+    (docs_dir / "mojibake.txt").write_bytes(bytes(range(128, 256)) * 30)
+    report = IngestJob(settings, embedder).run(docs_dir)
+    reasons = {Path(r.source).name: r.error for r in report.failed}
+    assert set(reasons) == {"broken.pdf", "image.txt", "empty.md", "table.numbers", "mojibake.txt"}
+    assert "corrupt PDF" in reasons["broken.pdf"] and "binary" in reasons["image.txt"]
+    assert "empty" in reasons["empty.md"] and "unsupported file type" in reasons["table.numbers"]
+    assert report.status_counts["new"] == 6
+    assert Store.open(settings.index_dir).counts()["documents"] == 6
+
+
+def test_a_file_that_turns_corrupt_keeps_its_previous_version(docs_dir, settings, embedder):
+    job = IngestJob(settings, embedder)
+    job.run(docs_dir)
+    (docs_dir / "ntsb-report.pdf").write_bytes(b"%PDF-1.4 truncated")
+    report = job.run(docs_dir)
+    assert "previous version kept" in report.failed[0].error
+    assert any(c.source.endswith("ntsb-report.pdf") for c in Store.open(settings.index_dir).iter_chunks())
+
+
+def test_index_built_with_another_model_is_a_clear_error(docs_dir, settings, embedder):
+    IngestJob(settings, embedder).run(docs_dir)
+    with pytest.raises(IndexMismatchError, match="all-MiniLM-L6-v2.*other-model"):
+        Store.open(settings.index_dir, "other-model", 768)
+    with pytest.raises(IndexMismatchError, match="768 dims"):
+        Store.begin(settings.index_dir, embedder.name, 768, {})
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(IndexNotFoundError, match="rag ingest"):
+        Store.open(tmp_path / "nowhere")
+
+
+def test_ingestion_uses_no_network(docs_dir, settings, embedder, monkeypatch):
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("::1", "localhost") or host.startswith("/")):
+            attempts.append(address)
+            raise OSError(f"network access attempted during ingestion: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: guarded_connect(None, address))
+    report = IngestJob(settings, embedder).run(docs_dir)  # parse_workers=1: parsing runs in this process
+    assert not report.failed and attempts == []
+
+
+def test_parallel_parsing_gives_the_same_index(docs_dir, settings, embedder, tmp_path):
+    serial = IngestJob(settings, embedder).run(docs_dir).index_counts
+    parallel_settings = settings.with_overrides(index_dir=tmp_path / "parallel", parse_workers=2)
+    parallel = IngestJob(parallel_settings, embedder).run(docs_dir).index_counts
+    assert parallel == serial
+    texts = lambda index: sorted(c.text for c in Store.open(index).iter_chunks())  # noqa: E731
+    assert texts(settings.index_dir) == texts(parallel_settings.index_dir)
+
+
+def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, settings, embedder, monkeypatch):
+    job = IngestJob(settings, embedder)
+    before = job.run(docs_dir).index_counts
+    shutil.copy(CORPUS / "httpx" / "api.md", docs_dir / "api.md")
+    import rag.store
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rag.store.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        job.run(docs_dir)
+    monkeypatch.undo()
+    assert Store.open(settings.index_dir).counts() == before
+    assert job.run(docs_dir).status_counts["new"] == 1  # the next run completes the work
