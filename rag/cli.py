@@ -27,7 +27,7 @@ errors = Console(stderr=True)
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_INDEX_ERROR = 0, 1, 2, 3
 
 IndexOption = Annotated[
-    Optional[Path], typer.Option("--index", help="Index directory [env: RAG_INDEX_DIR; default ./rag-index].")
+    Optional[Path], typer.Option("--index", help="Index directory (env: RAG_INDEX_DIR; default ./rag-index).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 
@@ -67,12 +67,12 @@ def ingest(
     index: IndexOption = None,
     include: Annotated[list[str], typer.Option("--include", "-i", help="Glob of files to take, e.g. '*.md' (repeatable).")] = [],
     exclude: Annotated[list[str], typer.Option("--exclude", "-x", help="Glob of files to skip (repeatable).")] = [],
-    prune: Annotated[Optional[bool], typer.Option("--prune/--no-prune", help="Remove indexed files that are gone from PATH [default: on for a folder].")] = None,
-    chunk_tokens: Annotated[Optional[int], typer.Option(help="Chunk size in embedding tokens [env: RAG_CHUNK_TOKENS; default 200].")] = None,
-    chunk_overlap: Annotated[Optional[int], typer.Option(help="Overlap between chunks in tokens [env: RAG_CHUNK_OVERLAP; default 32].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Parser processes [env: RAG_PARSE_WORKERS; default 2].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Embedding batch size [env: RAG_EMBEDDING_BATCH_SIZE; default 64].")] = None,
-    embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model folder [env: RAG_EMBEDDING_MODEL; default: packaged all-MiniLM-L6-v2].")] = None,
+    prune: Annotated[Optional[bool], typer.Option("--prune/--no-prune", help="Remove indexed files that are gone from PATH (default: on for a folder).")] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(help="Chunk size in embedding tokens (env: RAG_CHUNK_TOKENS; default 200).")] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option(help="Overlap between chunks in tokens (env: RAG_CHUNK_OVERLAP; default 32).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 2).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Embedding batch size (env: RAG_EMBEDDING_BATCH_SIZE; default 64).")] = None,
+    embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model folder (env: RAG_EMBEDDING_MODEL; default: packaged all-MiniLM-L6-v2).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Parse, chunk and embed documents into the index. Incremental: unchanged files are skipped.
