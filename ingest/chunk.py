@@ -63,7 +63,9 @@ class Chunker:
         chunks: list[Chunk] = []
         for heading, section in groupby(elements, key=lambda element: element.heading):
             section = list(section)
-            body_elements = [e for e in section if not (e.category == "Title" and e.text == heading)] or section
+            body_elements = [e for e in section if not (e.category == "Title" and e.text == heading)]
+            if not body_elements:  # a heading directly followed by a subheading: it lives on in no chunk of its own
+                continue
             for text, page, element_type in self._split_section(heading, body_elements):
                 chunks.append(
                     Chunk(
