@@ -11,6 +11,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -115,6 +116,18 @@ def file_hash(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: ask Linux to kill this worker when the ingest process dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died while this worker was still starting up
+        os._exit(1)
 
 
 @lru_cache(maxsize=2)
@@ -248,7 +261,8 @@ class IngestJob:
                 yield item, parse_file(*args)
             return
         # spawn, not fork: this process may already hold torch's thread pools, which do not survive a fork.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(parse_file, *args) for args in arguments]
             for item, future in zip(pending, futures):
                 yield item, future.result()

@@ -31,6 +31,25 @@ def _wait_for_writer(index: Path, process: subprocess.Popen, timeout: float = 60
     raise AssertionError("the ingest never started writing")
 
 
+def _assert_no_orphaned_workers(index: Path) -> None:
+    """Parse workers must die with the killed ingest instead of lingering with ~0.5 GB each."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        orphans = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout
+        mine = [pid for pid in orphans.split() if int(pid) != os.getpid() and _parent(int(pid)) == 1]
+        if not mine:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"orphaned parse workers left running: {mine}")
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.2, 3.0])
 def test_sigkill_mid_ingest_leaves_the_previous_snapshot_loadable(tmp_path, delay):
@@ -48,6 +67,7 @@ def test_sigkill_mid_ingest_leaves_the_previous_snapshot_loadable(tmp_path, dela
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+    _assert_no_orphaned_workers(index)
 
     store = Store.open(index)  # loadable, consistent, and either the old snapshot or a complete new one
     counts = store.counts()
