@@ -1,0 +1,101 @@
+"""Hybrid retrieval over the shipped corpus: fusion, filters, keyword queries, the LangChain adapter."""
+
+import pytest
+
+import rag.store
+from ingest.job import IngestJob
+from rag.retrieve import Retriever, RetrieverKind, reciprocal_rank_fusion
+from rag.store import Store
+from tests.conftest import CORPUS
+
+# Queries dominated by identifiers, where exact terms matter more than meaning; each with the file that holds it.
+KEYWORD_QUERIES = [
+    ("SSL_CERT_FILE", "environment_variables.md"),
+    ("MockTransport handler", "transports.md"),
+    ("WSGITransport", "transports.md"),
+    ("max_keepalive_connections", "resource-limits.md"),
+    ("socks5 proxy", "proxies.md"),
+    ("RemoteProtocolError", "exceptions.md"),
+    ("PoolTimeout", "exceptions.md"),
+    ("NetRCAuth", "authentication.md"),
+    ("event_hooks response", "event-hooks.md"),
+    ("trust_env", "environment_variables.md"),
+]
+
+
+@pytest.fixture(scope="module")
+def httpx_index(tmp_path_factory, embedder):
+    from rag.config import Settings
+
+    index = tmp_path_factory.mktemp("httpx") / "index"
+    IngestJob(Settings(index_dir=index, parse_workers=2), embedder).run(CORPUS / "httpx")
+    return index
+
+
+@pytest.fixture(scope="module")
+def retriever(httpx_index, embedder):
+    return Retriever(Store.open(httpx_index, embedder.name), embedder)
+
+
+def _mrr(retriever, kind, k=5):
+    total = 0.0
+    for query, expected in KEYWORD_QUERIES:
+        hits = retriever.retrieve(query, k, kind)
+        total += next((1 / hit.rank for hit in hits if hit.chunk.source.endswith(expected)), 0.0)
+    return total / len(KEYWORD_QUERIES)
+
+
+def test_hybrid_beats_or_equals_dense_on_keyword_queries(retriever):
+    dense, bm25, hybrid = (_mrr(retriever, kind) for kind in RetrieverKind)
+    assert hybrid >= dense
+    assert hybrid > 0.7, (dense, bm25, hybrid)
+
+
+def test_hits_carry_score_rank_and_retriever(retriever):
+    hits = retriever.retrieve("How do I set a timeout on a client?", 4, "hybrid")
+    assert [hit.rank for hit in hits] == [1, 2, 3, 4]
+    assert all(hit.retriever == "hybrid" and hit.scores for hit in hits)
+    assert hits[0].score >= hits[-1].score
+    assert hits[0].chunk.source.endswith("timeouts.md")
+    dense = retriever.retrieve("How do I set a timeout on a client?", 2, "dense")
+    assert all(set(hit.scores) == {"dense"} and hit.retriever == "dense" for hit in dense)
+
+
+def test_source_glob_filter_restricts_every_retriever(retriever):
+    for kind in RetrieverKind:
+        hits = retriever.retrieve("client timeout", 5, kind, source="advanced/*")
+        assert hits and all("/advanced/" in hit.chunk.source for hit in hits)
+    assert retriever.retrieve("client", 5, "hybrid", source="*.nothing") == []
+
+
+def test_unknown_retriever_and_bad_k_are_clear_errors(retriever):
+    with pytest.raises(ValueError, match=r"Unknown retriever 'fuzzy'. Supported: \['dense', 'bm25', 'hybrid'\]"):
+        retriever.retrieve("x", 3, "fuzzy")
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        retriever.retrieve("x", 0)
+
+
+def test_reciprocal_rank_fusion_rewards_agreement():
+    fused = reciprocal_rank_fusion({"dense": [1, 2, 3], "bm25": [3, 4, 1]})
+    assert [item for item, _ in fused][:2] == [1, 3]
+    assert fused[0][1] == pytest.approx(1 / 61 + 1 / 63)
+
+
+def test_langchain_adapter_is_a_base_retriever(retriever):
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables import RunnableLambda
+
+    adapter = retriever.as_langchain(k=2)
+    assert isinstance(adapter, BaseRetriever)
+    chain = adapter | RunnableLambda(lambda docs: [doc.metadata["source"] for doc in docs])
+    sources = chain.invoke("configure proxies with environment variables")
+    assert len(sources) == 2 and all(source.endswith(".md") for source in sources)
+
+
+def test_large_index_switches_to_hnsw_and_finds_the_same_top_hit(docs_dir, settings, embedder, monkeypatch):
+    monkeypatch.setattr(rag.store, "HNSW_THRESHOLD", 10)
+    IngestJob(settings, embedder).run(docs_dir)
+    store = Store.open(settings.index_dir)
+    assert store.manifest.index_type == "IDMap2,HNSW32"
+    hnsw_top = Retriever(store, embedder).retrieve("set a default timeout on a client", 1, "dense")[0]
+    assert hnsw_top.chunk.source.endswith("timeouts.md")
