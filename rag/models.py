@@ -39,3 +39,54 @@ def existing_path(path: str | Path, what: str) -> Path:
     if not resolved.exists():
         raise ModelNotFoundError(f"{what} not found at '{resolved}'. Set a local folder or file that exists.")
     return resolved
+
+
+def resolve_decoder(model: str | Path | None) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) for a decoder given as a folder, a .gguf file, or None (packaged)."""
+    path = existing_path(model, "Decoder model") if model else default_decoder_path()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"Decoder file '{path}' is not a .gguf file; give a model folder or a .gguf.")
+        return path.parent, path.name
+    return path, None
+
+
+def decoder_identity(model: str | Path | None) -> dict:
+    """Name and content hash of a decoder's weights, recorded with adapters so they only load onto their base."""
+    import hashlib
+
+    folder, gguf_file = resolve_decoder(model)
+    weights = [folder / gguf_file] if gguf_file else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    digest = hashlib.sha256()
+    for weight in weights:
+        with open(weight, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return {"name": gguf_file or folder.name, "sha256": digest.hexdigest()}
+
+
+def load_causal_lm(model: str | Path | None, device: str, for_training: bool = False):
+    """(model, tokenizer, device) for a decoder: HF folder or GGUF (dequantised by transformers), fp32 on CPU,
+    bf16 on CUDA. The one place decoders are loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # GGUF dequantisation and weight loading bars are noise
+    folder, gguf_file = resolve_decoder(model)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:
+        from functools import partial
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
+        # The GGUF loader draws a progress bar that no logging setting turns off.
+        gguf_loader.tqdm = partial(gguf_loader.tqdm, disable=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    dtype = torch.bfloat16 if device == "cuda" and not for_training else torch.float32
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra).to(device)
+    if not for_training:
+        loaded.eval()
+    return loaded, tokenizer, device

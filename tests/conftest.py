@@ -42,3 +42,11 @@ def settings(tmp_path: Path):
     from rag.config import Settings
 
     return Settings(index_dir=tmp_path / "index", parse_workers=1)
+
+
+@pytest.fixture(scope="session")
+def generator():
+    """The packaged SmolLM2-135M decoder on CPU, loaded once for the whole test session."""
+    from rag.generate import TransformersGenerator
+
+    return TransformersGenerator(device="cpu")
