@@ -57,7 +57,7 @@ def _display(source: str) -> str:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
-        for noisy in ("unstructured", "pdfminer", "sentence_transformers", "transformers", "httpx"):
+        for noisy in ("unstructured", "pdfminer", "sentence_transformers", "transformers", "httpx", "bm25s"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -190,6 +190,150 @@ def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
     for key, value in data.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)
+
+
+def _print_answer(answer, title: str | None = None) -> None:
+    from rich.panel import Panel
+
+    lines = [answer.text, ""]
+    for citation in answer.citations or []:
+        where = _display(citation.source) + (f", p. {citation.page}" if citation.page else "")
+        lines.append(f"[{citation.number}] {where}" + (f" § {citation.heading}" if citation.heading else ""))
+    timings = answer.timings
+    footer = (f"{answer.usage.get('prompt_tokens', 0)} prompt tokens, {answer.usage.get('completion_tokens', 0)} "
+              f"generated, retrieve {timings.get('retrieve_ms', 0):.0f} ms, generate {timings.get('generate_ms', 0):.0f} ms")
+    console.print(Panel("\n".join(lines).strip(), title=title or f"path: {answer.path}", subtitle=footer,
+                        title_align="left", subtitle_align="right"), markup=False)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    path: Annotated[str, typer.Option("--path", "-p", help="prompt | rag | finetuned | finetuned-rag.")] = "rag",
+    k: Annotated[int, typer.Option("-k", min=1, max=50, help="Chunks to retrieve.")] = 5,
+    retriever: Annotated[str, typer.Option(help="dense | bm25 | hybrid.")] = "hybrid",
+    source: Annotated[Optional[str], typer.Option(help="Only retrieve from sources matching this glob.")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Answer on the prompt-only and RAG paths (and fine-tuned ones when an adapter is set), side by side.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they are generated.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, max=5.0, help="0 = greedy (deterministic).")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Sample from the k likeliest tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[list[str], typer.Option("--stop", help="Stop sequence (repeatable).")] = [],
+    shots: Annotated[Optional[Path], typer.Option(help="Few-shot examples (JSON/JSONL of {question, answer}) for the prompt-only path.", exists=True)] = None,
+    n_shots: Annotated[int, typer.Option("-n", help="How many few-shot examples to use.")] = 3,
+    choices: Annotated[Optional[str], typer.Option(help="Closed-set answers, e.g. 'yes,no,maybe': scored by likelihood.")] = None,
+    extract: Annotated[bool, typer.Option("--extract/--no-extract", help="Align the answer to the best-matching span of its sources.")] = True,
+    index: IndexOption = None,
+    backend: Annotated[Optional[str], typer.Option(help="transformers | openai (env: RAG_BACKEND).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Decoder: local HF folder or .gguf (env: RAG_DECODER_MODEL), or the served model name with --backend openai (env: RAG_OPENAI_MODEL).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL (env: RAG_OPENAI_BASE_URL).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter folder for the fine-tuned paths (env: RAG_ADAPTER_DIR).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Answer a question with citations. Exit code 3 when the index or a model is missing."""
+    from rag.generate import GenerationParams
+    from rag.pipeline import AnswerPath, Pipeline
+
+    is_openai = (backend or Settings().backend) == "openai"
+    settings = _settings(index_dir=index, backend=backend, adapter_dir=adapter, openai_base_url=base_url,
+                         **({"openai_model": model} if is_openai else {"decoder_model": model}))
+    try:
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, stop=list(stop))
+        paths = [AnswerPath.parse(path)]
+        if compare:
+            paths = [AnswerPath.PROMPT, AnswerPath.RAG]
+            if settings.adapter_dir:
+                paths += [AnswerPath.FINETUNED, AnswerPath.FINETUNED_RAG]
+    except ValueError as error:
+        raise _fail(str(error), EXIT_USAGE) from None
+    options = [c.strip() for c in choices.split(",") if c.strip()] if choices else None
+    pipeline = Pipeline(settings)
+    answers = []
+    try:
+        for answer_path in paths:
+            kwargs = dict(path=answer_path, k=k, retriever=retriever, source=source, params=params,
+                          shots_file=shots, shots=n_shots, extract=extract)
+            if stream and not as_json and not options:
+                answer = None
+                for piece in pipeline.stream(question, **kwargs):
+                    if isinstance(piece, str):
+                        errors.print(piece, end="", markup=False, highlight=False)
+                    else:
+                        answer = piece
+                errors.print()
+            else:
+                answer = pipeline.answer(question, choices=options, **kwargs)
+            answers.append(answer)
+            if not as_json:
+                _print_answer(answer)
+    except ValueError as error:
+        raise _fail(str(error), EXIT_USAGE) from None
+    except Exception as error:  # missing index/model/adapter or unreachable server: say which, no traceback
+        from rag.generate import GeneratorUnavailable, NoAdapterConfigured
+        from rag.models import ModelNotFoundError
+        from rag.store import StoreError
+
+        if isinstance(error, (StoreError, ModelNotFoundError, NoAdapterConfigured, GeneratorUnavailable)):
+            raise _fail(str(error)) from None
+        raise
+    if as_json:
+        print(json.dumps([answer.to_dict() for answer in answers] if compare else answers[0].to_dict(), indent=2))
+
+
+@app.command(name="eval")
+def evaluate(
+    dataset: Annotated[Path, typer.Option(help="SQuAD-format JSON, PubMedQA JSON or JSONL of {question, answers[], gold_sources[]?}.", exists=True)],
+    paths: Annotated[str, typer.Option(help="Comma-separated: prompt, rag, finetuned, finetuned-rag.")] = "prompt,rag",
+    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md, plots and the resume cache.")] = Path("results/eval"),
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Score a fixed-seed sample of this many questions.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, bootstrap and generation.")] = 0,
+    ingest_contexts: Annotated[bool, typer.Option("--ingest-contexts", help="Ingest the dataset's passages into the index first (gold passages then known by path).")] = False,
+    k: Annotated[int, typer.Option("-k", min=1, max=50, help="Chunks retrieved per question.")] = 5,
+    retriever: Annotated[str, typer.Option(help="dense | bm25 | hybrid.")] = "hybrid",
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    temperature: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.0,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter for the fine-tuned paths (env: RAG_ADAPTER_DIR).")] = None,
+    index: IndexOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Compare answer paths on a QA dataset: EM/F1/ROUGE-L or accuracy, retrieval recall/MRR/nDCG, groundedness,
+    latency and tokens, with bootstrap intervals. Interrupted runs resume from OUT/cache.jsonl."""
+    import shlex
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from rag.evaluate import EvalConfig, Evaluator
+    from rag.pipeline import Pipeline
+    from rag.report import write_report
+
+    settings = _settings(index_dir=index or (out / "index" if ingest_contexts else None), adapter_dir=adapter)
+    config = EvalConfig(dataset, [p.strip() for p in paths.split(",") if p.strip()], out, limit, seed, k, retriever,
+                        max_new_tokens, temperature)
+    if ingest_contexts:
+        from ingest.job import IngestJob
+        from rag.datasets import read_dataset, write_contexts
+
+        folder = write_contexts(read_dataset(dataset), out / "passages")
+        report = IngestJob(settings).run(folder)
+        errors.print(f"Ingested {report.index_counts.get('documents', 0)} passages into {settings.index_dir}")
+    progress = Progress(TextColumn("Evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=errors)
+    try:
+        with progress:
+            task = progress.add_task("eval", total=None)
+            run = Evaluator(Pipeline(settings), config).run(
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except ValueError as error:
+        raise _fail(str(error), EXIT_USAGE) from None
+    report_path = write_report(run, "rag " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]))
+    if as_json:
+        print(json.dumps(run.summary, indent=2))
+    else:
+        console.print(report_path.read_text(), markup=False)
 
 
 if __name__ == "__main__":
