@@ -1,0 +1,296 @@
+"""`rag eval`: answer a QA dataset on several paths and score retrieval, answers, grounding, cost and speed.
+
+Every (path, question) result is appended to `cache.jsonl` as soon as it exists, so an interrupted run resumes
+where it stopped; `results.json` and `report.md` (with plots) are written from the cache at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rag.datasets import Dataset, QAItem, is_gold, read_dataset
+from rag.metrics import best_exact_match, best_f1, normalize_answer
+from rag.pipeline import AnswerPath, Pipeline
+
+RETRIEVAL_KS = (1, 3, 5, 10)
+TRAINING_RECORD = "training.json"  # written into an adapter folder by `rag finetune`
+GROUNDED_SHARE = 0.8  # an answer is grounded when this share of its content words occurs in its context
+
+
+@dataclass(slots=True)
+class EvalConfig:
+    dataset: Path
+    paths: list[str]
+    out_dir: Path
+    limit: int | None = None
+    seed: int = 0
+    k: int = 5
+    retriever: str = "hybrid"
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    bootstrap: int = 1000
+
+    def fingerprint(self) -> str:
+        """Identity of the settings that change answers; a cache made with other settings is not reused."""
+        key = {name: value for name, value in asdict(self).items() if name in
+               ("k", "retriever", "max_new_tokens", "temperature", "seed")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def question_hash(question: str) -> str:
+    return hashlib.sha256(normalize_answer(question).encode()).hexdigest()
+
+
+def sample_items(dataset: Dataset, limit: int | None, seed: int) -> list[QAItem]:
+    """A fixed-seed sample, kept in dataset order, so two runs with one seed score the same questions."""
+    if not limit or limit >= len(dataset.items):
+        return list(dataset.items)
+    chosen = set(random.Random(seed).sample(range(len(dataset.items)), limit))
+    return [item for index, item in enumerate(dataset.items) if index in chosen]
+
+
+def refuse_training_questions(items: list[QAItem], adapter_dir: Path | None) -> None:
+    """Scoring a fine-tuned model on questions it was trained on would report memory, not skill."""
+    if adapter_dir is None or not (Path(adapter_dir) / TRAINING_RECORD).exists():
+        return
+    record = json.loads((Path(adapter_dir) / TRAINING_RECORD).read_text())
+    trained = set(record.get("train_question_hashes", [])) | set(record.get("validation_question_hashes", []))
+    overlap = [item.id for item in items if question_hash(item.question) in trained]
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} of {len(items)} evaluation questions were in the adapter's training data "
+            f"(e.g. {overlap[:3]}); evaluate on the held-out split recorded in {Path(adapter_dir) / TRAINING_RECORD}."
+        )
+
+
+# ----------------------------------------------------------------------------------------------- metrics per item
+def _content_words(text: str) -> list[str]:
+    from rag.span import STOPWORDS
+
+    return [word for word in normalize_answer(text).split() if word not in STOPWORDS]
+
+
+def groundedness(answer: str, context: str) -> float | None:
+    """Share of the answer's content words (normalised, stopwords removed) that occur in the context."""
+    words = _content_words(answer)
+    if not words or not context:
+        return None
+    context_words = set(normalize_answer(context).split())
+    return sum(word in context_words for word in words) / len(words)
+
+
+def parse_choice(text: str, choices: list[str]) -> str | None:
+    """The first choice word the answer says ('Yes, because…' → yes); None when it names none."""
+    words = normalize_answer(text).split()
+    for word in words:
+        if word in choices:
+            return word
+    return None
+
+
+def retrieval_ranks(pipeline: Pipeline, item: QAItem, kinds: list[str], depth: int) -> dict[str, int | None]:
+    ranks = {}
+    for kind in kinds:
+        hits = pipeline.retriever.retrieve(item.question, depth, kind)
+        ranks[kind] = next((hit.rank for hit in hits if is_gold(hit.chunk.source, item.gold_sources)), None)
+    return ranks
+
+
+def score_answer(item: QAItem, answer, chunk_texts: dict[int, str]) -> dict:
+    """Scores of one answer. `chunk_texts` maps the prompt's chunk ids to their full text."""
+    if item.choices:
+        predicted = parse_choice(answer.text, item.choices)
+        return {"accuracy": float(predicted == item.answers[0]), "predicted": predicted}
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores: dict[str, float | None] = {
+        "exact_match": best_exact_match(answer.text, item.answers),
+        "f1": best_f1(answer.text, item.answers),
+        "rouge_l": max(scorer.score(gold, answer.text)["rougeL"].fmeasure for gold in item.answers),
+        "grounded": None,
+        "citation_precision": None,
+    }
+    if answer.sources:
+        # Grounded: the answer's content words occur in what it cites (or, citing nothing, in what it was shown).
+        cited = answer.citations or answer.sources
+        share = groundedness(answer.text, "\n".join(chunk_texts.get(c.chunk_id, c.snippet) for c in cited))
+        scores["grounded"] = None if share is None else float(share >= GROUNDED_SHARE)
+    if answer.citations:
+        golds = [normalize_answer(gold) for gold in item.answers if normalize_answer(gold)]
+        holds_answer = [any(gold in normalize_answer(chunk_texts.get(c.chunk_id, c.snippet)) for gold in golds)
+                        for c in answer.citations]
+        scores["citation_precision"] = sum(holds_answer) / len(holds_answer)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def bootstrap_ci(values: list[float], resamples: int, seed: int) -> tuple[float, float, float]:
+    """Mean with a percentile-bootstrap 95% interval."""
+    if not values:
+        return (math.nan, math.nan, math.nan)
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return (sum(values) / n, means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))])
+
+
+def paired_difference(a: list[float], b: list[float], resamples: int, seed: int) -> dict:
+    """Mean of a − b over the same questions, with a paired-bootstrap 95% interval; within noise if it spans 0."""
+    differences = [x - y for x, y in zip(a, b)]
+    mean, low, high = bootstrap_ci(differences, resamples, seed)
+    return {"difference": mean, "ci95": [low, high], "significant": not (low <= 0 <= high)}
+
+
+# ----------------------------------------------------------------------------------------------- the run
+@dataclass(slots=True)
+class EvalRun:
+    config: EvalConfig
+    rows: list[dict] = field(default_factory=list)  # one per (path, question)
+    retrieval: list[dict] = field(default_factory=list)  # one per question
+    summary: dict = field(default_factory=dict)
+
+
+class Evaluator:
+    def __init__(self, pipeline: Pipeline, config: EvalConfig):
+        self.pipeline = pipeline
+        self.config = config
+        self.cache_path = config.out_dir / "cache.jsonl"
+
+    def _load_cache(self) -> dict[tuple[str, str], dict]:
+        cached = {}
+        if self.cache_path.exists():
+            for line in self.cache_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the interruption
+                    continue
+                if row.get("fingerprint") == self.config.fingerprint():
+                    cached[(row["kind"], row["key"])] = row
+        return cached
+
+    def run(self, on_progress: Callable[[int, int], None] | None = None) -> EvalRun:
+        config = self.config
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+        dataset = read_dataset(config.dataset)
+        items = sample_items(dataset, config.limit, config.seed)
+        paths = [AnswerPath.parse(path) for path in config.paths]
+        if any(path.finetuned for path in paths):
+            refuse_training_questions(items, self.pipeline.settings.adapter_dir)
+        cached = self._load_cache()
+        has_gold = any(item.gold_sources for item in items) and any(path.retrieves for path in paths)
+        total = len(items) * (len(paths) + int(has_gold))
+        done = 0
+        run = EvalRun(config)
+        with open(self.cache_path, "a") as cache:
+            def record(kind: str, key: str, compute: Callable[[], dict]) -> dict:
+                nonlocal done
+                row = cached.get((kind, key))
+                if row is None:
+                    row = {"kind": kind, "key": key, "fingerprint": config.fingerprint(), **compute()}
+                    cache.write(json.dumps(row) + "\n")
+                    cache.flush()
+                done += 1
+                if on_progress:
+                    on_progress(done, total)
+                return row
+
+            for item in items:
+                if has_gold:
+                    run.retrieval.append(record("retrieval", item.id, lambda: {
+                        "id": item.id, "ranks": retrieval_ranks(self.pipeline, item, ["dense", "bm25", "hybrid"], 10)}))
+                for path in paths:
+                    run.rows.append(record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path)))
+        run.summary = summarize(run, items)
+        return run
+
+    def _answer(self, item: QAItem, path: AnswerPath) -> dict:
+        from rag.generate import GenerationParams
+
+        params = GenerationParams(max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                                  seed=self.config.seed)
+        started = time.perf_counter()
+        answer = self.pipeline.answer(item.question, path, k=self.config.k, retriever=self.config.retriever,
+                                      params=params, choices=item.choices)
+        latency_ms = (time.perf_counter() - started) * 1000
+        chunk_texts = {}
+        if answer.sources:
+            chunk_texts = {chunk.id: chunk.text
+                           for chunk in self.pipeline.retriever.store.get([s.chunk_id for s in answer.sources])}
+        return {
+            "id": item.id, "path": path.value, "question": item.question, "gold": item.answers,
+            "answer": answer.text, "raw_answer": answer.raw_text,
+            "citations": [c.source for c in answer.citations], "scores": score_answer(item, answer, chunk_texts),
+            "latency_ms": latency_ms, "prompt_tokens": answer.usage.get("prompt_tokens", 0),
+            "completion_tokens": answer.usage.get("completion_tokens", 0),
+            "tokens_per_second": answer.timings.get("tokens_per_second", 0.0),
+        }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(run: EvalRun, items: list[QAItem]) -> dict:
+    """Headline numbers per path (with bootstrap intervals), paired comparisons and retrieval metrics."""
+    config = run.config
+    by_path: dict[str, list[dict]] = {}
+    for row in run.rows:
+        by_path.setdefault(row["path"], []).append(row)
+    metric_names = ["accuracy"] if items and items[0].choices else ["exact_match", "f1", "rouge_l", "grounded",
+                                                                     "citation_precision"]
+    paths = {}
+    for path, rows in by_path.items():
+        entry = {"questions": len(rows)}
+        for metric in metric_names:
+            values = [row["scores"][metric] for row in rows if row["scores"].get(metric) is not None]
+            mean, low, high = bootstrap_ci(values, config.bootstrap, config.seed)
+            entry[metric] = {"mean": mean, "ci95": [low, high], "n": len(values)}
+        latencies = [row["latency_ms"] for row in rows]
+        entry["latency_ms"] = {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95)}
+        entry["prompt_tokens"] = sum(row["prompt_tokens"] for row in rows) / len(rows)
+        entry["completion_tokens"] = sum(row["completion_tokens"] for row in rows) / len(rows)
+        rates = [row["tokens_per_second"] for row in rows if row["tokens_per_second"]]
+        entry["tokens_per_second"] = sum(rates) / len(rates) if rates else 0.0
+        paths[path] = entry
+
+    headline = metric_names[0] if metric_names == ["accuracy"] else "f1"
+    comparisons = []
+    names = list(by_path)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a = {row["id"]: row["scores"][headline] for row in by_path[first]}
+            b = {row["id"]: row["scores"][headline] for row in by_path[second]}
+            shared = [key for key in a if key in b]
+            comparisons.append({"a": first, "b": second, "metric": headline, "questions": len(shared),
+                                **paired_difference([a[k] for k in shared], [b[k] for k in shared],
+                                                    config.bootstrap, config.seed)})
+    summary = {"dataset": str(config.dataset), "questions": len(items), "paths": paths, "comparisons": comparisons,
+               "headline_metric": headline}
+    if items and items[0].choices:
+        golds = [item.answers[0] for item in items]
+        majority = max(set(golds), key=golds.count)
+        summary["majority_class"] = {"label": majority, "rate": golds.count(majority) / len(golds)}
+    if run.retrieval:
+        retrieval = {}
+        for kind in ("dense", "bm25", "hybrid"):
+            ranks = [row["ranks"].get(kind) for row in run.retrieval]
+            n = len(ranks)
+            retrieval[kind] = {
+                **{f"recall@{k}": sum(1 for r in ranks if r and r <= k) / n for k in RETRIEVAL_KS},
+                "mrr": sum(1 / r for r in ranks if r) / n,
+                # One gold passage per question: ideal DCG is 1, so nDCG@10 is 1/log2(rank + 1).
+                "ndcg@10": sum(1 / math.log2(r + 1) for r in ranks if r and r <= 10) / n,
+            }
+        summary["retrieval"] = retrieval
+    return summary
