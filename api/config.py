@@ -1,0 +1,35 @@
+"""Service settings that only the HTTP API needs, read from `RAG_*` environment variables.
+
+They sit beside `rag.config.Settings` (index, models) rather than in it because only `rag serve` uses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_QUESTION_CHARS = 2000
+
+
+class ApiSettings(BaseSettings):
+    """Every field can be set as `RAG_<FIELD>`, e.g. `RAG_MAX_CONCURRENT_GENERATIONS=2`."""
+
+    model_config = SettingsConfigDict(env_prefix="RAG_", env_file=None, extra="ignore")
+
+    api_keys: str = Field("", repr=False, description="Comma-separated API keys; none configured = auth off.")
+    api_keys_file: Path | None = Field(None, description="File with one API key per line ('#' starts a comment).")
+    revoked_api_keys: str = Field("", repr=False, description="Comma-separated keys that are refused with 403.")
+    max_concurrent_generations: int = Field(1, ge=1, le=64, description="Decoder runs at the same time.")
+    max_queue: int = Field(16, ge=0, le=10_000, description="Generations waiting for a slot before 503.")
+    retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 503 when the queue is full.")
+    max_new_tokens_limit: int = Field(1024, ge=1, le=32768, description="Largest max_new_tokens a request may ask.")
+    max_upload_mb: float = Field(20, gt=0, le=10_240, description="Largest upload request (all files together).")
+    max_upload_files: int = Field(32, ge=1, le=1000)
+    index_poll_s: float = Field(2.0, ge=0, description="How often to look for a snapshot written by another "
+                                "process (e.g. `rag ingest` or another worker); 0 = never.")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

@@ -1,0 +1,59 @@
+"""POST /v1/ask: an answer with citations, as one JSON body or as Server-Sent Events.
+
+With `"stream": true` the reply is `text/event-stream`::
+
+    event: token
+    data: {"text": "Set"}
+
+    ...
+
+    event: answer
+    data: {"answer": "...", "citations": [...], "usage": {...}, "timings": {...}, ...}
+
+A failure after the stream has started is sent as `event: error` with `{"code", "message", "request_id"}`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+
+from api.answering import AnswerStream, EventStreamResponse, answer, answer_to_dict, generation_params, sse
+from api.deps import ServiceDep
+from api.observability import current_request_id
+from api.schemas import AnswerOut, AskRequest
+from rag.pipeline import AnswerPath
+
+logger = logging.getLogger("rag.api")
+router = APIRouter(tags=["ask"])
+
+_STREAM_DOC = {"description": "With stream=true: Server-Sent Events (`token` events, then one `answer` event).",
+               "content": {"text/event-stream": {}}}
+
+
+@router.post("/ask", response_model=AnswerOut, summary="Answer a question with citations",
+             responses={200: _STREAM_DOC, 503: {"description": "Busy (see Retry-After), loading, or no index."}})
+async def ask(body: AskRequest, service: ServiceDep, request: Request):
+    params = generation_params(service, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop)
+    path = AnswerPath.parse(body.path)
+    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params, extract=body.extract)
+    if not body.stream:
+        return answer_to_dict(await answer(service, body.question, path, **options))
+
+    stream = await AnswerStream(service, body.question, path, **options).open()
+    request_id = current_request_id(request.scope)
+
+    async def events():
+        try:
+            async for item in stream.pieces():
+                if isinstance(item, str):
+                    yield sse("token", {"text": item})
+                else:
+                    yield sse("answer", answer_to_dict(item))
+        except Exception as error:  # the status line is gone already: report in-band, never a traceback
+            logger.error("stream failed", extra={"error": f"{type(error).__name__}: {error}"})
+            yield sse("error", {"code": "generation_failed", "message": "Generation failed.",
+                                "request_id": request_id})
+
+    return EventStreamResponse(events(), on_close=stream.close)

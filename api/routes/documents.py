@@ -1,0 +1,98 @@
+"""Documents: upload (ingested by a background job), job progress, list and delete.
+
+POST /v1/documents takes multipart `files` (one or more) and answers 202 with a job id at once; the files are
+saved under `<index_dir>/uploads/` with sanitised names and ingested by the single index writer. Limits: the
+whole request at most RAG_MAX_UPLOAD_MB (413), supported types only (415, nothing is accepted then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from typing import Annotated
+
+from fastapi import APIRouter, File, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ServiceDep
+from api.errors import ApiError
+from api.jobs import IngestQueue, sanitize_filename, supported
+from api.schemas import DeletedDocument, DocumentList, DocumentOut, JobAccepted, JobOut
+from ingest.load import SUPPORTED_SUFFIXES
+
+router = APIRouter(tags=["documents"])
+COPY_BLOCK = 1 << 20
+
+
+def _queue(request: Request) -> IngestQueue:
+    return request.app.state.ingest
+
+
+@router.post("/documents", status_code=202, response_model=JobAccepted,
+             summary="Upload documents; they are ingested in the background",
+             responses={413: {"description": "Request larger than RAG_MAX_UPLOAD_MB."},
+                        415: {"description": "A file type that cannot be ingested."}})
+async def upload(request: Request, service: ServiceDep,
+                 files: Annotated[list[UploadFile], File(description="One or more documents.")]) -> JobAccepted:
+    settings = service.api_settings
+    if len(files) > settings.max_upload_files:
+        raise ApiError(422, "too_many_files", f"At most {settings.max_upload_files} files per request.")
+    names = [sanitize_filename(upload.filename or "") for upload in files]
+    unsupported = [upload.filename or name for upload, name in zip(files, names) if not supported(name)]
+    if unsupported:
+        raise ApiError(415, "unsupported_media_type",
+                       f"Cannot ingest {', '.join(repr(n) for n in unsupported)}: supported file types are "
+                       f"{', '.join(sorted(SUPPORTED_SUFFIXES))}. Nothing was uploaded.")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ApiError(422, "duplicate_filename",
+                       f"Several files would be stored as {', '.join(duplicates)}; rename them.")
+    queue = _queue(request)
+    job_id = queue.new_id()
+    incoming = await run_in_threadpool(queue.incoming_dir, job_id)
+    for upload, name in zip(files, names):
+        target = incoming / name
+        assert target.resolve().parent == incoming.resolve()  # sanitize_filename guarantees it; belt and braces
+        await run_in_threadpool(_save, upload, target)
+    job = queue.submit(job_id, names)
+    return JobAccepted(job_id=job.id, status=job.status, files=names, status_url=f"/v1/jobs/{job.id}")
+
+
+def _save(upload: UploadFile, target) -> None:
+    upload.file.seek(0)
+    with open(target, "xb") as out:  # "x": never overwrite, whatever the name
+        shutil.copyfileobj(upload.file, out, COPY_BLOCK)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="Progress and per-file results of an ingestion job",
+            responses={404: {"description": "No such job (ids are kept in memory, per process)."}})
+async def job_status(job_id: str, request: Request) -> dict:
+    job = _queue(request).get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"No ingestion job '{job_id[:64]}'.")
+    return job.to_dict()
+
+
+@router.get("/documents", response_model=DocumentList, summary="The documents in the current snapshot")
+async def list_documents(service: ServiceDep) -> DocumentList:
+    store = service.retriever.store
+    records = await run_in_threadpool(lambda: sorted(store.documents().values(), key=lambda r: r.source))
+    return DocumentList(
+        documents=[DocumentOut(doc_id=r.doc_id, source=r.source, content_hash=r.content_hash, size=r.size,
+                               chunk_count=r.chunk_count, ingested_at=r.ingested_at) for r in records],
+        counts=store.counts(), snapshot=store.directory.name)
+
+
+@router.delete("/documents/{doc_id}", response_model=DeletedDocument, summary="Remove a document from the index",
+               responses={404: {"description": "No document with this id."}})
+async def delete_document(doc_id: str, request: Request, service: ServiceDep) -> DeletedDocument:
+    service.retriever  # noqa: B018  (503 when there is no index at all)
+    from rag.store import StoreError
+
+    try:
+        record = await asyncio.wrap_future(_queue(request).delete(doc_id))
+    except StoreError as error:  # e.g. `rag ingest` holds the writer lock
+        raise ApiError(409, "index_busy", str(error), headers={"Retry-After": "5"}) from None
+    if record is None:
+        raise ApiError(404, "document_not_found", f"No document '{doc_id[:64]}' in the index.")
+    return DeletedDocument(doc_id=record.doc_id, source=record.source)

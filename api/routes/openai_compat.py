@@ -1,0 +1,102 @@
+"""OpenAI-compatible chat completions, so existing OpenAI clients and tools can talk to the service.
+
+Models are the answer paths: `rag`, `rag-prompt-only`, `rag-finetuned`, `rag-finetuned-rag`. The last user message
+is the question (earlier turns are not used). Replies carry an extra top-level `citations` field (in the final chunk
+when streaming). Non-standard options go in the body too (`k`, `retriever`, `source`, `top_k`; with the openai
+client: `extra_body={"k": 3}`).
+
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="...")
+    reply = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": "..."}])
+    reply.choices[0].message.content, reply.model_extra["citations"]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+
+from api.answering import AnswerStream, EventStreamResponse, answer, answer_to_dict, generation_params, sse
+from api.deps import ServiceDep
+from api.errors import ApiError
+from api.observability import current_request_id
+from api.schemas import ChatCompletionRequest, ModelCard, ModelList
+from rag.pipeline import AnswerPath
+
+logger = logging.getLogger("rag.api")
+router = APIRouter(tags=["openai"])
+
+MODELS = {"rag": AnswerPath.RAG, "rag-prompt-only": AnswerPath.PROMPT, "rag-finetuned": AnswerPath.FINETUNED,
+          "rag-finetuned-rag": AnswerPath.FINETUNED_RAG}
+STARTED = int(time.time())
+
+
+def _available(service) -> list[str]:
+    return [name for name, path in MODELS.items() if not path.finetuned or service.settings.adapter_dir]
+
+
+@router.get("/models", response_model=ModelList, summary="The answer paths this server offers, as models")
+async def models(service: ServiceDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=name, created=STARTED) for name in _available(service)])
+
+
+@router.post("/chat/completions", summary="OpenAI-compatible chat completion (answer paths as models)",
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"},
+                        404: {"description": "Unknown model."}})
+async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, request: Request):
+    if body.model not in MODELS:
+        raise ApiError(404, "model_not_found", f"Unknown model '{body.model[:100]}'. Available: "
+                       f"{', '.join(_available(service))}.")
+    question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
+    if not question.strip():
+        raise ApiError(422, "validation_error", "messages: needs a user message with text (the question).")
+    if len(question) > 2000:
+        raise ApiError(422, "validation_error", "messages: the question (last user message) is over 2000 characters.")
+    max_new_tokens = body.max_completion_tokens or body.max_tokens or 64
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = generation_params(service, max_new_tokens, body.temperature or 0.0, body.top_k, body.top_p, body.seed, stop)
+    path = MODELS[body.model]
+    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def finish_reason(usage: dict) -> str:
+        return "length" if usage.get("completion_tokens", 0) >= max_new_tokens else "stop"
+
+    def usage_of(result) -> dict:
+        prompt, completion = result.usage.get("prompt_tokens", 0), result.usage.get("completion_tokens", 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    if not body.stream:
+        result = await answer(service, question, path, **options)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "finish_reason": finish_reason(result.usage), "logprobs": None}],
+                "usage": usage_of(result), "citations": answer_to_dict(result)["citations"]}
+
+    stream = await AnswerStream(service, question, path, **options).open()
+    request_id = current_request_id(request.scope)
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        return sse(None, {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                          "model": body.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                            "logprobs": None}], **extra})
+
+    async def events():
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for item in stream.pieces():
+                if isinstance(item, str):
+                    yield chunk({"content": item})
+                else:
+                    yield chunk({}, finish_reason(item.usage), usage=usage_of(item),
+                                citations=answer_to_dict(item)["citations"])
+        except Exception as error:
+            logger.error("stream failed", extra={"error": f"{type(error).__name__}: {error}"})
+            yield sse(None, {"error": {"type": "server_error", "code": "generation_failed",
+                                       "message": "Generation failed.", "request_id": request_id}})
+        yield sse(None, "[DONE]")
+
+    return EventStreamResponse(events(), on_close=stream.close)

@@ -1,0 +1,197 @@
+"""Request and response bodies of the HTTP API: the wire format, kept apart from the library's domain objects."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.config import MAX_QUESTION_CHARS
+
+PathName = Literal["prompt", "rag", "finetuned", "finetuned-rag"]
+RetrieverName = Literal["dense", "bm25", "hybrid"]
+StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+
+
+class GenerationOptions(Strict):
+    max_new_tokens: int = Field(64, ge=1, le=1024, description="Most tokens to generate.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic).")
+    top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k likeliest tokens.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random seed for sampling.")
+    stop: list[StopSequence] = Field(default_factory=list, max_length=4, description="Stop sequences.")
+
+
+class AskRequest(GenerationOptions):
+    question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
+    path: PathName = Field("rag", description="prompt | rag | finetuned | finetuned-rag.")
+    k: int = Field(5, ge=1, le=50, description="Chunks to retrieve.")
+    retriever: RetrieverName = "hybrid"
+    source: str | None = Field(None, min_length=1, max_length=500,
+                               description="Only retrieve from sources matching this glob, e.g. '*.pdf'.")
+    extract: bool = Field(True, description="Align the answer to the best-matching span of its sources.")
+    stream: bool = Field(False, description="Server-Sent Events: `token` events, then one `answer` event.")
+
+    _question = field_validator("question")(_not_blank)
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"question": "How do I set a timeout on a client?", "path": "rag", "k": 5, "max_new_tokens": 32}]})
+
+
+class CitationOut(BaseModel):
+    number: int
+    chunk_id: int | None
+    source: str
+    page: int | None
+    heading: str | None
+    snippet: str
+
+
+class AnswerOut(BaseModel):
+    answer: str
+    path: PathName
+    citations: list[CitationOut]
+    sources: list[CitationOut] = Field(description="Every source the prompt held, cited or not.")
+    usage: dict[str, int]
+    timings: dict[str, float]
+    raw_text: str = Field(description="The decoder's own words, before alignment to a source span.")
+
+
+class SearchRequest(Strict):
+    query: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
+    k: int = Field(5, ge=1, le=50)
+    retriever: RetrieverName = "hybrid"
+    source: str | None = Field(None, min_length=1, max_length=500)
+
+    _query = field_validator("query")(_not_blank)
+
+
+class SearchHit(BaseModel):
+    rank: int
+    score: float
+    chunk_id: int | None
+    doc_id: str
+    source: str
+    page: int | None
+    heading: str | None
+    text: str
+    scores: dict[str, float] = Field(description="Per-retriever scores that fed a fused result.")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    retriever: RetrieverName
+    results: list[SearchHit]
+    timings: dict[str, float]
+
+
+class DocumentOut(BaseModel):
+    doc_id: str
+    source: str
+    content_hash: str
+    size: int
+    chunk_count: int
+    ingested_at: str
+
+
+class DocumentList(BaseModel):
+    documents: list[DocumentOut]
+    counts: dict[str, int]
+    snapshot: str
+
+
+class DeletedDocument(BaseModel):
+    doc_id: str
+    source: str
+    deleted: bool = True
+
+
+class FileOutcomeOut(BaseModel):
+    filename: str
+    source: str
+    status: str
+    chunks: int
+    error: str | None
+    doc_id: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    files: list[FileOutcomeOut]
+    progress: dict[str, int]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    snapshot: str | None
+    error: str | None
+    index: dict[str, int]
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+    files: list[str]
+    status_url: str
+
+
+# ---------------------------------------------------------------- OpenAI-compatible chat completions
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields this server does not use (user, logprobs, ...): ignored, not refused.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(..., min_length=1, max_length=100, description="rag | rag-prompt-only | rag-finetuned | "
+                       "rag-finetuned-rag")
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=1024)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1024)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None = None
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    # Extensions (send with the openai client as extra_body={...})
+    k: int = Field(5, ge=1, le=50)
+    retriever: RetrieverName = "hybrid"
+    source: str | None = Field(None, min_length=1, max_length=500)
+    top_k: int | None = Field(None, ge=1, le=1000)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rag-service"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, Any] = Field(default_factory=dict)
