@@ -336,5 +336,63 @@ def evaluate(
         console.print(report_path.read_text(), markup=False)
 
 
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Option(help="QA file: SQuAD-format JSON, PubMedQA JSON, or JSONL of {question, answer(s), context?}.", exists=True)],
+    out: Annotated[Path, typer.Option(help="Adapter folder to write (weights, training.json, heldout.jsonl, loss.png).")],
+    method: Annotated[str, typer.Option(help="lora | full.")] = "lora",
+    epochs: Annotated[float, typer.Option(min=0.01)] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    lr: Annotated[float, typer.Option(min=0.0)] = 2e-4,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Batches per optimizer step.")] = 1,
+    max_tokens: Annotated[int, typer.Option(min=32, help="Longest example in decoder tokens; longer ones are skipped.")] = 384,
+    with_context: Annotated[bool, typer.Option("--with-context", help="Train on gold context + question (for the finetuned-rag path).")] = False,
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of groups (articles, abstracts) held out for evaluation.")] = 0.5,
+    validation: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of training groups for validation loss and early stop.")] = 0.1,
+    patience: Annotated[int, typer.Option(min=1, help="Validation checks without improvement before stopping.")] = 3,
+    eval_every: Annotated[int, typer.Option(min=1, help="Steps between validation checks.")] = 10,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many training questions.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write OUT/merged: base + adapter as one model folder.")] = False,
+    model: Annotated[Optional[str], typer.Option(help="Base decoder folder or .gguf (env: RAG_DECODER_MODEL).")] = None,
+) -> None:
+    """Fine-tune the decoder on question-answer pairs (LoRA by default), splitting by article/abstract so held-out
+    questions never share a passage with training ones. Evaluate with `rag eval --dataset OUT/heldout.jsonl`."""
+    from rag.finetune import FinetuneConfig
+    from rag.finetune import finetune as run_finetune
+
+    settings = _settings(decoder_model=model)
+    try:
+        config = FinetuneConfig(data, out, method, epochs, max_steps, lr, rank, alpha, batch_size=batch_size,
+                                grad_accum=grad_accum, max_tokens=max_tokens, with_context=with_context,
+                                holdout_fraction=holdout, validation_fraction=validation, eval_every=eval_every,
+                                patience=patience, seed=seed, limit=limit)
+        result = run_finetune(config, settings.decoder_model, settings.device, log=errors.print, merge=merge)
+    except ValueError as error:
+        raise _fail(str(error), EXIT_USAGE) from None
+    console.print(f"{result.steps} steps in {result.seconds:.0f} s ({result.steps_per_second:.3f} steps/s); "
+                  f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} "
+                  f"({result.trainable_share:.2%}); adapter in {out}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    index: IndexOption = None,
+    workers: Annotated[int, typer.Option(min=1, help="Processes; each loads its own models. 1 recommended (job status is per process).")] = 1,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
+    reload: Annotated[bool, typer.Option("--reload", help="Restart on code changes (development).")] = False,
+) -> None:
+    """Serve the HTTP API (FastAPI + uvicorn): /v1/ask, /v1/search, /v1/documents, /v1/chat/completions, /healthz,
+    /readyz, /metrics. API keys from RAG_API_KEYS or RAG_API_KEYS_FILE; without keys, /v1 is open (a warning is logged)."""
+    from api.serve import serve as run_server
+
+    run_server(host=host, port=port, index=index, workers=workers, log_level=log_level, reload=reload)
+
+
 if __name__ == "__main__":
     app()

@@ -168,15 +168,17 @@ class Pipeline:
             question, path, k, retriever, source, params, shots_file, shots)
         started = time.perf_counter()
         pieces = []
-        for piece in generator.stream(prompt.messages, params):
-            pieces.append(piece)
-            yield piece
+        # Closing the decoder's stream (here, or when our caller stops iterating) stops generation early.
+        with generator.stream(prompt.messages, params) as stream:
+            for piece in stream:
+                pieces.append(piece)
+                yield piece
         seconds = time.perf_counter() - started
         timings["generate_ms"] = seconds * 1000
         text = "".join(pieces)
-        tokens_out = len(generator.tokenizer.encode(text, add_special_tokens=False))
-        yield self.finish(question, prompt, Generation(text, prompt.token_count, tokens_out, seconds, "stop"),
-                          path, timings, extract)
+        generation = stream.generation or Generation(
+            text, prompt.token_count, len(generator.tokenizer.encode(text, add_special_tokens=False)), seconds, "stop")
+        yield self.finish(question, prompt, generation, path, timings, extract)
 
     def finish(self, question: str, prompt: Prompt, generation: Generation, path: AnswerPath,
                timings: dict[str, float], extract: bool) -> Answer:
