@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from rag.metrics import answer_tokens, normalize_answer
 
-MAX_SPAN_WORDS = 12
+MAX_SPAN_WORDS = 6
 _CITATION = re.compile(r"\[\d{1,3}\]")
 _WORD = re.compile(r"\S+")
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the shipped corpus: ingest it (incrementally), then search it.
+# The main job on the shipped corpus: ingest it (incrementally), search it, answer a question with citations,
+# then compare the prompt-only and RAG paths on a few questions about it (scripts/demo_questions.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAG=.venv/bin/rag
@@ -7,3 +8,5 @@ export RAG_INDEX_DIR="${RAG_INDEX_DIR:-./rag-index}"
 $RAG ingest corpus || [ $? -eq 1 ]  # exit 1 = some files failed and were reported; the rest is indexed
 $RAG info
 $RAG search "How do I set a timeout on an httpx client?" -k 3
+$RAG ask "After how many seconds of network inactivity does HTTPX raise a TimeoutException?" --max-new-tokens 32
+$RAG eval --dataset scripts/demo_questions.jsonl --paths prompt,rag --index "$RAG_INDEX_DIR" --out results/demo
