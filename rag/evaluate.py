@@ -49,10 +49,15 @@ def question_hash(question: str) -> str:
 
 
 def sample_items(dataset: Dataset, limit: int | None, seed: int) -> list[QAItem]:
-    """A fixed-seed sample, kept in dataset order, so two runs with one seed score the same questions."""
+    """A fixed-seed sample, kept in dataset order, so two runs with one seed score the same questions.
+
+    Samples are nested (the first `limit` of one seeded shuffle): a larger limit extends a smaller run's cache.
+    """
     if not limit or limit >= len(dataset.items):
         return list(dataset.items)
-    chosen = set(random.Random(seed).sample(range(len(dataset.items)), limit))
+    order = list(range(len(dataset.items)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:limit])
     return [item for index, item in enumerate(dataset.items) if index in chosen]
 
 
