@@ -48,9 +48,19 @@ def test_picks_the_source_that_holds_the_answer_and_reports_offsets():
     sources = ["The river Thames flows through London.", SUPER_BOWL, "Broncos are wild horses of the American West."]
     match = align_to_source("They said the Denver Broncos defeated Carolina.", "Who won?", sources)
     assert match.source_index == 1
-    # 3 of the 5 informative words in 3 span words (F1 0.75) beats reaching on to 'Carolina' (4 in 9: 0.57)
-    assert match.text == "Denver Broncos defeated" and match.score == pytest.approx(0.75)
-    check_exact(match, sources)
+    assert match.text == "Denver Broncos defeated"
+    # unweighted: 3 of the 5 informative words in 3 span words (F1 0.75) beats reaching on to 'Carolina' (4 in 9)
+    plain = align_to_source("They said the Denver Broncos defeated Carolina.", "Who won?", sources, position_decay=1)
+    assert plain.text == "Denver Broncos defeated" and plain.score == pytest.approx(0.75)
+
+
+def test_words_named_first_weigh_more():
+    source = "Louis XIV signed the treaty in 1685. The Edict of Fontainebleau council decree came later."
+    answer = "Louis XIV, not the Edict of Fontainebleau council decree"
+    # plain F1 prefers the span covering more words; the model named Louis XIV first
+    assert align_to_source(answer, "Who signed the treaty?", [source], position_decay=1).text == (
+        "Edict of Fontainebleau council decree")
+    assert align_to_source(answer, "Who signed the treaty?", [source]).text == "Louis XIV"
 
 
 def test_ties_prefer_shorter_then_earlier_source():
