@@ -166,7 +166,9 @@ class Generator(Protocol):
 
     def generate(self, messages: list[dict], params: GenerationParams) -> Generation: ...
 
-    def stream(self, messages: list[dict], params: GenerationParams) -> Iterator[str]: ...
+    def stream(self, messages: list[dict], params: GenerationParams) -> GenerationStream:
+        """Text pieces (an Iterator[str]); usable as a context manager that stops generation on exit."""
+        ...
 
     def option_logprobs(self, messages: list[dict], options: list[str]) -> dict[str, float]: ...
 
@@ -323,7 +325,8 @@ class TransformersGenerator:
         _check_int("k", k, 1, 1000)
         with self._lock, torch.inference_mode():
             best = self._logprobs(self._encode(messages)["input_ids"][0].tolist(), 1)[0].topk(k)
-            return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices, strict=True)]
+            pairs = zip(best.values.tolist(), best.indices.tolist(), strict=True)
+            return [(self.tokenizer.decode([index]), value) for value, index in pairs]
 
     # -- internals
     def _logprobs(self, ids: list[int], last: int) -> Any:
@@ -392,6 +395,8 @@ class TransformersGenerator:
             finish = "length"
         else:
             finish = "cancelled" if cancel is not None and cancel.is_set() else "stop"
+        if finish != "stop":  # cut inside a character: drop its undecodable first bytes
+            text = text.rstrip("\ufffd")
         return Generation(text, tokens_in, len(new_tokens), seconds, finish)
 
     def _stream(self, messages: list[dict], params: GenerationParams) -> PyGenerator[str, None, Generation]:
@@ -408,7 +413,6 @@ class TransformersGenerator:
 
         worker = threading.Thread(target=work, name="decoder-stream", daemon=True)
         worker.start()
-        hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
         emitted = ""
         try:
             while True:
@@ -426,7 +430,7 @@ class TransformersGenerator:
                     if value.text[len(emitted):]:
                         yield value.text[len(emitted):]
                     return value
-                stable = _stable_prefix(value, params.stop, hold)
+                stable = _stable_prefix(value, params.stop)
                 if len(stable) > len(emitted) and stable.startswith(emitted):
                     yield stable[len(emitted):]
                     emitted = stable
@@ -435,13 +439,16 @@ class TransformersGenerator:
             worker.join()
 
 
-def _stable_prefix(text: str, stop: list[str], hold: int) -> str:
-    """The part of a partial reply that later tokens cannot change: before any stop string, minus what could be
-    the start of one, minus a trailing half-decoded character (U+FFFD while a UTF-8 sequence is incomplete)."""
+def _stable_prefix(text: str, stop: list[str]) -> str:
+    """The part of a partial reply that later tokens cannot change: before any stop string, without a trailing
+    half-decoded character (U+FFFD while its UTF-8 bytes are incomplete) and without an ending that could still
+    grow into a stop string."""
     text, stopped = _cut_at_stop(text, stop)
-    if not stopped and hold:
-        text = text[:-hold]
-    return text.rstrip("\ufffd")
+    text = text.rstrip("\ufffd")
+    if not stopped:
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[: len(text) - hold]
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------- adapters

@@ -209,14 +209,31 @@ def test_seed_makes_sampling_reproducible_and_filters_change_it(generator):
     assert generator.generate(QUESTION, GenerationParams(**hot, top_p=1e-6, seed=4)).text == greedy
 
 
-def test_stream_joins_to_the_generated_text_at_temperature_zero(generator):
-    for params in (GenerationParams(max_new_tokens=16), GenerationParams(max_new_tokens=16, stop=["e,", "\n"])):
-        expected = generator.generate(QUESTION, params)
-        stream = generator.stream(QUESTION, params)
+EMOJI = [{"role": "user", "content": "Reply with three emoji."}]  # several tokens per character
+
+
+@pytest.mark.parametrize("messages, params", [
+    (QUESTION, GenerationParams(max_new_tokens=16)),
+    (QUESTION, GenerationParams(max_new_tokens=16, stop=["e,", "\n"])),
+    (EMOJI, GenerationParams(max_new_tokens=16)),
+], ids=["plain", "stop", "multibyte"])
+def test_stream_joins_to_the_generated_text_at_temperature_zero(generator, messages, params):
+    expected = generator.generate(messages, params)
+    with generator.stream(messages, params) as stream:
         pieces = list(stream)
-        assert len(pieces) > 1 and "".join(pieces) == expected.text
-        assert (stream.generation.tokens_in, stream.generation.tokens_out, stream.generation.finish_reason) == (
-            expected.tokens_in, expected.tokens_out, expected.finish_reason)
+    assert len(pieces) > 1 and "".join(pieces) == expected.text
+    assert "\ufffd" not in expected.text  # half a character at the cut is dropped, never shown
+    assert (stream.generation.tokens_in, stream.generation.tokens_out, stream.generation.finish_reason) == (
+        expected.tokens_in, expected.tokens_out, expected.finish_reason)
+
+
+def test_stream_holds_back_what_may_become_a_stop_sequence():
+    from rag.generate import _stable_prefix
+
+    assert _stable_prefix("Paris is the cap", ["capital", "\n\n"]) == "Paris is the "
+    assert _stable_prefix("Paris is the\n", ["capital", "\n\n"]) == "Paris is the"
+    assert _stable_prefix("Paris. The capital", ["capital"]) == "Paris. The "
+    assert _stable_prefix("ok \ufffd", []) == "ok "
 
 
 def test_closing_a_stream_stops_the_decoder(generator):
