@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rag.datasets import Dataset, QAItem, is_gold, read_dataset
 from rag.metrics import best_exact_match, best_f1, normalize_answer
-from rag.pipeline import AnswerPath, Pipeline
+from rag.pipeline import CITATION, AnswerPath, Pipeline
 
 RETRIEVAL_KS = (1, 3, 5, 10)
 TRAINING_RECORD = "training.json"  # written into an adapter folder by `rag finetune`
@@ -108,30 +108,31 @@ def retrieval_ranks(pipeline: Pipeline, item: QAItem, kinds: list[str], depth: i
     return ranks
 
 
-def score_answer(item: QAItem, answer, chunk_texts: dict[int, str]) -> dict:
-    """Scores of one answer. `chunk_texts` maps the prompt's chunk ids to their full text."""
+def score_answer(item: QAItem, text: str, source_ids: list[int], chunk_texts: dict[int, str]) -> dict:
+    """Scores of one answer. Its `[n]` markers cite `source_ids[n - 1]` (the prompt's sources, in rank order);
+    `chunk_texts` maps those chunk ids to their text. Markers are not part of the answer that is scored."""
     if item.choices:
-        predicted = parse_choice(answer.text, item.choices)
+        predicted = parse_choice(text, item.choices)
         return {"accuracy": float(predicted == item.answers[0]), "predicted": predicted}
     from rouge_score import rouge_scorer
 
+    cited = [source_ids[n - 1] for n in map(int, CITATION.findall(text)) if 1 <= n <= len(source_ids)]
+    plain = CITATION.sub("", text).strip()
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     scores: dict[str, float | None] = {
-        "exact_match": best_exact_match(answer.text, item.answers),
-        "f1": best_f1(answer.text, item.answers),
-        "rouge_l": max(scorer.score(gold, answer.text)["rougeL"].fmeasure for gold in item.answers),
+        "exact_match": best_exact_match(plain, item.answers),
+        "f1": best_f1(plain, item.answers),
+        "rouge_l": max(scorer.score(gold, plain)["rougeL"].fmeasure for gold in item.answers),
         "grounded": None,
         "citation_precision": None,
     }
-    if answer.sources:
+    if source_ids:
         # Grounded: the answer's content words occur in what it cites (or, citing nothing, in what it was shown).
-        cited = answer.citations or answer.sources
-        share = groundedness(answer.text, "\n".join(chunk_texts.get(c.chunk_id, c.snippet) for c in cited))
+        share = groundedness(plain, "\n".join(chunk_texts.get(i, "") for i in (cited or source_ids)))
         scores["grounded"] = None if share is None else float(share >= GROUNDED_SHARE)
-    if answer.citations:
+    if cited:
         golds = [normalize_answer(gold) for gold in item.answers if normalize_answer(gold)]
-        holds_answer = [any(gold in normalize_answer(chunk_texts.get(c.chunk_id, c.snippet)) for gold in golds)
-                        for c in answer.citations]
+        holds_answer = [any(gold in normalize_answer(chunk_texts.get(i, "")) for gold in golds) for i in cited]
         scores["citation_precision"] = sum(holds_answer) / len(holds_answer)
     return scores
 
@@ -212,7 +213,9 @@ class Evaluator:
                     run.retrieval.append(record("retrieval", item.id, lambda: {
                         "id": item.id, "ranks": retrieval_ranks(self.pipeline, item, ["dense", "bm25", "hybrid"], 10)}))
                 for path in paths:
-                    run.rows.append(record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path)))
+                    row = record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path))
+                    # Scored here, not cached: a change of metric re-scores a finished run without regenerating.
+                    run.rows.append({**row, "scores": self._score(item, path, row)})
         run.summary = summarize(run, items)
         return run
 
@@ -225,18 +228,29 @@ class Evaluator:
         answer = self.pipeline.answer(item.question, path, k=self.config.k, retriever=self.config.retriever,
                                       params=params, choices=item.choices)
         latency_ms = (time.perf_counter() - started) * 1000
-        chunk_texts = {}
-        if answer.sources:
-            chunk_texts = {chunk.id: chunk.text
-                           for chunk in self.pipeline.retriever.store.get([s.chunk_id for s in answer.sources])}
         return {
             "id": item.id, "path": path.value, "question": item.question, "gold": item.answers,
             "answer": answer.text, "raw_answer": answer.raw_text,
-            "citations": [c.source for c in answer.citations], "scores": score_answer(item, answer, chunk_texts),
+            "citations": [c.source for c in answer.citations], "source_ids": [s.chunk_id for s in answer.sources],
             "latency_ms": latency_ms, "prompt_tokens": answer.usage.get("prompt_tokens", 0),
             "completion_tokens": answer.usage.get("completion_tokens", 0),
             "tokens_per_second": answer.timings.get("tokens_per_second", 0.0),
         }
+
+
+    def _score(self, item: QAItem, path: AnswerPath, row: dict) -> dict:
+        source_ids = row.get("source_ids")
+        if source_ids is None:  # a row cached before source ids were kept: rebuild the (deterministic) prompt
+            source_ids = []
+            if path.retrieves and not item.choices:
+                from rag.generate import GenerationParams
+
+                params = GenerationParams(max_new_tokens=self.config.max_new_tokens)
+                prompt = self.pipeline.prepare(item.question, path, self.config.k, self.config.retriever, None,
+                                               params)[2]
+                source_ids = [hit.chunk.id for hit in prompt.used_chunks]
+        chunk_texts = {chunk.id: chunk.text for chunk in self.pipeline.retriever.store.get(source_ids)} if source_ids else {}
+        return score_answer(item, row["answer"], source_ids, chunk_texts)
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -106,3 +106,15 @@ def test_config_fingerprint_changes_with_generation_settings(tmp_path):
     base = EvalConfig(DATA / "qa_sample.jsonl", ["rag"], tmp_path)
     assert base.fingerprint() == EvalConfig(DATA / "qa_sample.jsonl", ["prompt"], tmp_path / "x").fingerprint()
     assert base.fingerprint() != EvalConfig(DATA / "qa_sample.jsonl", ["rag"], tmp_path, max_new_tokens=8).fingerprint()
+
+
+def test_citation_markers_are_not_scored_as_answer_words():
+    from rag.evaluate import score_answer
+
+    item = read_dataset(DATA / "xquad_sample.json").items[0]  # gold: "308"
+    texts = {7: "The Panthers defense gave up just 308 points.", 9: "Unrelated text about the Broncos."}
+    scores = score_answer(item, "308 [2]", [9, 7], texts)
+    assert scores["exact_match"] == 1.0 and scores["f1"] == 1.0
+    assert scores["citation_precision"] == 1.0 and scores["grounded"] == 1.0
+    wrong = score_answer(item, "308 [1]", [9, 7], texts)
+    assert wrong["citation_precision"] == 0.0 and wrong["grounded"] == 0.0
