@@ -35,7 +35,7 @@ class GenerationOptions(Strict):
 class AskRequest(GenerationOptions):
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
     path: PathName = Field("rag", description="prompt | rag | finetuned | finetuned-rag.")
-    k: int = Field(5, ge=1, le=50, description="Chunks to retrieve.")
+    k: int | None = Field(None, ge=1, le=50, description="Chunks in the prompt (default: RAG_ANSWER_CHUNKS).")
     retriever: RetrieverName = "hybrid"
     source: str | None = Field(None, min_length=1, max_length=500,
                                description="Only retrieve from sources matching this glob, e.g. '*.pdf'.")
@@ -174,7 +174,7 @@ class ChatCompletionRequest(BaseModel):
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None = None
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     # Extensions (send with the openai client as extra_body={...})
-    k: int = Field(5, ge=1, le=50)
+    k: int | None = Field(None, ge=1, le=50)
     retriever: RetrieverName = "hybrid"
     source: str | None = Field(None, min_length=1, max_length=500)
     top_k: int | None = Field(None, ge=1, le=1000)

@@ -52,7 +52,7 @@ def main() -> None:
         started = time.perf_counter()
         embedder.encode_query(item.question)
         embedded = time.perf_counter()
-        hits = retriever.retrieve(item.question, 5)  # embeds again: search time = this call − the embedding alone
+        hits = retriever.retrieve(item.question, settings.answer_chunks)  # embeds again: search time = this call − the embedding alone
         retrieved = time.perf_counter()
         prompt = builder.build(item.question, hits, PromptMode.RAG)
         built = time.perf_counter()

@@ -210,7 +210,7 @@ def _print_answer(answer, title: str | None = None) -> None:
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     path: Annotated[str, typer.Option("--path", "-p", help="prompt | rag | finetuned | finetuned-rag.")] = "rag",
-    k: Annotated[int, typer.Option("-k", min=1, max=50, help="Chunks to retrieve.")] = 5,
+    k: Annotated[Optional[int], typer.Option("-k", min=1, max=50, help="Chunks in the prompt (env: RAG_ANSWER_CHUNKS; default 1, right for the 135M default model).")] = None,
     retriever: Annotated[str, typer.Option(help="dense | bm25 | hybrid.")] = "hybrid",
     source: Annotated[Optional[str], typer.Option(help="Only retrieve from sources matching this glob.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Answer on the prompt-only and RAG paths (and fine-tuned ones when an adapter is set), side by side.")] = False,
@@ -291,7 +291,7 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Score a fixed-seed sample of this many questions.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling, bootstrap and generation.")] = 0,
     ingest_contexts: Annotated[bool, typer.Option("--ingest-contexts", help="Ingest the dataset's passages into the index first (gold passages then known by path).")] = False,
-    k: Annotated[int, typer.Option("-k", min=1, max=50, help="Chunks retrieved per question.")] = 5,
+    k: Annotated[Optional[int], typer.Option("-k", min=1, max=50, help="Chunks in the prompt (env: RAG_ANSWER_CHUNKS; default 1).")] = None,
     retriever: Annotated[str, typer.Option(help="dense | bm25 | hybrid.")] = "hybrid",
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     temperature: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.0,
@@ -311,7 +311,8 @@ def evaluate(
     from rag.report import write_report
 
     settings = _settings(index_dir=index or (out / "index" if ingest_contexts else None), adapter_dir=adapter)
-    config = EvalConfig(dataset, [p.strip() for p in paths.split(",") if p.strip()], out, limit, seed, k, retriever,
+    config = EvalConfig(dataset, [p.strip() for p in paths.split(",") if p.strip()], out, limit, seed,
+                        k or settings.answer_chunks, retriever,
                         max_new_tokens, temperature)
     if ingest_contexts:
         from ingest.job import IngestJob

@@ -62,7 +62,7 @@ def read_pubmedqa(path: Path) -> Dataset:
             contexts = ast.literal_eval(contexts)
         key = f"pubmed/{pmid}.txt"
         context = "\n".join(contexts)
-        passages[key] = f"{entry['QUESTION']}\n\n{context}"
+        passages[key] = context  # the abstract only: its title is often the question, which would leak it
         items.append(QAItem(pmid, entry["QUESTION"], [entry["final_decision"]], [key], context,
                             choices=YES_NO_MAYBE, group=pmid))
     return Dataset(path.stem, items, passages)

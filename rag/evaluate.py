@@ -37,10 +37,11 @@ class EvalConfig:
     temperature: float = 0.0
     bootstrap: int = 1000
 
-    def fingerprint(self) -> str:
-        """Identity of the settings that change answers; a cache made with other settings is not reused."""
-        key = {name: value for name, value in asdict(self).items() if name in
-               ("k", "retriever", "max_new_tokens", "temperature", "seed")}
+    def fingerprint(self, retrieves: bool = True) -> str:
+        """Identity of the settings that change a path's answers; a result cached with other settings is not
+        reused. Retrieval settings only matter to the paths that retrieve."""
+        names = ("max_new_tokens", "temperature", "seed") + (("k", "retriever") if retrieves else ())
+        key = {name: value for name, value in asdict(self).items() if name in names}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -178,8 +179,7 @@ class Evaluator:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by the interruption
                     continue
-                if row.get("fingerprint") == self.config.fingerprint():
-                    cached[(row["kind"], row["key"])] = row
+                cached[(row["kind"], row["key"], row.get("fingerprint"))] = row
         return cached
 
     def run(self, on_progress: Callable[[int, int], None] | None = None) -> EvalRun:
@@ -196,11 +196,12 @@ class Evaluator:
         done = 0
         run = EvalRun(config)
         with open(self.cache_path, "a") as cache:
-            def record(kind: str, key: str, compute: Callable[[], dict]) -> dict:
+            def record(kind: str, key: str, compute: Callable[[], dict], retrieves: bool = True) -> dict:
                 nonlocal done
-                row = cached.get((kind, key))
+                fingerprint = config.fingerprint(retrieves)
+                row = cached.get((kind, key, fingerprint))
                 if row is None:
-                    row = {"kind": kind, "key": key, "fingerprint": config.fingerprint(), **compute()}
+                    row = {"kind": kind, "key": key, "fingerprint": fingerprint, **compute()}
                     cache.write(json.dumps(row) + "\n")
                     cache.flush()
                 done += 1
@@ -211,9 +212,10 @@ class Evaluator:
             for item in items:
                 if has_gold:
                     run.retrieval.append(record("retrieval", item.id, lambda: {
-                        "id": item.id, "ranks": retrieval_ranks(self.pipeline, item, ["dense", "bm25", "hybrid"], 10)}))
+                        "id": item.id, "ranks": retrieval_ranks(self.pipeline, item, ["dense", "bm25", "hybrid"], 10)},
+                        retrieves=False))  # every retriever to depth 10, whatever the answer paths use
                 for path in paths:
-                    row = record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path))
+                    row = record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path), path.retrieves)
                     # Scored here, not cached: a change of metric re-scores a finished run without regenerating.
                     run.rows.append({**row, "scores": self._score(item, path, row)})
         run.summary = summarize(run, items)

@@ -119,7 +119,7 @@ class Pipeline:
     def generator_for(self, path: AnswerPath) -> Generator:
         return self.finetuned_generator if path.finetuned else self.generator
 
-    def prepare(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int = 5,
+    def prepare(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int | None = None,
                 retriever: str | None = None, source: str | None = None, params: GenerationParams | None = None,
                 shots_file: Path | None = None, shots: int = 3, choices: list[str] | None = None
                 ) -> tuple[AnswerPath, Generator, Prompt, GenerationParams, dict[str, float]]:
@@ -133,7 +133,7 @@ class Pipeline:
         hits: list[ScoredChunk] = []
         if path.retrieves:
             started = time.perf_counter()
-            hits = self.retriever.retrieve(question, k, retriever, source)
+            hits = self.retriever.retrieve(question, k or self.settings.answer_chunks, retriever, source)
             timings["retrieve_ms"] = (time.perf_counter() - started) * 1000
         started = time.perf_counter()
         builder = PromptBuilder(generator.tokenizer, self.settings.context_window or generator.context_window,
@@ -147,7 +147,7 @@ class Pipeline:
         timings["prompt_ms"] = (time.perf_counter() - started) * 1000
         return path, generator, prompt, params, timings
 
-    def answer(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int = 5, retriever: str | None = None,
+    def answer(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int | None = None, retriever: str | None = None,
                source: str | None = None, params: GenerationParams | None = None, shots_file: Path | None = None,
                shots: int = 3, choices: list[str] | None = None, extract: bool = True) -> Answer:
         """One answer. With `choices` (e.g. yes/no/maybe) the options are scored by likelihood, not generated."""
@@ -160,7 +160,7 @@ class Pipeline:
         timings["generate_ms"] = (time.perf_counter() - started) * 1000
         return self.finish(question, prompt, generation, path, timings, extract)
 
-    def stream(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int = 5,
+    def stream(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int | None = None,
                retriever: str | None = None, source: str | None = None, params: GenerationParams | None = None,
                shots_file: Path | None = None, shots: int = 3, extract: bool = True) -> Iterator[str | Answer]:
         """Yields text pieces as the decoder produces them, then the final `Answer` (aligned, with citations)."""

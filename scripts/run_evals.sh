@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/datasets}"
 RAG=.venv/bin/rag
 $RAG eval --dataset "$DATA/xquad-en/xquad.en.json" --ingest-contexts --paths prompt,rag --limit 300 --seed 0 \
-  --max-new-tokens 32 --out results/xquad
+  --max-new-tokens 24 -k 1 --out results/xquad
 $RAG eval --dataset "$DATA/pubmedqa-dev/pqal_dev.json" --ingest-contexts --paths prompt,rag --limit 200 --seed 0 \
-  --out results/pubmedqa
+  -k 5 --out results/pubmedqa

@@ -106,6 +106,9 @@ def test_config_fingerprint_changes_with_generation_settings(tmp_path):
     base = EvalConfig(DATA / "qa_sample.jsonl", ["rag"], tmp_path)
     assert base.fingerprint() == EvalConfig(DATA / "qa_sample.jsonl", ["prompt"], tmp_path / "x").fingerprint()
     assert base.fingerprint() != EvalConfig(DATA / "qa_sample.jsonl", ["rag"], tmp_path, max_new_tokens=8).fingerprint()
+    other_k = EvalConfig(DATA / "qa_sample.jsonl", ["rag"], tmp_path, k=2)
+    assert base.fingerprint() != other_k.fingerprint()  # retrieving paths see other chunks
+    assert base.fingerprint(retrieves=False) == other_k.fingerprint(retrieves=False)  # prompt-only answers do not
 
 
 def test_citation_markers_are_not_scored_as_answer_words():
