@@ -121,3 +121,50 @@ def test_citation_markers_are_not_scored_as_answer_words():
     assert scores["citation_precision"] == 1.0 and scores["grounded"] == 1.0
     wrong = score_answer(item, "308 [1]", [9, 7], texts)
     assert wrong["citation_precision"] == 0.0 and wrong["grounded"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def eval_pipeline(tmp_path_factory, embedder, generator):
+    from ingest.job import IngestJob
+    from rag.config import Settings
+    from rag.pipeline import Pipeline
+    from rag.retrieve import Retriever
+    from rag.store import Store
+
+    root = tmp_path_factory.mktemp("eval")
+    settings = Settings(index_dir=root / "index", parse_workers=1)
+    IngestJob(settings, embedder).run(write_contexts(read_dataset(DATA / "xquad_sample.json"), root / "passages"))
+    return Pipeline(settings, Retriever(Store.open(settings.index_dir, embedder.name), embedder), generator)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_its_cache_and_repeats_exactly(eval_pipeline, tmp_path, monkeypatch):
+    from rag.evaluate import Evaluator
+
+    config = EvalConfig(DATA / "xquad_sample.json", ["prompt", "rag"], tmp_path / "run", limit=3, max_new_tokens=8)
+    evaluator = Evaluator(eval_pipeline, config)
+    calls = []
+    real_answer = eval_pipeline.answer
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the fourth answer
+        calls.append(args)
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(eval_pipeline, "answer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.run()
+    monkeypatch.setattr(eval_pipeline, "answer", lambda *a, **k: calls.append(a) or real_answer(*a, **k))
+    first = Evaluator(eval_pipeline, config).run()
+    assert len(calls) == 6  # three answers made before the interruption were not made again
+    assert len(first.rows) == 6 and {row["path"] for row in first.rows} == {"prompt", "rag"}
+
+    # Temperature 0 and a fixed seed: a fresh run (no cache) gives the same answers and the same numbers.
+    again = Evaluator(eval_pipeline, EvalConfig(DATA / "xquad_sample.json", ["prompt", "rag"], tmp_path / "again",
+                                                limit=3, max_new_tokens=8)).run()
+    assert [row["answer"] for row in again.rows] == [row["answer"] for row in first.rows]
+    assert again.summary["paths"] == {
+        path: {**entry, "latency_ms": again.summary["paths"][path]["latency_ms"],
+               "tokens_per_second": again.summary["paths"][path]["tokens_per_second"]}
+        for path, entry in first.summary["paths"].items()}
