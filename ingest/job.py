@@ -27,6 +27,7 @@ from ingest.chunk import Chunker, ChunkSettings
 from ingest.load import SUPPORTED_SUFFIXES, LoadError, load
 from rag.config import Settings
 from rag.embed import Embedder
+from rag.models import sha256_files
 from rag.store import DocumentRecord, Store
 from rag.types import Chunk
 
@@ -108,14 +109,6 @@ def _matches(relative: str, pattern: str) -> bool:
 
 def doc_id_for(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
-
-
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -239,12 +232,12 @@ class IngestJob:
         if record and record.chunking == self.chunking_key:
             if (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
                 return FileResult(source, "unchanged", record.chunk_count), None, False
-            content_hash = file_hash(path)
+            content_hash = sha256_files(path)
             if content_hash == record.content_hash:
                 store.touch_document(record.doc_id, stat.st_size, stat.st_mtime_ns)
                 return FileResult(source, "unchanged", record.chunk_count), None, True
         else:
-            content_hash = file_hash(path)
+            content_hash = sha256_files(path)
         status = "changed" if record else "new"
         return None, _Pending(path, source, status, content_hash, stat.st_size, stat.st_mtime_ns), False
 

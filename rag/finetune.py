@@ -9,7 +9,6 @@ held-out split, and the split is recorded in the adapter folder for `rag eval` t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from rag.datasets import QAItem, read_dataset
 from rag.evaluate import TRAINING_RECORD, question_hash
+from rag.models import sha256_files
 from rag.prompt import PromptBuilder, PromptMode
 from rag.types import Chunk, ScoredChunk
 
@@ -76,14 +76,6 @@ def split_by_group(items: list[QAItem], holdout_fraction: float, validation_frac
         validation=[i for i in items if i.group in validation_groups],
         heldout=[i for i in items if i.group in heldout_groups],
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def render_example(item: QAItem, builder: PromptBuilder, with_context: bool) -> tuple[list[dict], str]:
@@ -286,7 +278,7 @@ def _write_record(config: FinetuneConfig, result: FinetuneResult, identity: dict
     record = {
         "method": config.method,
         "base_model": identity,
-        "data": {"path": str(config.data), "sha256": file_sha256(config.data)},
+        "data": {"path": str(config.data), "sha256": sha256_files(config.data)},
         "hyperparameters": hyper,
         "trainable_parameters": result.trainable_parameters,
         "total_parameters": result.total_parameters,

@@ -51,18 +51,23 @@ def resolve_decoder(model: str | Path | None) -> tuple[Path, str | None]:
     return path, None
 
 
-def decoder_identity(model: str | Path | None) -> dict:
-    """Name and content hash of a decoder's weights, recorded with adapters so they only load onto their base."""
+def sha256_files(*paths: Path) -> str:
+    """SHA-256 of the files' contents, read in 1 MiB blocks (weights and documents can be large)."""
     import hashlib
 
-    folder, gguf_file = resolve_decoder(model)
-    weights = [folder / gguf_file] if gguf_file else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     digest = hashlib.sha256()
-    for weight in weights:
-        with open(weight, "rb") as handle:
+    for path in paths:
+        with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-    return {"name": gguf_file or folder.name, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def decoder_identity(model: str | Path | None) -> dict:
+    """Name and content hash of a decoder's weights, recorded with adapters so they only load onto their base."""
+    folder, gguf_file = resolve_decoder(model)
+    weights = [folder / gguf_file] if gguf_file else sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return {"name": gguf_file or folder.name, "sha256": sha256_files(*weights)}
 
 
 def load_causal_lm(model: str | Path | None, device: str, for_training: bool = False):
