@@ -358,6 +358,8 @@ def finetune(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many training questions.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     merge: Annotated[bool, typer.Option("--merge", help="Also write OUT/merged: base + adapter as one model folder.")] = False,
+    precision: Annotated[str, typer.Option(
+        help="auto | fp32 | bf16. auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32.")] = "auto",
     model: Annotated[Optional[str], typer.Option(help="Base decoder folder or .gguf (env: RAG_DECODER_MODEL).")] = None,
 ) -> None:
     """Fine-tune the decoder on question-answer pairs (LoRA by default), splitting by article/abstract so held-out
@@ -370,7 +372,7 @@ def finetune(
         config = FinetuneConfig(data, out, method, epochs, max_steps, lr, rank, alpha, batch_size=batch_size,
                                 grad_accum=grad_accum, max_tokens=max_tokens, with_context=with_context,
                                 holdout_fraction=holdout, validation_fraction=validation, eval_every=eval_every,
-                                patience=patience, seed=seed, limit=limit)
+                                patience=patience, seed=seed, limit=limit, precision=precision)
         result = run_finetune(config, settings.decoder_model, settings.device, log=errors.print, merge=merge)
     except ValueError as error:
         raise _fail(str(error), EXIT_USAGE) from None

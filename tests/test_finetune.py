@@ -1,11 +1,12 @@
 """Fine-tuning: loss goes down, the adapter reloads and changes the model, splits stay disjoint."""
 
 import json
+import random
 
 import pytest
 
 from rag.datasets import read_dataset
-from rag.finetune import FinetuneConfig, finetune, split_by_group
+from rag.finetune import FinetuneConfig, _batches, finetune, split_by_group
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.slow
@@ -17,6 +18,19 @@ def test_splits_are_disjoint_by_group():
     groups = [{item.group for item in part} for part in (split.train, split.validation, split.heldout)]
     assert all(groups) and not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
     assert sum(map(len, (split.train, split.validation, split.heldout))) == len(dataset.items)
+
+
+def test_training_batches_cover_every_example_once_and_pad_little():
+    lengths = [random.Random(n).randint(5, 300) for n in range(400)]
+    examples = [{"input_ids": [n] * length, "labels": [n] * length} for n, length in enumerate(lengths)]
+    batches = list(_batches(examples, 8, pad_id=-1, rng=random.Random(0)))
+    seen = sorted(int(ids[row, 0]) for ids, _, _ in batches for row in range(len(ids)))
+    assert seen == list(range(400))
+    padding = sum(int((mask == 0).sum()) for _, _, mask in batches)
+    unsorted_padding = sum(int((mask == 0).sum()) for _, _, mask in _batches(examples, 8, pad_id=-1, rng=None))
+    assert padding < unsorted_padding / 5
+    again = [ids[:, 0].tolist() for ids, _, _ in _batches(examples, 8, pad_id=-1, rng=random.Random(0))]
+    assert again == [ids[:, 0].tolist() for ids, _, _ in batches]  # seeded: the same order every run
 
 
 @pytest.fixture(scope="module")
