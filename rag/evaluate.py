@@ -11,13 +11,14 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag.datasets import Dataset, QAItem, is_gold, read_dataset
-from rag.metrics import best_exact_match, best_f1, normalize_answer
-from rag.pipeline import CITATION, AnswerPath, Pipeline
+from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_answer
+from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
 
 RETRIEVAL_KS = (1, 3, 5, 10)
 TRAINING_RECORD = "training.json"  # written into an adapter folder by `rag finetune`
@@ -216,8 +217,9 @@ class Evaluator:
                         retrieves=False))  # every retriever to depth 10, whatever the answer paths use
                 for path in paths:
                     row = record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path), path.retrieves)
-                    # Scored here, not cached: a change of metric re-scores a finished run without regenerating.
-                    run.rows.append({**row, "scores": self._score(item, path, row)})
+                    # Quoted and scored here, not cached: a change of span alignment or of a metric re-scores a
+                    # finished run without regenerating.
+                    run.rows.append(self._score(item, path, row))
         run.summary = summarize(run, items)
         return run
 
@@ -241,6 +243,7 @@ class Evaluator:
 
 
     def _score(self, item: QAItem, path: AnswerPath, row: dict) -> dict:
+        """The row with its answer re-quoted from the cached raw output and its scores."""
         source_ids = row.get("source_ids")
         if source_ids is None:  # a row cached before source ids were kept: rebuild the (deterministic) prompt
             source_ids = []
@@ -252,7 +255,11 @@ class Evaluator:
                                                params)[2]
                 source_ids = [hit.chunk.id for hit in prompt.used_chunks]
         chunk_texts = {chunk.id: chunk.text for chunk in self.pipeline.retriever.store.get(source_ids)} if source_ids else {}
-        return score_answer(item, row["answer"], source_ids, chunk_texts)
+        answer = row["answer"]
+        if source_ids and not item.choices and "don't know" not in row["raw_answer"].lower():
+            match = quote_source(row["raw_answer"], item.question, [chunk_texts.get(i, "") for i in source_ids])
+            answer = quoted(match) if match else (row["raw_answer"] or row["answer"])
+        return {**row, "answer": answer, "scores": score_answer(item, answer, source_ids, chunk_texts)}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -283,6 +290,10 @@ def summarize(run: EvalRun, items: list[QAItem]) -> dict:
         entry["completion_tokens"] = sum(row["completion_tokens"] for row in rows) / len(rows)
         rates = [row["tokens_per_second"] for row in rows if row["tokens_per_second"]]
         entry["tokens_per_second"] = sum(rates) / len(rates) if rates else 0.0
+        if metric_names == ["accuracy"]:  # which labels a path gives, and whether it beats a constant answer
+            predicted = [row["scores"]["predicted"] for row in rows]
+            entry["predicted"] = dict(sorted(Counter(predicted).items()))
+            entry["balanced_accuracy"] = balanced_accuracy([row["gold"][0] for row in rows], predicted)
         paths[path] = entry
 
     headline = metric_names[0] if metric_names == ["accuracy"] else "f1"

@@ -53,3 +53,16 @@ def best_exact_match(prediction: str, golds: Iterable[str]) -> float:
 
 def best_f1(prediction: str, golds: Iterable[str]) -> float:
     return max((token_f1(prediction, gold) for gold in golds), default=0.0)
+
+
+def balanced_accuracy(golds: list[str], predictions: list[str]) -> float:
+    """Mean recall over the gold classes: a constant answer scores 1 / (number of classes) however skewed the
+    labels are, so unlike accuracy it shows whether a classifier has any signal.
+
+    >>> balanced_accuracy(["yes", "yes", "yes", "no"], ["yes", "yes", "yes", "yes"])
+    0.5
+    """
+    hits, totals = Counter(), Counter(golds)
+    for gold, predicted in zip(golds, predictions, strict=True):
+        hits[gold] += gold == predicted
+    return sum(hits[label] / total for label, total in totals.items()) / len(totals) if totals else float("nan")

@@ -17,7 +17,7 @@ from pathlib import Path
 from rag.config import Settings
 from rag.generate import Generation, GenerationParams, Generator, load_generator, require_adapter
 from rag.prompt import Prompt, PromptBuilder, PromptMode, load_shots
-from rag.span import align_to_source
+from rag.span import SpanMatch, align_to_source
 from rag.types import ScoredChunk
 
 IDK = "I don't know."
@@ -71,6 +71,17 @@ class Answer:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def quote_source(raw: str, question: str, sources: list[str]) -> SpanMatch | None:
+    """The source span a decoder's answer means, when it matches one closely enough (see rag.span)."""
+    match = align_to_source(CITATION.sub("", raw), question, sources)
+    return match if match is not None and match.score >= MIN_SPAN_SCORE else None
+
+
+def quoted(match: SpanMatch) -> str:
+    """An answer that is a source's own words, with the marker of the source it quotes."""
+    return f"{match.text} [{match.source_index + 1}]"
 
 
 def _citation(number: int, hit: ScoredChunk, snippet: str | None = None) -> Citation:
@@ -191,10 +202,10 @@ class Pipeline:
         text, citations = raw, []
         if used and "don't know" not in raw.lower():
             cited = sorted({int(n) for n in CITATION.findall(raw) if 1 <= int(n) <= len(used)})
-            match = align_to_source(CITATION.sub("", raw), question, [hit.chunk.text for hit in used]) if extract else None
-            if match is not None and match.score >= MIN_SPAN_SCORE:
+            match = quote_source(raw, question, [hit.chunk.text for hit in used]) if extract else None
+            if match is not None:
                 # The small model's wording wanders; the source's own words are the answer it was reaching for.
-                text = f"{match.text} [{match.source_index + 1}]"
+                text = quoted(match)
                 citations = [_citation(match.source_index + 1, used[match.source_index], match.text)]
             else:
                 citations = [sources[n - 1] for n in cited]

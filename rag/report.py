@@ -33,7 +33,11 @@ def write_report(run, command: str) -> Path:
         lines.append("| " + " | ".join(cells) + " |")
     if "majority_class" in summary:
         majority = summary["majority_class"]
-        lines += ["", f"Majority class ('{majority['label']}'): {majority['rate']:.3f}."]
+        lines += ["", f"Majority class ('{majority['label']}'): {majority['rate']:.3f}. Balanced accuracy is the mean "
+                  "recall over the gold labels: a constant answer scores 1 / (number of labels).", "",
+                  "| path | answers given | balanced accuracy |", "|---|---|---|"]
+        lines += [f"| {path} | {', '.join(f'{label} {n}' for label, n in entry['predicted'].items())} | "
+                  f"{entry['balanced_accuracy']:.3f} |" for path, entry in summary["paths"].items()]
     if summary["comparisons"]:
         lines += ["", f"Paired differences in {METRIC_LABELS[summary['headline_metric']]} (same questions):", "",
                   "| a − b | difference | 95% interval | verdict |", "|---|---|---|---|"]

@@ -82,6 +82,9 @@ def align_to_source(answer: str, question: str, sources: list[str], max_words: i
     m is the number of source words that occur in the answer (a span worth having starts and ends on such a word:
     trimming an unmatched edge word only shortens it without losing overlap).
     """
+    quoted = _quoted_span(answer, sources, max_words)
+    if quoted is not None:
+        return quoted
     keywords = answer_keywords(answer, question)
     if not keywords:
         return None
@@ -124,6 +127,28 @@ def align_to_source(answer: str, question: str, sources: list[str], max_words: i
     if start >= end:  # nothing but punctuation was matched: keep the words as they stand
         start, end = words[first].start(), words[last].end()
     return SpanMatch(sources[source_index][start:end], source_index, start, end, score)
+
+
+def _quoted_span(answer: str, sources: list[str], max_words: int) -> SpanMatch | None:
+    """The answer itself when it already is a short phrase of a source (case aside, edge function words and
+    punctuation trimmed). Re-aligning such an answer would only drop the words it shares with the question
+    ("Fort Duquesne" -> "Duquesne"); a model fine-tuned on (context, question) -> span answers this way."""
+    words = _CITATION.sub(" ", answer).split()
+    while words and normalize_answer(words[0]) in STOPWORDS | {""}:
+        words.pop(0)
+    while words and normalize_answer(words[-1]) in STOPWORDS | {""}:
+        words.pop()
+    phrase = " ".join(words)
+    start, end = _trim(phrase, 0, len(phrase))
+    phrase = phrase[start:end]
+    if not phrase or len(words) > max_words:
+        return None
+    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
+    for index, source in enumerate(sources):
+        found = pattern.search(source)
+        if found:
+            return SpanMatch(found.group(), index, found.start(), found.end(), 1.0)
+    return None
 
 
 _OPENERS = {"(": ")", "[": "]", "{": "}", "“": "”", "‘": "’"}

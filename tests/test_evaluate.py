@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rag.datasets import is_gold, read_dataset, write_contexts
+from rag.datasets import QAItem, is_gold, read_dataset, write_contexts
 from rag.evaluate import (EvalConfig, bootstrap_ci, groundedness, paired_difference, parse_choice,
                           question_hash, refuse_training_questions, sample_items)
 from rag.metrics import best_exact_match, best_f1, exact_match, normalize_answer, token_f1
@@ -138,6 +138,26 @@ def eval_pipeline(tmp_path_factory, embedder, generator):
 
 
 @pytest.mark.slow
+def test_closed_set_summary_counts_answers_and_balances_accuracy(tmp_path):
+    from rag.evaluate import EvalRun, summarize
+    from rag.report import write_report
+
+    golds = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
+    items = [QAItem(str(n), "q", [gold], choices=["yes", "no", "maybe"]) for n, gold in enumerate(golds)]
+    config = EvalConfig(DATA / "pubmedqa_sample.json", ["rag"], tmp_path / "run", bootstrap=50)
+    rows = [{"id": item.id, "path": "rag", "gold": item.answers, "answer": "yes", "latency_ms": 1.0,
+             "prompt_tokens": 1, "completion_tokens": 0, "tokens_per_second": 0.0,
+             "scores": {"accuracy": float(item.answers[0] == "yes"), "predicted": "yes"}} for item in items]
+    run = EvalRun(config, rows)
+    config.out_dir.mkdir(parents=True)
+    run.summary = summarize(run, items)
+    rag = run.summary["paths"]["rag"]
+    # Always "yes": accuracy equals the majority rate, balanced accuracy shows no signal (1/3).
+    assert rag["accuracy"]["mean"] == pytest.approx(0.6) == run.summary["majority_class"]["rate"]
+    assert rag["predicted"] == {"yes": 10} and rag["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert "| rag | yes 10 | 0.333 |" in (write_report(run, "rag eval").read_text())
+
+
 def test_interrupted_run_resumes_from_its_cache_and_repeats_exactly(eval_pipeline, tmp_path, monkeypatch):
     from rag.evaluate import Evaluator
 

@@ -129,3 +129,12 @@ def test_token_f1_and_exact_match():
     assert best_f1("Broncos", ["Carolina", "Denver Broncos", "Broncos"]) == 1.0
     assert best_exact_match("Denver", ["Carolina", "denver."]) == 1.0
     assert best_f1("x", []) == 0.0
+
+
+def test_an_answer_that_already_quotes_a_source_is_kept_whole():
+    sources = ["The French built Fort Duquesne in 1754 where the rivers meet."]
+    # Aligning would drop "Fort", which the question also says; the answer is already the source's phrase.
+    match = align_to_source("fort Duquesne [1]", "Which fort did the French build?", sources)
+    assert (match.text, match.start_char, match.score) == ("Fort Duquesne", 17, 1.0)
+    assert align_to_source("in 1754.", "When?", sources).text == "1754"  # edge function words still go
+    assert align_to_source("Fort Duq", "Which fort?", sources) is None  # whole words only: "duq" is no source word
