@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rag.datasets import Dataset, QAItem, is_gold, read_dataset
 from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_answer
+from rag.models import decoder_identity, sha256_files
 from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
 
 RETRIEVAL_KS = (1, 3, 5, 10)
@@ -38,12 +39,25 @@ class EvalConfig:
     temperature: float = 0.0
     bootstrap: int = 1000
 
-    def fingerprint(self, retrieves: bool = True) -> str:
+    def fingerprint(self, retrieves: bool = True, models: dict[str, str] | None = None) -> str:
         """Identity of the settings that change a path's answers; a result cached with other settings is not
-        reused. Retrieval settings only matter to the paths that retrieve."""
+        reused. Retrieval settings only matter to the paths that retrieve; `models` names the decoder (and adapter)
+        that answered."""
         names = ("max_new_tokens", "temperature", "seed") + (("k", "retriever") if retrieves else ())
-        key = {name: value for name, value in asdict(self).items() if name in names}
+        key = {name: value for name, value in asdict(self).items() if name in names} | (models or {})
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def answering_models(settings, finetuned: bool) -> dict[str, str]:
+    """Content identity of the models behind a path's answers: the decoder's weights (or the server and model name),
+    and for fine-tuned paths the adapter's weights, so a new adapter or decoder is never served a stale cache."""
+    if settings.backend == "openai":
+        models = {"decoder": f"{settings.openai_base_url} {settings.openai_model}"}
+    else:
+        models = {"decoder": decoder_identity(settings.decoder_model)["sha256"]}
+    if finetuned and settings.adapter_dir:
+        models["adapter"] = sha256_files(*sorted(Path(settings.adapter_dir).glob("*.safetensors")))
+    return models
 
 
 def question_hash(question: str) -> str:
@@ -192,14 +206,15 @@ class Evaluator:
         if any(path.finetuned for path in paths):
             refuse_training_questions(items, self.pipeline.settings.adapter_dir)
         cached = self._load_cache()
+        fingerprints = {path: config.fingerprint(path.retrieves, answering_models(self.pipeline.settings,
+                                                                                   path.finetuned)) for path in paths}
         has_gold = any(item.gold_sources for item in items) and any(path.retrieves for path in paths)
         total = len(items) * (len(paths) + int(has_gold))
         done = 0
         run = EvalRun(config)
         with open(self.cache_path, "a") as cache:
-            def record(kind: str, key: str, compute: Callable[[], dict], retrieves: bool = True) -> dict:
+            def record(kind: str, key: str, compute: Callable[[], dict], fingerprint: str) -> dict:
                 nonlocal done
-                fingerprint = config.fingerprint(retrieves)
                 row = cached.get((kind, key, fingerprint))
                 if row is None:
                     row = {"kind": kind, "key": key, "fingerprint": fingerprint, **compute()}
@@ -214,9 +229,10 @@ class Evaluator:
                 if has_gold:
                     run.retrieval.append(record("retrieval", item.id, lambda: {
                         "id": item.id, "ranks": retrieval_ranks(self.pipeline, item, ["dense", "bm25", "hybrid"], 10)},
-                        retrieves=False))  # every retriever to depth 10, whatever the answer paths use
+                        config.fingerprint(retrieves=False)))  # every retriever to depth 10, whatever the paths use
                 for path in paths:
-                    row = record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path), path.retrieves)
+                    row = record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path),
+                                 fingerprints[path])
                     # Quoted and scored here, not cached: a change of span alignment or of a metric re-scores a
                     # finished run without regenerating.
                     run.rows.append(self._score(item, path, row))
