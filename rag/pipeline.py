@@ -10,7 +10,6 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from functools import cached_property
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from rag.config import Settings
 from rag.generate import Generation, GenerationParams, Generator, load_generator, require_adapter
 from rag.prompt import Prompt, PromptBuilder, PromptMode, load_shots
 from rag.span import SpanMatch, align_to_source
-from rag.types import ScoredChunk
+from rag.types import Choice, ScoredChunk
 
 IDK = "I don't know."
 CITATION = re.compile(r"\[(\d{1,2})\]")
@@ -27,18 +26,11 @@ CITATION = re.compile(r"\[(\d{1,2})\]")
 MIN_SPAN_SCORE = 0.3
 
 
-class AnswerPath(str, Enum):
+class AnswerPath(Choice, label="path"):
     PROMPT = "prompt"
     RAG = "rag"
     FINETUNED = "finetuned"
     FINETUNED_RAG = "finetuned-rag"
-
-    @classmethod
-    def parse(cls, value: "str | AnswerPath") -> "AnswerPath":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"Unknown path '{value}'. Supported: {[path.value for path in cls]}") from None
 
     @property
     def retrieves(self) -> bool:

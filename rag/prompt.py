@@ -26,10 +26,9 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 
-from rag.types import ScoredChunk
+from rag.types import Choice, ScoredChunk
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_RAG_SHOTS = DATA_DIR / "rag_shots.json"
@@ -47,17 +46,10 @@ class PromptTooLong(ValueError):
     """The instructions and the question alone do not fit in the token budget."""
 
 
-class PromptMode(str, Enum):
+class PromptMode(Choice, label="prompt mode"):
     RAG = "rag"  # retrieved chunks as numbered sources
     PROMPT_ONLY = "prompt"  # zero-shot, the question alone
     FEW_SHOT = "few-shot"  # question/answer examples as earlier chat turns, no sources
-
-    @classmethod
-    def parse(cls, value: "str | PromptMode") -> "PromptMode":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"Unknown prompt mode '{value}'. Valid: {[mode.value for mode in cls]}") from None
 
 
 @dataclass(slots=True)

@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import fnmatch
-from enum import Enum
 
 import faiss
 import numpy as np
 
 from rag.embed import Embedder
 from rag.store import Store
-from rag.types import ScoredChunk
+from rag.types import Choice, ScoredChunk
 
 # RRF's k: 60 is the constant of Cormack et al. (2009); it damps the weight of the very top ranks so that one
 # retriever's first hit does not outvote agreement between both retrievers further down.
 RRF_K = 60
 
 
-class RetrieverKind(str, Enum):
+class RetrieverKind(Choice, label="retriever"):
     DENSE = "dense"
     BM25 = "bm25"
     HYBRID = "hybrid"
-
-    @classmethod
-    def parse(cls, value: "str | RetrieverKind") -> "RetrieverKind":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"Unknown retriever '{value}'. Supported: {[kind.value for kind in cls]}") from None
 
 
 def reciprocal_rank_fusion(rankings: dict[str, list[int]], rrf_k: int = RRF_K) -> list[tuple[int, float]]:

@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A closed set of option strings (CLI flags, API fields, settings) whose `parse` names the valid values."""
+
+    def __init_subclass__(cls, label: str = "value", **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.label = label
+
+    @classmethod
+    def parse(cls, value: str | Choice):
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"Unknown {cls.label} '{value}'. Supported: {[member.value for member in cls]}") from None
 
 
 @dataclass(frozen=True, slots=True)
