@@ -127,7 +127,7 @@ class IngestQueue:
             from rag.embed import Embedder
 
             settings = self.service.settings
-            self._embedder = Embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
+            self._embedder = Embedder.from_settings(settings)
         return self._embedder
 
     def _run(self, job: Job) -> None:

@@ -67,7 +67,7 @@ class Service:
             return given.embedder
         from rag.embed import Embedder
 
-        return Embedder(self.settings.embedding_model, self.settings.device, self.settings.embedding_batch_size)
+        return Embedder.from_settings(self.settings)
 
     @property
     def ready(self) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.chunk import Chunker, ChunkSettings
-from ingest.load import SUPPORTED_SUFFIXES, LoadError, load
+from ingest.load import SUPPORTED_SUFFIXES, LoadError, load, unsupported_type
 from rag.config import Settings
 from rag.embed import Embedder
 from rag.models import sha256_files
@@ -165,7 +165,7 @@ class IngestJob:
 
     def __init__(self, settings: Settings, embedder: Embedder | None = None):
         self.settings = settings
-        self.embedder = embedder or Embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
+        self.embedder = embedder or Embedder.from_settings(settings)
         self.chunk_settings = ChunkSettings(settings.chunk_tokens, settings.chunk_overlap)
         self.chunking_key = json.dumps(
             {**asdict(self.chunk_settings), "tokenizer": self.embedder.name}, sort_keys=True
@@ -228,6 +228,9 @@ class IngestJob:
                   ) -> tuple[FileResult | None, _Pending | None, bool]:
         """Decide whether a file needs parsing. Size + mtime unchanged means unchanged without reading it."""
         source = str(path)
+        unsupported = unsupported_type(path)
+        if unsupported:  # reported without parsing, so a re-run over such a file loads no model
+            return FileResult(source, "failed", error=unsupported), None, False
         stat = path.stat()
         if record and record.chunking == self.chunking_key:
             if (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns):

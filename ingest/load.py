@@ -57,6 +57,14 @@ def decode_text(data: bytes, path: Path) -> str:
         return str(best)
 
 
+def unsupported_type(path: Path) -> str | None:
+    """Why a file cannot be loaded, judged by its name alone (no need to read it), or None."""
+    suffix = path.suffix.lower()
+    if suffix in SUPPORTED_SUFFIXES:
+        return None
+    return f"unsupported file type '{suffix or path.name}' (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})"
+
+
 def _partition(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
@@ -86,7 +94,7 @@ def _partition(path: Path) -> list:
         from unstructured.partition.xlsx import partition_xlsx
 
         return partition_xlsx(filename=str(path))
-    raise LoadError(f"unsupported file type '{suffix or path.name}' (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+    raise LoadError(unsupported_type(path) or f"no loader for '{suffix}'")
 
 
 def _partition_pdf(path: Path) -> list:

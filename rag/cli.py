@@ -70,9 +70,10 @@ def ingest(
     prune: Annotated[Optional[bool], typer.Option("--prune/--no-prune", help="Remove indexed files that are gone from PATH (default: on for a folder).")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help="Chunk size in embedding tokens (env: RAG_CHUNK_TOKENS; default 200).")] = None,
     chunk_overlap: Annotated[Optional[int], typer.Option(help="Overlap between chunks in tokens (env: RAG_CHUNK_OVERLAP; default 32).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 2).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Embedding batch size (env: RAG_EMBEDDING_BATCH_SIZE; default 64).")] = None,
     embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model folder (env: RAG_EMBEDDING_MODEL; default: packaged all-MiniLM-L6-v2).")] = None,
+    embedding_precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 (env: RAG_EMBEDDING_PRECISION; auto: bf16 on CUDA and on CPUs with native bf16).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Parse, chunk and embed documents into the index. Incremental: unchanged files are skipped.
@@ -87,7 +88,8 @@ def ingest(
     from rag.store import StoreError
 
     settings = _settings(index_dir=index, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-                         parse_workers=workers, embedding_batch_size=batch_size, embedding_model=embedding_model)
+                         parse_workers=workers, embedding_batch_size=batch_size, embedding_model=embedding_model,
+                         embedding_precision=embedding_precision)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=errors, disable=as_json, transient=True)
     try:
@@ -136,7 +138,7 @@ def _open_store(settings: Settings):
     from rag.embed import Embedder
     from rag.store import Store, StoreError
 
-    embedder = Embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
+    embedder = Embedder.from_settings(settings)
     try:
         store = Store.open(settings.index_dir, embedder.name)
     except StoreError as error:

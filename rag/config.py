@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     )
     embedding_batch_size: int = Field(64, ge=1, le=4096)
     device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'.")
+    embedding_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA and on CPUs with native bf16 (2.4x here), else fp32."
+    )
 
     # Chunking, counted in embedding-model tokens
     chunk_tokens: int = Field(200, ge=16, description="Target chunk size in embedding tokens.")
@@ -36,7 +39,9 @@ class Settings(BaseSettings):
     )
 
     # Ingestion
-    parse_workers: int = Field(2, ge=1, le=64, description="Processes parsing documents in parallel.")
+    parse_workers: int = Field(
+        1, ge=1, le=64, description="Processes parsing documents beside the embedding (1: parse in-process; on 2 "
+        "cores with bf16 embedding, 2 measured slower end to end). Raise it on machines with more cores.")
 
     # Decoder
     backend: Literal["transformers", "openai"] = "transformers"

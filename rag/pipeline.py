@@ -106,7 +106,7 @@ class Pipeline:
         from rag.retrieve import Retriever
         from rag.store import Store
 
-        embedder = Embedder(self.settings.embedding_model, self.settings.device, self.settings.embedding_batch_size)
+        embedder = Embedder.from_settings(self.settings)
         return Retriever(Store.open(self.settings.index_dir, embedder.name), embedder)
 
     @cached_property

@@ -165,3 +165,16 @@ def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, 
     monkeypatch.undo()
     assert Store.open(settings.index_dir).counts() == before
     assert job.run(docs_dir).status_counts["new"] == 1  # the next run completes the work
+
+
+def test_bf16_embeddings_match_fp32():
+    from rag.embed import Embedder
+
+    texts = ["How do I set a timeout?", "The default behavior is to raise a TimeoutException after 5 seconds."]
+    full, half = Embedder(device="cpu", precision="fp32"), Embedder(device="cpu", precision="bf16")
+    assert (full.precision, half.precision) == ("fp32", "bf16")
+    cosines = (full.encode(texts) * half.encode(texts)).sum(axis=1)
+    assert cosines.min() > 0.999  # bf16 matmuls, fp32 weights: the same ranking, not the same bits
+    assert Embedder(device="cpu").precision in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="Unknown precision"):
+        Embedder(device="cpu", precision="int4")
