@@ -21,3 +21,10 @@ $RAG finetune --data "$DATA/pubmedqa-dev/pqal_dev.json" --out adapters/pubmedqa 
 $RAG eval --dataset adapters/pubmedqa/heldout.jsonl --index results/pubmedqa/index --paths prompt,rag,finetuned-rag \
   --adapter adapters/pubmedqa -k 3 --seed 0 --out results/pubmedqa-finetuned
 cp adapters/pubmedqa/training.json adapters/pubmedqa/loss.png results/pubmedqa-finetuned/
+# Full fine-tuning, the reference for LoRA: the whole model is written to adapters/xquad-full and served as the
+# decoder of the rag path (same split and held-out sample as the LoRA run above).
+$RAG finetune --data "$DATA/xquad-en/xquad.en.json" --out adapters/xquad-full --method full --with-context \
+  --holdout 0.5 --epochs 3 --lr 0.00005 --seed 0
+RAG_DECODER_MODEL=adapters/xquad-full $RAG eval --dataset adapters/xquad-full/heldout.jsonl --index results/xquad/index \
+  --paths rag --limit 200 --seed 0 --max-new-tokens 24 -k 1 --out results/xquad-full
+cp adapters/xquad-full/training.json adapters/xquad-full/loss.png results/xquad-full/
