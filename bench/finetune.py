@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import markdown_table, percentile  # noqa: E402
 from rag.finetune import with_lora  # noqa: E402
+from rag.models import autocast  # noqa: E402
 
 # SmolLM2-135M's architecture, for hosts that do not carry the packaged weights.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -50,13 +51,12 @@ def time_steps(model, device: str, method: str, precision: str, batch_size: int,
         model = with_lora(model, rank=16, alpha=32, dropout=0.05)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
     generator = torch.Generator().manual_seed(0)
     seconds = []
     for step in range(steps + 1):  # step 0 warms up kernels and allocator
         ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
         started = time.perf_counter()
-        with autocast:
+        with autocast(device, precision):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.models import check_precision, default_embedding_path, existing_path, resolve_precision
+from rag.models import autocast, check_precision, default_embedding_path, existing_path, resolve_precision
 
 
 def resolve_device(device: str) -> str:
@@ -67,9 +67,7 @@ class Embedder:
 
     def autocast(self):
         """The precision context every encode runs in (weights stay fp32; bf16 matmuls where chosen)."""
-        import torch
-
-        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return autocast(self.device, self.precision)
 
     @cached_property
     def model(self):

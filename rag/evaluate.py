@@ -48,16 +48,18 @@ class EvalConfig:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def answering_models(settings, finetuned: bool) -> dict[str, str]:
-    """Content identity of the models behind a path's answers: the decoder's weights (or the server and model name),
-    and for fine-tuned paths the adapter's weights, so a new adapter or decoder is never served a stale cache."""
+def answering_models(settings) -> tuple[dict[str, str], dict[str, str]]:
+    """Content identity of the models behind the base and the fine-tuned paths' answers: the decoder's weights (or
+    the server and model name), plus the adapter's weights, so a new adapter or decoder is never served a stale
+    cache. Each file is hashed once."""
     if settings.backend == "openai":
-        models = {"decoder": f"{settings.openai_base_url} {settings.openai_model}"}
+        base = {"decoder": f"{settings.openai_base_url} {settings.openai_model}"}
     else:
-        models = {"decoder": decoder_identity(settings.decoder_model)["sha256"]}
-    if finetuned and settings.adapter_dir:
-        models["adapter"] = sha256_files(*sorted(Path(settings.adapter_dir).glob("*.safetensors")))
-    return models
+        base = {"decoder": decoder_identity(settings.decoder_model)["sha256"]}
+    tuned = dict(base)
+    if settings.adapter_dir:
+        tuned["adapter"] = sha256_files(*sorted(Path(settings.adapter_dir).glob("*.safetensors")))
+    return base, tuned
 
 
 def question_hash(question: str) -> str:
@@ -206,8 +208,9 @@ class Evaluator:
         if any(path.finetuned for path in paths):
             refuse_training_questions(items, self.pipeline.settings.adapter_dir)
         cached = self._load_cache()
-        fingerprints = {path: config.fingerprint(path.retrieves, answering_models(self.pipeline.settings,
-                                                                                   path.finetuned)) for path in paths}
+        base_models, tuned_models = answering_models(self.pipeline.settings)
+        fingerprints = {path: config.fingerprint(path.retrieves, tuned_models if path.finetuned else base_models)
+                        for path in paths}
         has_gold = any(item.gold_sources for item in items) and any(path.retrieves for path in paths)
         total = len(items) * (len(paths) + int(has_gold))
         done = 0
@@ -257,19 +260,9 @@ class Evaluator:
             "tokens_per_second": answer.timings.get("tokens_per_second", 0.0),
         }
 
-
     def _score(self, item: QAItem, path: AnswerPath, row: dict) -> dict:
         """The row with its answer re-quoted from the cached raw output and its scores."""
-        source_ids = row.get("source_ids")
-        if source_ids is None:  # a row cached before source ids were kept: rebuild the (deterministic) prompt
-            source_ids = []
-            if path.retrieves and not item.choices:
-                from rag.generate import GenerationParams
-
-                params = GenerationParams(max_new_tokens=self.config.max_new_tokens)
-                prompt = self.pipeline.prepare(item.question, path, self.config.k, self.config.retriever, None,
-                                               params)[2]
-                source_ids = [hit.chunk.id for hit in prompt.used_chunks]
+        source_ids = row["source_ids"]  # every cached row has them: rows from before carry another fingerprint
         chunk_texts = {chunk.id: chunk.text for chunk in self.pipeline.retriever.store.get(source_ids)} if source_ids else {}
         answer = row["answer"]
         if source_ids and not item.choices and "don't know" not in row["raw_answer"].lower():

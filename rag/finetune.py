@@ -172,7 +172,7 @@ def finetune(config: FinetuneConfig, base_model: str | Path | None = None, devic
     import torch
     from tqdm import tqdm
 
-    from rag.models import decoder_identity, load_causal_lm, resolve_precision
+    from rag.models import autocast, decoder_identity, load_causal_lm, resolve_precision
 
     torch.manual_seed(config.seed)
     dataset = read_dataset(config.data)
@@ -202,7 +202,7 @@ def finetune(config: FinetuneConfig, base_model: str | Path | None = None, devic
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / total_steps))
     config.precision = resolve_precision(config.precision, device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    precision_context = autocast(device, config.precision)
     log(f"training on {device} in {config.precision}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rng = random.Random(config.seed)
@@ -210,7 +210,7 @@ def finetune(config: FinetuneConfig, base_model: str | Path | None = None, devic
     def validation_loss() -> float:
         model.eval()
         losses = []
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), precision_context:
             for ids, labels, mask in _batches(validation, config.batch_size, pad_id, None):
                 losses.append(model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     labels=labels.to(device)).loss.item())
@@ -232,7 +232,7 @@ def finetune(config: FinetuneConfig, base_model: str | Path | None = None, devic
                 batches = _batches(train, config.batch_size, pad_id, rng)
                 batch = next(batches)
             ids, labels, mask = (tensor.to(device) for tensor in batch)
-            with autocast:
+            with precision_context:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / config.grad_accum
             loss.backward()
             step_loss += loss.item()

@@ -93,6 +93,13 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+def autocast(device: str, precision: str):
+    """The context a model runs in at a resolved precision: bf16 matmuls over fp32 weights, or plain fp32."""
+    import torch
+
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def load_causal_lm(model: str | Path | None, device: str, for_training: bool = False):
     """(model, tokenizer, device) for a decoder: HF folder or GGUF (dequantised by transformers), fp32 on CPU,
     bf16 on CUDA. The one place decoders are loaded."""

@@ -121,11 +121,11 @@ def test_fingerprint_follows_the_decoder_and_adapter_weights(tmp_path):
         (tmp_path / name / "adapter_model.safetensors").write_bytes(weights)
         adapters.append(Settings(backend="openai", openai_model="m", adapter_dir=tmp_path / name))
     config = EvalConfig(DATA / "qa_sample.jsonl", ["finetuned"], tmp_path)
-    tuned = [config.fingerprint(False, answering_models(settings, finetuned=True)) for settings in adapters]
-    base = [config.fingerprint(False, answering_models(settings, finetuned=False)) for settings in adapters]
+    tuned = [config.fingerprint(False, answering_models(settings)[1]) for settings in adapters]
+    base = [config.fingerprint(False, answering_models(settings)[0]) for settings in adapters]
     assert tuned[0] != tuned[1] and base[0] == base[1]  # a new adapter re-answers; the base path's cache stands
     other_model = Settings(backend="openai", openai_model="bigger")
-    assert config.fingerprint(False, answering_models(other_model, finetuned=False)) != base[0]
+    assert config.fingerprint(False, answering_models(other_model)[0]) != base[0]
 
 
 def test_citation_markers_are_not_scored_as_answer_words():
