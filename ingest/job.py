@@ -286,7 +286,7 @@ class IngestJob:
                        report: IngestReport) -> Iterator[FileResult]:
         if not batch:
             return
-        texts = [chunk.text for _, chunks in batch for chunk in chunks]
+        texts = [chunk.indexed_text for _, chunks in batch for chunk in chunks]
         started = time.perf_counter()
         vectors = self.embedder.encode(texts) if texts else np.zeros((0, self.embedder.dimension), np.float32)
         report.embed_seconds += time.perf_counter() - started

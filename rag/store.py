@@ -31,6 +31,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from rag.errors import ConflictError, NotFoundError, RagError
 from rag.lexical import LexicalIndex
 from rag.types import Chunk
 
@@ -68,23 +69,24 @@ CREATE TABLE IF NOT EXISTS chunks (
     element_type TEXT,
     tokens INTEGER NOT NULL,
     hash TEXT NOT NULL,
+    context TEXT NOT NULL DEFAULT '',
     UNIQUE (doc_id, ordinal)
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 """
-CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash"
+CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context"
 
 
-class StoreError(RuntimeError):
+class StoreError(RagError):
     """The index cannot be used as asked; the message says why and what to do."""
 
 
-class IndexNotFoundError(StoreError):
-    pass
+class IndexNotFoundError(StoreError, NotFoundError):
+    """No index at the configured directory."""
 
 
-class IndexMismatchError(StoreError):
-    pass
+class IndexMismatchError(StoreError, ConflictError):
+    """The index was built with another embedding model or dimension."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +126,8 @@ class Manifest:
 
 
 def _row_to_chunk(row: tuple) -> Chunk:
-    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_ = row
-    return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_)
+    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context = row
+    return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context)
 
 
 def _hnsw_copy(flat: faiss.IndexIDMap2) -> faiss.Index:
@@ -224,6 +226,8 @@ class Store:
         else:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
         db.executescript(SCHEMA)
+        if "context" not in {row[1] for row in db.execute("PRAGMA table_info(chunks)")}:  # snapshots before v2
+            db.execute("ALTER TABLE chunks ADD COLUMN context TEXT NOT NULL DEFAULT ''")
         db.execute("PRAGMA foreign_keys = ON")
         manifest = Manifest(embedding_model=embedding_model, dimension=dimension, chunking=chunking)
         return cls(work, index, db, manifest, index_dir, lock_handle)
@@ -238,8 +242,8 @@ class Store:
         return self._build_lexical()
 
     def _build_lexical(self) -> LexicalIndex:
-        rows = self.db.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
-        return LexicalIndex.build([row[0] for row in rows], [row[1] for row in rows])
+        chunks = list(self.iter_chunks())
+        return LexicalIndex.build([chunk.id for chunk in chunks], [chunk.indexed_text for chunk in chunks])
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -311,10 +315,10 @@ class Store:
         ids = []
         for chunk in chunks:
             cursor = self.db.execute(
-                "INSERT INTO chunks (doc_id, ordinal, text, source, page, heading, element_type, tokens, hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO chunks (doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.doc_id, chunk.ordinal, chunk.text, chunk.source, chunk.page, chunk.heading,
-                 chunk.element_type, chunk.tokens, chunk.hash),
+                 chunk.element_type, chunk.tokens, chunk.hash, chunk.context),
             )
             ids.append(cursor.lastrowid)
         if ids:

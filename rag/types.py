@@ -35,6 +35,14 @@ class Chunk:
     tokens: int = 0  # embedding-model tokens
     hash: str = ""  # sha256 of text
     id: int | None = None  # assigned by the store; also the FAISS id
+    # Document-level context (title, issuer, period, section, page) that a passage from deep inside a long document
+    # does not state itself ("the Company", "three months ended"). Embedded and indexed with the text, not quoted.
+    context: str = ""
+
+    @property
+    def indexed_text(self) -> str:
+        """What the embedder and the lexical index see: the context line, then the passage."""
+        return f"{self.context}\n{self.text}" if self.context else self.text
 
     @property
     def location(self) -> str:
