@@ -137,20 +137,6 @@ def log_in(driver, base: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- tests
-def test_the_page_is_served_with_security_headers(server):
-    page = httpx.get(server)
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    csp = page.headers["content-security-policy"]
-    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
-    assert page.headers["x-content-type-options"] == "nosniff"
-    script = httpx.get(f"{server}/web/main.js")
-    assert script.headers["content-type"].startswith("text/javascript")
-    assert httpx.get(f"{server}/web/main.js", headers={"If-None-Match": script.headers["etag"]}).status_code == 304
-    assert httpx.get(f"{server}/web/..%2Fapp.py").status_code == 404
-    # Data only through /v1, with the key like any other client.
-    assert httpx.get(f"{server}/v1/evals").status_code == 401
-
-
 def test_wrong_key_is_refused(server, browser):
     browser.get(server)
     key = visible(browser, "#login-key")
@@ -198,6 +184,7 @@ def test_ask_streams_an_answer_with_a_citation(server, browser):
     find(browser, "#new-thread").click()
     max_tokens.clear()
     max_tokens.send_keys("24")
+    find(browser, "#question").clear()
     find(browser, "#question").send_keys("What is the default timeout in HTTPX?")
     find(browser, "#ask-button").click()
     turn = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".turn[data-state=done]"), message="no answer")[0]
@@ -295,6 +282,42 @@ def test_the_original_pdf_is_served_so_it_cannot_run_script(server):
     assert httpx.get(f"{server}/v1/documents/{pdf['doc_id']}/file").status_code == 401
 
 
+def ask_briefly(browser, question: str):
+    """A fresh thread, BM25, 4 new tokens: the answer's sources are what these tests look at."""
+    tab(browser, "ask")
+    Select(find(browser, "#opt-retriever")).select_by_value("bm25")
+    max_tokens = find(browser, "#opt-max_new_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("4")
+    find(browser, "#new-thread").click()
+    find(browser, "#question").send_keys(question + Keys.ENTER)
+    turn = wait(browser, lambda d: (done := d.find_elements(By.CSS_SELECTOR, ".turn[data-state=done]")) and done[0])
+    sources = turn.find_element(By.CSS_SELECTOR, "details.sources")
+    if sources.get_attribute("open") is None:
+        sources.find_element(By.CSS_SELECTOR, "summary").click()
+    return sources.find_elements(By.CSS_SELECTOR, "button.source")
+
+
+def test_a_pdf_source_opens_at_its_page(server, browser):
+    sources = ask_briefly(browser, "How many total flight hours did the pilot have?")
+    source = next(b for b in sources if "ntsb-report.pdf" in b.text)
+    page = int(source.text.split("page ")[1].split()[0])
+    source.click()
+    visible(browser, "#passage")
+    assert f"page {page}" in find(browser, "#passage-meta").text
+    main_window = browser.current_window_handle
+    visible(browser, "#passage-open").click()
+    wait(browser, lambda d: len(d.window_handles) == 2, 20, "the PDF did not open")
+    browser.switch_to.window(next(h for h in browser.window_handles if h != main_window))
+    try:  # the browser's own PDF viewer, at the cited page
+        assert browser.current_url.startswith("blob:") and browser.current_url.endswith(f"#page={page}")
+        assert browser.execute_script("return document.contentType") == "application/pdf"
+    finally:
+        browser.close()
+        browser.switch_to.window(main_window)
+    find(browser, "#passage-close").click()
+
+
 def test_script_in_a_document_is_shown_as_text(server, browser, tmp_path):
     payload = ("The zebra-quota allows 42 requests an hour. <script>document.title='pwned'</script>"
                "<img src=x onerror=\"document.title='pwned'\"> End of the zebra note.")
@@ -303,18 +326,8 @@ def test_script_in_a_document_is_shown_as_text(server, browser, tmp_path):
     tab(browser, "documents")
     find(browser, "#file-input").send_keys(str(note))
     wait(browser, lambda d: "zebra.txt: new" in find(d, "#upload-results").text, message="zebra.txt not ingested")
-    tab(browser, "ask")
-    Select(find(browser, "#opt-retriever")).select_by_value("bm25")
-    max_tokens = find(browser, "#opt-max_new_tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("4")
-    find(browser, "#new-thread").click()
-    find(browser, "#question").send_keys("What does the zebra-quota allow?" + Keys.ENTER)
-    turn = wait(browser, lambda d: (done := d.find_elements(By.CSS_SELECTOR, ".turn[data-state=done]")) and done[0])
-    sources = turn.find_element(By.CSS_SELECTOR, "details.sources")
-    if sources.get_attribute("open") is None:
-        sources.find_element(By.CSS_SELECTOR, "summary").click()
-    source = next(b for b in sources.find_elements(By.CSS_SELECTOR, "button.source") if "zebra.txt" in b.text)
+    sources = ask_briefly(browser, "What does the zebra-quota allow?")
+    source = next(b for b in sources if "zebra.txt" in b.text)
     source.click()
     visible(browser, "#passage")
     wait(browser, lambda d: "<script>" in find(d, "#passage-text").text, 20)
@@ -335,11 +348,6 @@ def test_evaluation_reports_are_listed_and_rendered(server, browser):
         "return [...document.querySelectorAll('#eval-report img')].every(i => i.complete && i.naturalWidth > 0)"
         " && document.querySelectorAll('#eval-report img').length > 0"), 20)
     screenshot(browser, "evaluations")
-    auth = {"Authorization": f"Bearer {KEY}"}
-    report = httpx.get(f"{server}/v1/evals/xquad/report.md", headers=auth)
-    assert report.headers["content-type"].startswith("text/markdown")
-    for probe in ("/v1/evals/xquad/..%2F..%2Fpyproject.toml", "/v1/evals/..%2Fapi/app.py", "/v1/evals/xquad/index"):
-        assert httpx.get(server + probe, headers=auth).status_code == 404, probe
 
 
 def test_readable_at_phone_width(server, browser):
