@@ -191,6 +191,12 @@ def test_ask_streams_an_answer_with_a_citation(server, browser):
     assert int(turn.get_attribute("data-token-events")) >= 1  # tokens arrived as a stream before the answer
     assert turn.find_element(By.CSS_SELECTOR, ".answer-text").text.strip()
     screenshot(browser, "ask")
+    browser.execute_cdp_cmd("Browser.grantPermissions", {"origin": server,
+                            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    turn.find_element(By.CSS_SELECTOR, "button.copy").click()
+    wait(browser, lambda d: turn.find_element(By.CSS_SELECTOR, "button.copy").text == "Copied", 10)
+    copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0](String(e)))")
+    assert copied.startswith("**Q:** What is the default timeout in HTTPX?") and "\n[1]: " in copied, copied
     citations = turn.find_elements(By.CSS_SELECTOR, ".answer-text button.cite")
     assert citations, "the answer cites no source"
     citations[0].click()
