@@ -17,6 +17,7 @@ INLINE_TYPES = {".pdf": "application/pdf", ".png": "image/png", ".json": "applic
                 ".md": "text/markdown; charset=utf-8"}
 # Served as text/plain: formats that are text (HTML included: shown as its source, never rendered).
 TEXT_SUFFIXES = {".txt", ".text", ".markdown", ".rst", ".csv", ".html", ".htm"}
+MEDIA_TYPES = sorted({*INLINE_TYPES.values(), "text/plain; charset=utf-8", "application/octet-stream"})  # for OpenAPI
 UNTRUSTED_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'",
                      "Cross-Origin-Resource-Policy": "same-origin", "Cache-Control": "private, no-cache"}
 

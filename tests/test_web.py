@@ -251,13 +251,17 @@ def test_upload_markdown_and_pdf_then_delete(server, browser, tmp_path):
     note.write_text("# Wombat retries\n\nThe wombat-backoff setting doubles the wait between retries.\n")
     pdf = tmp_path / "ntsb-report.pdf"
     shutil.copy(CORPUS / "ntsb" / "20071229X02007.pdf", pdf)
-    find(browser, "#file-input").send_keys(f"{note}\n{pdf}")
-    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#upload-results li")) == 2,
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    find(browser, "#file-input").send_keys(f"{note}\n{pdf}\n{empty}")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#upload-results li")) == 3,
          message="the ingestion job did not finish")
     assert find(browser, "#upload").get_attribute("data-state") == "succeeded"
     assert float(find(browser, "#upload-progress").get_attribute("value")) == 1
-    results = [li.get_attribute("data-status") for li in browser.find_elements(By.CSS_SELECTOR, "#upload-results li")]
-    assert results == ["new", "new"]
+    assert find(browser, "#upload-label").text == "Done: 2 ingested, 1 failed."
+    results = browser.find_elements(By.CSS_SELECTOR, "#upload-results li")
+    assert [li.get_attribute("data-status") for li in results] == ["new", "new", "failed"]
+    assert results[2].text.startswith("empty.txt: failed (") and len(results[2].text) > 25  # with its reason
     rows = wait(browser, lambda d: len(found := d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 5 and found)
     names = [row.find_element(By.CSS_SELECTOR, "th").text for row in rows]
     assert {"wombat-notes.md", "ntsb-report.pdf"} <= set(names)

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ServiceDep
 from api.errors import ApiError
-from api.files import untrusted_file
+from api.files import MEDIA_TYPES, untrusted_file
 from api.schemas import PassageOut
 from rag.models import sha256_files
 
@@ -36,7 +36,7 @@ async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: 
 
 
 @router.get("/documents/{doc_id}/file", summary="The original file of a document (PDF inline, text as text/plain)",
-            responses={200: {"content": {"application/pdf": {}, "text/plain": {}, "application/octet-stream": {}}},
+            responses={200: {"content": {media: {} for media in MEDIA_TYPES}},
                        404: {"description": "No such document, or its file is gone."},
                        409: {"description": "The file changed since it was ingested."}})
 async def original_file(doc_id: Annotated[str, PathParam(max_length=64)], service: ServiceDep):
