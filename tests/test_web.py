@@ -229,7 +229,10 @@ def test_ask_streams_an_answer_with_a_citation(server, browser):
 
 
 def test_compare_two_paths(server, browser):
-    tab(browser, "compare")
+    tab(browser, "ask")
+    find(browser, "#tab-ask").send_keys(Keys.ARROW_RIGHT)  # tabs follow the keyboard (WAI-ARIA tabs pattern)
+    visible(browser, "#panel-compare")
+    assert browser.switch_to.active_element.get_attribute("id") == "tab-compare"
     paths = {box.get_attribute("value"): box for box in browser.find_elements(By.CSS_SELECTOR, "#compare-paths input")}
     assert set(paths) == {"prompt", "rag"}  # no adapter configured: no fine-tuned paths offered
     find(browser, "#compare-question").send_keys("What is HTTPX?")

@@ -9,7 +9,7 @@ const IDK = /don't know|do not know/i;
 
 export const isIdk = (text) => !text.trim() || IDK.test(text);
 
-/** Nodes for a final answer (the API's answer object); `label` names where it came from for screen readers. */
+/** Nodes for a final answer (the API's answer object): its text with citation buttons, then its sources. */
 export function answerView(answer) {
   const text = api.answerText(answer).trim();
   const sources = new Map([...(answer.sources || []), ...(answer.citations || [])].map((s) => [s.number, s]));
@@ -77,7 +77,9 @@ async function openPassage(source, answerText) {
   const link = $("#passage-link");
   link.hidden = true;
   link.removeAttribute("href");
-  $("#passage-open").textContent = source.page != null ? `Open original at page ${source.page}` : "Open original";
+  const open = $("#passage-open");
+  open.textContent = source.page != null ? `Open original at page ${source.page}` : "Open original";
+  open.disabled = true;  // until the passage says which document it belongs to
   if (!dialog.open) dialog.showModal();
   if (source.chunk_id == null) return text.removeAttribute("aria-busy");
   try {
@@ -85,6 +87,7 @@ async function openPassage(source, answerText) {
     if (current !== source) return;
     text.replaceChildren(...highlighted(passage.text, citedWords(passage.text, source.snippet, answerText)));
     current = { ...source, doc_id: passage.doc_id };
+    open.disabled = false;
   } catch (error) {
     $("#passage-error").textContent = api.describe(error);
   } finally {
@@ -106,7 +109,6 @@ function citedWords(passage, snippet, answerText) {
  * from that list, so a file can never open as a page of this origin.
  */
 async function openOriginal(source) {
-  if (!source?.doc_id) return;
   const error = $("#passage-error");
   error.textContent = "";
   try {
