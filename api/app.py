@@ -20,12 +20,13 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rag import offline  # noqa: F401  (before any model library is imported)
+from api import web
 from api.auth import ApiKeys, require_api_key
 from api.config import ApiSettings
 from api.errors import install_error_handlers, json_error
 from api.jobs import IngestQueue
 from api.observability import Metrics, RequestContextMiddleware, configure_logging
-from api.routes import ask, documents, health, openai_compat, search
+from api.routes import ask, documents, evals, health, openai_compat, search, sources
 from api.service import Service
 from rag.config import Settings
 from rag.pipeline import Pipeline
@@ -111,9 +112,10 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
                               413: {"description": "Request body over the limit."},
                               422: {"description": "Invalid request; the message says what and why."},
                               503: {"description": "Busy (see Retry-After), still loading, or no index yet."}})
-    for module in (ask, search, documents, openai_compat):
+    for module in (ask, search, documents, sources, evals, openai_compat):
         v1.include_router(module.router)
     app.include_router(health.router)
+    app.include_router(web.router)  # the web app at /: static files only, data through /v1
     app.include_router(v1)
 
     install_error_handlers(app)

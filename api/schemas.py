@@ -195,3 +195,24 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- passages and evaluation reports (web app)
+class PassageOut(BaseModel):
+    chunk_id: int
+    doc_id: str
+    source: str
+    page: int | None
+    heading: str | None
+    text: str
+
+
+class EvalOut(BaseModel):
+    name: str
+    title: str = Field(description="The report's first heading.")
+    modified_at: str
+    files: list[str] = Field(description="Files of the report that GET /v1/evals/{name}/{file} serves.")
+
+
+class EvalList(BaseModel):
+    evals: list[EvalOut]

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     context_window: int | None = Field(None, description="Override the decoder's context length in tokens.")
     adapter_dir: Path | None = Field(None, description="LoRA adapter folder for the fine-tuned paths.")
 
+    # Evaluation reports
+    results_dir: Path = Field(Path("./results"), description="Folder of `rag eval` reports, one sub-folder each "
+                              "(report.md, results.json, plots); listed read-only by `rag serve` at /v1/evals.")
+
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "Settings":
         if self.chunk_overlap >= self.chunk_tokens:

@@ -1,0 +1,130 @@
+// An answer on screen: its text with clickable [n] citations, its sources, and the passage dialog that shows a
+// cited passage (document, page, heading, the cited words highlighted) with a link to the original file.
+
+import * as api from "./api.js";
+import { $, basename, h, highlighted } from "./dom.js";
+
+const CITATION = /\[(\d{1,2})\]/g;
+const IDK = /don't know|do not know/i;
+
+export const isIdk = (text) => !text.trim() || IDK.test(text);
+
+/** Nodes for a final answer (the API's answer object): its text with citation buttons, then its sources. */
+export function answerView(answer) {
+  const text = api.answerText(answer).trim();
+  const sources = new Map([...(answer.sources || []), ...(answer.citations || [])].map((s) => [s.number, s]));
+  const plain = text.replace(CITATION, "").trim();
+  const body = h("p", { class: "answer-text" });
+  if (isIdk(text)) {
+    body.classList.add("idk");
+    body.append(h("strong", {}, "No answer found in the sources. "), text ? `The model said: “${text}”` : "");
+  } else {
+    let last = 0;
+    for (const match of text.matchAll(CITATION)) {
+      body.append(text.slice(last, match.index));
+      const source = sources.get(Number(match[1]));
+      body.append(source ? citeButton(source, plain) : match[0]);
+      last = match.index + match[0].length;
+    }
+    body.append(text.slice(last));
+  }
+  const cited = new Set((answer.citations || []).map((c) => c.number));
+  const list = [...sources.values()].sort((a, b) => a.number - b.number).map((source) => h("li", {},
+    h("button", { type: "button", class: "link source", onclick: () => openPassage(source, plain) },
+      `[${source.number}] ${describeSource(source)}`),
+    cited.has(source.number) ? h("span", { class: "badge" }, "cited") : null));
+  if (!list.length) return [body];
+  return [body, h("details", { class: "sources", open: cited.size ? true : null },
+    h("summary", {}, `Sources (${list.length})`), h("ol", {}, list))];
+}
+
+function citeButton(source, answerText) {
+  return h("button", { type: "button", class: "cite", "aria-label": `Source ${source.number}: ${describeSource(source)}`,
+    onclick: () => openPassage(source, answerText) }, `[${source.number}]`);
+}
+
+export function describeSource(source) {
+  return [basename(source.source), source.page != null ? `page ${source.page}` : null, source.heading]
+    .filter(Boolean).join(" · ");
+}
+
+/** Markdown for an answer with its citations, for the clipboard. */
+export function answerMarkdown(question, answer) {
+  const cited = (answer.citations || []).length ? answer.citations : answer.sources || [];
+  const notes = cited.map((s) => `[${s.number}]: ${s.source}${s.page != null ? `, page ${s.page}` : ""}`
+    + `${s.heading ? ` — ${s.heading}` : ""}`);
+  return [`**Q:** ${question}`, "", api.answerText(answer).trim(), "", ...notes].join("\n").trim() + "\n";
+}
+
+// ------------------------------------------------------------------------------------------- passage dialog
+let current = null;  // the source shown in the dialog
+
+export function setupPassageDialog() {
+  $("#passage-close").addEventListener("click", () => $("#passage").close());
+  $("#passage-open").addEventListener("click", () => openOriginal(current));
+}
+
+async function openPassage(source, answerText) {
+  current = source;
+  const dialog = $("#passage");
+  $("#passage-title").textContent = basename(source.source);
+  $("#passage-meta").replaceChildren(h("span", {}, h("span", { class: "path" }, source.source),
+    source.page != null ? ` · page ${source.page}` : null, source.heading ? ` · ${source.heading}` : null));
+  const text = $("#passage-text");
+  text.textContent = source.snippet || "";
+  text.setAttribute("aria-busy", "true");
+  $("#passage-error").textContent = "";
+  const link = $("#passage-link");
+  link.hidden = true;
+  link.removeAttribute("href");
+  const open = $("#passage-open");
+  open.textContent = source.page != null ? `Open original at page ${source.page}` : "Open original";
+  open.disabled = true;  // until the passage says which document it belongs to
+  if (!dialog.open) dialog.showModal();
+  if (source.chunk_id == null) return text.removeAttribute("aria-busy");
+  try {
+    const passage = await api.get(`/v1/chunks/${encodeURIComponent(source.chunk_id)}`);
+    if (current !== source) return;
+    text.replaceChildren(...highlighted(passage.text, citedWords(passage.text, source.snippet, answerText)));
+    current = { ...source, doc_id: passage.doc_id };
+    open.disabled = false;
+  } catch (error) {
+    $("#passage-error").textContent = api.describe(error);
+  } finally {
+    text.removeAttribute("aria-busy");
+  }
+}
+
+/** What to highlight: the quoted span when the answer quotes one, else the answer's longer words. */
+function citedWords(passage, snippet, answerText) {
+  const span = (snippet || "").replace(/…$/, "").trim();
+  if (span && passage.includes(span) && !passage.startsWith(span)) return [span];
+  if (answerText && passage.includes(answerText)) return [answerText];
+  return [...new Set((answerText || "").toLowerCase().match(/[\p{L}\p{N}][\p{L}\p{N}'-]{3,}/gu) || [])];
+}
+
+/**
+ * The original file, fetched with the key (a plain link cannot send it) and opened from a blob: PDF in the
+ * browser's viewer at the cited page, text as text/plain, other formats downloaded. The blob's type is set here,
+ * from that list, so a file can never open as a page of this origin.
+ */
+async function openOriginal(source) {
+  const error = $("#passage-error");
+  error.textContent = "";
+  try {
+    const response = await api.file(`/v1/documents/${encodeURIComponent(source.doc_id)}/file`);
+    const type = response.headers.get("Content-Type") || "";
+    const kind = type.startsWith("application/pdf") ? "application/pdf"
+      : type.startsWith("text/") ? "text/plain;charset=utf-8" : "application/octet-stream";
+    const url = URL.createObjectURL(new Blob([await response.blob()], { type: kind }));
+    const link = $("#passage-link");
+    link.href = kind === "application/pdf" && source.page != null ? `${url}#page=${source.page}` : url;
+    if (kind === "application/octet-stream") link.download = basename(source.source);
+    else link.removeAttribute("download");
+    link.textContent = `${basename(source.source)}${kind === "application/pdf" && source.page != null ? ` (page ${source.page})` : ""}`;
+    link.hidden = false;
+    link.click();
+  } catch (failure) {
+    error.textContent = api.describe(failure);
+  }
+}

@@ -1,0 +1,137 @@
+// Ask: a conversation thread. Each question streams its answer from POST /v1/ask ("stream": true), then shows
+// the final, source-aligned answer with citations. Earlier turns stay on screen; each question is answered from
+// the documents on its own (the API is stateless), so a follow-up should name what it asks about.
+
+import * as api from "./api.js";
+import { $, h } from "./dom.js";
+import { answerMarkdown, answerView } from "./answer.js";
+
+// The OpenAI-style model names of GET /v1/models and the answer paths they stand for, in the order shown.
+const MODEL_PATHS = { "rag-prompt-only": "prompt", "rag": "rag", "rag-finetuned": "finetuned",
+  "rag-finetuned-rag": "finetuned-rag" };
+const NUMBER_FIELDS = ["k", "max_new_tokens", "temperature"];
+let running = null;  // AbortController of the answer being streamed
+
+/** The answer paths this server offers, from GET /v1/models (fine-tuned ones only with an adapter). */
+export function pathsFrom(models) {
+  const offered = new Set(models.data.map((model) => model.id));
+  return Object.keys(MODEL_PATHS).filter((id) => offered.has(id)).map((id) => MODEL_PATHS[id]);
+}
+
+export function setupAsk(paths) {
+  $("#opt-path").replaceChildren(...paths.map((path) => h("option", { value: path }, path)));
+  $("#opt-path").value = paths.includes("rag") ? "rag" : paths[0];
+  $("#ask-form").addEventListener("submit", (event) => { event.preventDefault(); ask(); });
+  $("#question").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); ask(); }
+  });
+  $("#ask-stop").addEventListener("click", () => running?.abort());
+  $("#new-thread").addEventListener("click", () => { running?.abort(); $("#thread").replaceChildren(); $("#question").focus(); });
+}
+
+/** The generation and retrieval options of the settings panel, as the API names them (empty = server default). */
+export function options() {
+  const body = { retriever: $("#opt-retriever").value };
+  for (const name of NUMBER_FIELDS) {
+    const raw = $(`#opt-${name}`).value.trim();
+    if (raw !== "") body[name] = Number(raw);
+    $(`#opt-${name}`).removeAttribute("aria-invalid");
+  }
+  $("#settings-error").textContent = "";
+  return body;
+}
+
+/** Shows a 422 from the API next to the settings it is about; true when it was about them. */
+export function showValidation(error) {
+  if (error.status !== 422) return false;
+  const fields = error.details.map((detail) => String(detail.loc).split(".").pop());
+  for (const name of fields) $(`#opt-${name}`)?.setAttribute("aria-invalid", "true");
+  const aboutSettings = fields.some((name) => ["path", "retriever", ...NUMBER_FIELDS].includes(name))
+    || /max_new_tokens|temperature|\bk\b|retriever|path/.test(error.message);
+  if (aboutSettings) {
+    $("#settings").open = true;
+    $("#settings-error").textContent = api.describe(error);
+  }
+  return aboutSettings;
+}
+
+async function ask() {
+  const question = $("#question").value;
+  if (running) return;
+  const body = { question, path: $("#opt-path").value, ...options(), stream: true };
+  const streamed = h("p", { class: "answer-text streaming", dataset: { tokens: "0" } });
+  const status = h("p", { class: "meta", role: "status" }, "Retrieving and generating…");
+  const reply = h("div", { class: "reply", "aria-busy": "true" }, streamed, status);
+  const turn = h("li", { class: "turn", dataset: { state: "streaming" } },
+    h("p", { class: "question" }, h("span", { class: "visually-hidden" }, "Question: "), question), reply);
+  $("#thread").append(turn);
+  turn.scrollIntoView({ block: "end" });
+  running = new AbortController();
+  setBusy(true);
+  let answer = null;
+  try {
+    for await (const { event, data } of api.events("/v1/ask", body, running.signal)) {
+      if (event === "token") {
+        streamed.append(data.text);
+        streamed.dataset.tokens = String(Number(streamed.dataset.tokens) + 1);
+      } else if (event === "answer") {
+        answer = data;
+      } else if (event === "error") {
+        throw new api.ApiError(500, data);
+      }
+    }
+    if (!answer) throw new api.ApiError(0, { message: "The answer stream ended before the answer." });
+    finish(turn, reply, question, answer, streamed.dataset.tokens);
+    $("#question").value = "";
+  } catch (error) {
+    showValidation(error);
+    turn.dataset.state = "error";
+    reply.replaceChildren(...(streamed.textContent ? [streamed] : []),
+      h("p", { class: "error", role: "alert" }, api.describe(error)));
+  } finally {
+    reply.removeAttribute("aria-busy");
+    running = null;
+    setBusy(false);
+  }
+}
+
+function finish(turn, reply, question, answer, tokenEvents) {
+  turn.dataset.state = "done";
+  turn.dataset.tokenEvents = tokenEvents;
+  const copy = h("button", { type: "button", class: "link copy" }, "Copy as Markdown");
+  copy.addEventListener("click", async () => {
+    copy.textContent = (await copyText(answerMarkdown(question, answer))) ? "Copied" : "Copy failed";
+  });
+  reply.replaceChildren(...answerView(answer), h("p", { class: "meta" }, usageLine(answer), " ", copy));
+}
+
+export function usageLine(answer, clientMs) {
+  const usage = answer.usage || {};
+  const timings = answer.timings || {};
+  const parts = [`${answer.path}`, `${usage.prompt_tokens ?? "?"} prompt tokens`,
+    `${usage.completion_tokens ?? "?"} generated`];
+  if (timings.retrieve_ms != null) parts.push(`retrieve ${Math.round(timings.retrieve_ms)} ms`);
+  if (timings.generate_ms != null) parts.push(`generate ${Math.round(timings.generate_ms)} ms`);
+  if (clientMs != null) parts.push(`total ${Math.round(clientMs)} ms`);
+  return parts.join(" · ");
+}
+
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {  // no clipboard API (plain http to another host): the older way
+    const area = h("textarea", { class: "visually-hidden", readonly: true });
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    const copied = document.execCommand("copy");
+    area.remove();
+    return copied;
+  }
+}
+
+function setBusy(busy) {
+  $("#ask-button").disabled = busy;
+  $("#ask-stop").hidden = !busy;
+}

@@ -1,0 +1,103 @@
+// Documents: what the index holds (GET /v1/documents), uploads (POST /v1/documents, then GET /v1/jobs/{id} until
+// the job ends, with each file's result) and deletion after a confirmation.
+
+import * as api from "./api.js";
+import { $, basename, formatBytes, h, say } from "./dom.js";
+
+const POLL_MS = 400;
+
+export function setupDocuments() {
+  const drop = $("#drop");
+  $("#file-input").addEventListener("change", (event) => {
+    if (event.target.files.length) uploadFiles([...event.target.files]);
+    event.target.value = "";
+  });
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    if (event.dataTransfer.files.length) uploadFiles([...event.dataTransfer.files]);
+  });
+  $("#confirm-cancel").addEventListener("click", () => $("#confirm").close("cancel"));
+  $("#confirm-ok").addEventListener("click", () => $("#confirm").close("ok"));
+}
+
+export async function loadDocuments() {
+  const status = $("#documents-status");
+  try {
+    const listing = await api.get("/v1/documents");
+    const rows = listing.documents.map((doc) => h("tr", { dataset: { docId: doc.doc_id } },
+      h("th", { scope: "row", title: doc.source }, basename(doc.source)),
+      h("td", { class: "num" }, formatBytes(doc.size)),
+      h("td", { class: "num" }, String(doc.chunk_count)),
+      h("td", {}, h("time", { datetime: doc.ingested_at }, new Date(doc.ingested_at).toLocaleString())),
+      h("td", {}, h("button", { type: "button", class: "danger small", "aria-label": `Delete ${basename(doc.source)}`,
+        onclick: () => remove(doc) }, "Delete"))));
+    $("#documents tbody").replaceChildren(...rows);
+    $("#documents-caption").textContent = `${listing.counts.documents} documents, ${listing.counts.chunks} chunks`;
+    say(status, listing.documents.length ? "" : "The index is empty: add documents above.");
+  } catch (error) {
+    $("#documents tbody").replaceChildren();
+    say(status, api.describe(error), "error");
+  }
+}
+
+async function uploadFiles(files) {
+  const panel = $("#upload");
+  const progress = $("#upload-progress");
+  const label = $("#upload-label");
+  const results = $("#upload-results");
+  panel.hidden = false;
+  panel.dataset.state = "uploading";
+  results.replaceChildren();
+  progress.value = 0;
+  label.textContent = `Uploading ${files.length} file${files.length > 1 ? "s" : ""}…`;
+  try {
+    const accepted = await api.upload("/v1/documents", files, (share) => { progress.value = share; });
+    panel.dataset.state = "ingesting";
+    progress.removeAttribute("value");  // indeterminate until the job reports progress
+    let job;
+    for (;;) {
+      job = await api.get(accepted.status_url);
+      const { files_done: done, files_total: total } = job.progress;
+      label.textContent = `Ingesting: ${done} of ${total} files (${job.status})`;
+      if (done || job.status !== "queued") progress.value = total ? done / total : 1;
+      if (job.status === "succeeded" || job.status === "failed") break;
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    }
+    progress.value = 1;
+    const failed = job.files.filter((file) => file.status === "failed").length;
+    label.textContent = job.status === "failed" ? `Ingestion failed: ${job.error}`
+      : `Done: ${job.files.length - failed} ingested, ${failed} failed.`;
+    results.replaceChildren(...job.files.map((file) => h("li", { class: file.status === "failed" ? "error" : "ok",
+      dataset: { status: file.status } }, `${file.filename}: ${file.status}`,
+      file.status === "failed" ? ` (${file.error})` : `, ${file.chunks} chunk${file.chunks === 1 ? "" : "s"}`)));
+    panel.dataset.state = job.status;
+    await loadDocuments();
+  } catch (error) {
+    panel.dataset.state = "failed";
+    progress.value = 0;
+    label.textContent = api.describe(error);
+  }
+}
+
+async function remove(doc) {
+  const dialog = $("#confirm");
+  $("#confirm-text").textContent = `Delete “${basename(doc.source)}” from the index? Answers will no longer cite it.`;
+  dialog.returnValue = "";
+  dialog.showModal();
+  $("#confirm-cancel").focus();
+  const choice = await new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue),
+    { once: true }));
+  if (choice !== "ok") return;
+  const status = $("#documents-status");
+  try {
+    await api.remove(`/v1/documents/${encodeURIComponent(doc.doc_id)}`);
+    say(status, `Deleted ${basename(doc.source)}.`, "ok");
+    await loadDocuments();
+    say(status, `Deleted ${basename(doc.source)}.`, "ok");
+  } catch (error) {
+    say(status, api.describe(error), "error");
+  }
+}

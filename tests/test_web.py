@@ -1,0 +1,374 @@
+"""The web app in a real headless browser: Debian's chromium driven by Selenium through chromedriver, against a real
+uvicorn server (in a thread, sharing the session's models) over a small index of the shipped corpus.
+
+One server and one browser for the module; the tests run in file order and build on each other's state (the key
+entered first, the documents uploaded before one is deleted). Screenshots of each screen go to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CORPUS, ROOT
+from tests.test_api import KEY, api_base_index  # noqa: F401  (session fixture re-exported)
+
+CHROMIUM = Path(os.environ.get("RAG_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("RAG_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+WINDOW = (1000, 700)
+WAIT_S = 120  # a generation of a few tokens on 2 busy cores, with a model that may still be warming up
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                       reason=f"no browser: install Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})"),
+]
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(api_base_index, embedder, generator, tmp_path_factory):  # noqa: F811
+    import uvicorn
+
+    from api.app import create_app
+    from api.config import ApiSettings
+    from rag.config import Settings
+    from rag.pipeline import Pipeline
+
+    index = tmp_path_factory.mktemp("web") / "index"
+    shutil.copytree(api_base_index, index, symlinks=True)
+    settings = Settings(index_dir=index, parse_workers=1, results_dir=ROOT / "results")
+    app = create_app(settings, Pipeline(settings, generator=generator),
+                     api_settings=ApiSettings(api_keys=KEY, index_poll_s=0), ingest_embedder=embedder)
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.1)
+    yield base
+    uv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--disable-extensions", "--no-first-run", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                     "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    viewport(driver, *WINDOW)
+    yield driver
+    driver.quit()
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def wait(driver, condition, timeout: float = WAIT_S, message: str = ""):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message)
+
+
+def viewport(driver, width: int, height: int, mobile: bool = False) -> None:
+    """The page's viewport exactly (a window size would include the browser's own frame)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+
+
+def find(driver, selector: str):
+    return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def visible(driver, selector: str):
+    return wait(driver, lambda d: (found := d.find_elements(By.CSS_SELECTOR, selector)) and found[0].is_displayed()
+                and found[0], 20, f"{selector} not visible")
+
+
+def tab(driver, name: str) -> None:
+    find(driver, f"#tab-{name}").click()
+    visible(driver, f"#panel-{name}")
+
+
+def screenshot(driver, name: str) -> None:
+    """A small PNG: the page as shown, reduced to 256 colours."""
+    from PIL import Image
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(SCREENSHOTS / f"{name}.png", optimize=True)
+
+
+def log_in(driver, base: str) -> None:
+    driver.get(base)
+    visible(driver, "#login-key").send_keys(KEY + Keys.ENTER)
+    wait(driver, lambda d: d.execute_script("return document.documentElement.dataset.ready === 'true'"), 20)
+
+
+# --------------------------------------------------------------------------------------------------- tests
+def test_wrong_key_is_refused(server, browser):
+    browser.get(server)
+    key = visible(browser, "#login-key")
+    screenshot(browser, "login")
+    key.send_keys("not-the-key" + Keys.ENTER)
+    error = wait(browser, lambda d: find(d, "#login-error").text, 20)
+    assert "not valid" in error
+    assert browser.execute_script("return sessionStorage.length") == 0  # a refused key is not kept
+    assert find(browser, "#panel-ask").is_displayed() is False
+    visible(browser, "#login-key").send_keys(KEY + Keys.ENTER)
+    visible(browser, "#question")
+    storage = browser.execute_script("return [sessionStorage.getItem('rag-api-key'), localStorage.length]")
+    assert storage == [KEY, 0] and KEY not in browser.current_url
+
+
+def test_first_load_is_small_and_fast(server, browser):
+    """Printed, not asserted as a hard timing: transfer size and time to usable from navigation start."""
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})
+    browser.get(server)
+    wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready === 'true'"), 20)
+    usable_ms, transferred, resources = browser.execute_script("""
+        const navigation = performance.getEntriesByType('navigation')[0];
+        const resources = performance.getEntriesByType('resource');
+        const bytes = [navigation, ...resources].reduce((sum, e) => sum + (e.transferSize || e.encodedBodySize), 0);
+        return [performance.getEntriesByName('app-usable')[0].startTime, bytes, resources.length + 1];""")
+    browser.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": False})
+    print(f"\nfirst load: {transferred / 1024:.1f} KB in {resources} requests, usable after {usable_ms:.0f} ms "
+          "(navigation start to the app-usable mark)")
+    assert transferred < 300 * 1024
+
+
+def test_ask_streams_an_answer_with_a_citation(server, browser):
+    tab(browser, "ask")
+    find(browser, "#settings summary").click()
+    max_tokens = find(browser, "#opt-max_new_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("100000")
+    find(browser, "#question").send_keys("How do I set a timeout on a client?" + Keys.ENTER)
+    error = wait(browser, lambda d: find(d, "#settings-error").text, message="no validation message")
+    assert "max_new_tokens" in error  # the API's 422 message, next to the setting
+    assert find(browser, "#opt-max_new_tokens").get_attribute("aria-invalid") == "true"
+    assert find(browser, ".turn[data-state=error] .error").text
+
+    find(browser, "#new-thread").click()
+    max_tokens.clear()
+    max_tokens.send_keys("24")
+    find(browser, "#question").clear()
+    find(browser, "#question").send_keys("What is the default timeout in HTTPX?")
+    find(browser, "#ask-button").click()
+    turn = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".turn[data-state=done]"), message="no answer")[0]
+    assert int(turn.get_attribute("data-token-events")) >= 1  # tokens arrived as a stream before the answer
+    assert turn.find_element(By.CSS_SELECTOR, ".answer-text").text.strip()
+    screenshot(browser, "ask")
+    browser.execute_cdp_cmd("Browser.grantPermissions", {"origin": server,
+                            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    turn.find_element(By.CSS_SELECTOR, "button.copy").click()
+    wait(browser, lambda d: turn.find_element(By.CSS_SELECTOR, "button.copy").text == "Copied", 10)
+    copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0](String(e)))")
+    assert copied.startswith("**Q:** What is the default timeout in HTTPX?") and "\n[1]: " in copied, copied
+    citations = turn.find_elements(By.CSS_SELECTOR, ".answer-text button.cite")
+    assert citations, "the answer cites no source"
+    citations[0].click()
+    dialog = visible(browser, "#passage")
+    wait(browser, lambda d: find(d, "#passage-text").get_attribute("aria-busy") is None, 20)
+    assert find(browser, "#passage-title").text.endswith(".md")
+    passage = find(browser, "#passage-text").text
+    assert len(passage) > 50 and "timeout" in passage.lower()
+    assert dialog.find_elements(By.CSS_SELECTOR, "#passage-text mark"), "nothing cited is highlighted"
+    screenshot(browser, "citation")
+    main_window = browser.current_window_handle
+    find(browser, "#passage-open").click()
+    link = visible(browser, "#passage-link")
+    assert link.get_attribute("href").startswith("blob:")
+    wait(browser, lambda d: len(d.window_handles) == 2, 20, "the original did not open")
+    browser.switch_to.window(next(h for h in browser.window_handles if h != main_window))
+    try:  # the Markdown original, as plain text (never rendered as a page of this origin)
+        assert browser.current_url.startswith("blob:")
+        assert "timeout" in browser.find_element(By.TAG_NAME, "body").text.lower()
+        assert not browser.find_elements(By.CSS_SELECTOR, "h1, a")
+    finally:
+        browser.close()
+        browser.switch_to.window(main_window)
+    find(browser, "#passage-close").click()
+
+    # A follow-up stays in the same thread.
+    find(browser, "#question").send_keys("And how do I disable timeouts?" + Keys.ENTER)
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn[data-state=done]")) == 2)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#thread .question")) == 2
+
+
+def test_compare_two_paths(server, browser):
+    tab(browser, "ask")
+    find(browser, "#tab-ask").send_keys(Keys.ARROW_RIGHT)  # tabs follow the keyboard (WAI-ARIA tabs pattern)
+    visible(browser, "#panel-compare")
+    assert browser.switch_to.active_element.get_attribute("id") == "tab-compare"
+    paths = {box.get_attribute("value"): box for box in browser.find_elements(By.CSS_SELECTOR, "#compare-paths input")}
+    assert set(paths) == {"prompt", "rag"}  # no adapter configured: no fine-tuned paths offered
+    find(browser, "#compare-question").send_keys("What is HTTPX?")
+    find(browser, "#compare-button").click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".column[data-state=done]")) == 2,
+         message="compare did not finish")
+    columns = browser.find_elements(By.CSS_SELECTOR, ".column")
+    assert [c.get_attribute("data-path") for c in columns] == ["prompt", "rag"]
+    for column in columns:
+        usage = column.find_element(By.CSS_SELECTOR, ".usage").text
+        assert "prompt tokens" in usage and "generated" in usage and "total" in usage and " ms" in usage
+    screenshot(browser, "compare")
+
+
+def test_upload_markdown_and_pdf_then_delete(server, browser, tmp_path):
+    tab(browser, "documents")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 3, 20)
+    note = tmp_path / "wombat-notes.md"
+    note.write_text("# Wombat retries\n\nThe wombat-backoff setting doubles the wait between retries.\n")
+    pdf = tmp_path / "ntsb-report.pdf"
+    shutil.copy(CORPUS / "ntsb" / "20071229X02007.pdf", pdf)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    find(browser, "#file-input").send_keys(f"{note}\n{pdf}\n{empty}")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#upload-results li")) == 3,
+         message="the ingestion job did not finish")
+    assert find(browser, "#upload").get_attribute("data-state") == "succeeded"
+    assert float(find(browser, "#upload-progress").get_attribute("value")) == 1
+    assert find(browser, "#upload-label").text == "Done: 2 ingested, 1 failed."
+    results = browser.find_elements(By.CSS_SELECTOR, "#upload-results li")
+    assert [li.get_attribute("data-status") for li in results] == ["new", "new", "failed"]
+    assert results[2].text.startswith("empty.txt: failed (") and len(results[2].text) > 25  # with its reason
+    rows = wait(browser, lambda d: len(found := d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 5 and found)
+    names = [row.find_element(By.CSS_SELECTOR, "th").text for row in rows]
+    assert {"wombat-notes.md", "ntsb-report.pdf"} <= set(names)
+    screenshot(browser, "documents")
+
+    row = next(row for row in rows if row.find_element(By.CSS_SELECTOR, "th").text == "wombat-notes.md")
+    row.find_element(By.CSS_SELECTOR, "button.danger").click()
+    visible(browser, "#confirm")
+    find(browser, "#confirm-cancel").click()  # nothing happens without confirmation
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 5
+    row.find_element(By.CSS_SELECTOR, "button.danger").click()
+    visible(browser, "#confirm-ok").click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 4)
+    assert "wombat-notes.md" not in find(browser, "#documents tbody").text
+    assert "Deleted wombat-notes.md" in find(browser, "#documents-status").text
+
+
+def test_the_original_pdf_is_served_so_it_cannot_run_script(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    documents = httpx.get(f"{server}/v1/documents", headers=auth).json()["documents"]
+    pdf = next(d for d in documents if d["source"].endswith("ntsb-report.pdf"))
+    response = httpx.get(f"{server}/v1/documents/{pdf['doc_id']}/file", headers=auth)
+    assert response.status_code == 200 and response.content.startswith(b"%PDF")
+    assert response.headers["content-type"] == "application/pdf"
+    assert response.headers["content-disposition"].startswith("inline")
+    assert response.headers["content-security-policy"].startswith("sandbox")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{server}/v1/documents/{pdf['doc_id']}/file").status_code == 401
+
+
+def ask_briefly(browser, question: str):
+    """A fresh thread, BM25, 4 new tokens: the answer's sources are what these tests look at."""
+    tab(browser, "ask")
+    Select(find(browser, "#opt-retriever")).select_by_value("bm25")
+    max_tokens = find(browser, "#opt-max_new_tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("4")
+    find(browser, "#new-thread").click()
+    find(browser, "#question").send_keys(question + Keys.ENTER)
+    turn = wait(browser, lambda d: (done := d.find_elements(By.CSS_SELECTOR, ".turn[data-state=done]")) and done[0])
+    sources = turn.find_element(By.CSS_SELECTOR, "details.sources")
+    if sources.get_attribute("open") is None:
+        sources.find_element(By.CSS_SELECTOR, "summary").click()
+    return sources.find_elements(By.CSS_SELECTOR, "button.source")
+
+
+def test_a_pdf_source_opens_at_its_page(server, browser):
+    sources = ask_briefly(browser, "How many total flight hours did the pilot have?")
+    source = next(b for b in sources if "ntsb-report.pdf" in b.text)
+    page = int(source.text.split("page ")[1].split()[0])
+    source.click()
+    visible(browser, "#passage")
+    assert f"page {page}" in find(browser, "#passage-meta").text
+    main_window = browser.current_window_handle
+    visible(browser, "#passage-open").click()
+    wait(browser, lambda d: len(d.window_handles) == 2, 20, "the PDF did not open")
+    browser.switch_to.window(next(h for h in browser.window_handles if h != main_window))
+    try:  # the browser's own PDF viewer, at the cited page
+        assert browser.current_url.startswith("blob:") and browser.current_url.endswith(f"#page={page}")
+        assert browser.execute_script("return document.contentType") == "application/pdf"
+    finally:
+        browser.close()
+        browser.switch_to.window(main_window)
+    find(browser, "#passage-close").click()
+
+
+def test_script_in_a_document_is_shown_as_text(server, browser, tmp_path):
+    payload = ("The zebra-quota allows 42 requests an hour. <script>document.title='pwned'</script>"
+               "<img src=x onerror=\"document.title='pwned'\"> End of the zebra note.")
+    note = tmp_path / "zebra.txt"
+    note.write_text(payload + "\n")
+    tab(browser, "documents")
+    find(browser, "#file-input").send_keys(str(note))
+    wait(browser, lambda d: "zebra.txt: new" in find(d, "#upload-results").text, message="zebra.txt not ingested")
+    sources = ask_briefly(browser, "What does the zebra-quota allow?")
+    source = next(b for b in sources if "zebra.txt" in b.text)
+    source.click()
+    visible(browser, "#passage")
+    wait(browser, lambda d: "<script>" in find(d, "#passage-text").text, 20)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#passage-text script, #passage-text img")
+    assert browser.title == "rag-service"
+    find(browser, "#passage-close").click()
+
+
+def test_evaluation_reports_are_listed_and_rendered(server, browser):
+    tab(browser, "evals")
+    reports = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#eval-list button.eval"), 20)
+    names = [button.get_attribute("data-name") for button in reports]
+    assert "xquad" in names
+    reports[names.index("xquad")].click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#eval-report table"), 20)
+    assert find(browser, "#eval-report h2").text.startswith("Evaluation")
+    wait(browser, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#eval-report img')].every(i => i.complete && i.naturalWidth > 0)"
+        " && document.querySelectorAll('#eval-report img').length > 0"), 20)
+    screenshot(browser, "evaluations")
+
+
+def test_readable_at_phone_width(server, browser):
+    viewport(browser, 390, 800, mobile=True)
+    try:
+        tab(browser, "ask")
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 390, f"the page scrolls sideways at phone width ({width}px)"
+        screenshot(browser, "phone")
+    finally:
+        viewport(browser, *WINDOW)

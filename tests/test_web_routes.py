@@ -1,0 +1,119 @@
+"""The routes behind the web app, without a browser: the page and its headers, passages, original files and
+evaluation reports (auth, content types that cannot run script, path traversal). Browser tests: test_web.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_api import AUTH, KEY, api_base_index, wait_job, wait_ready  # noqa: F401  (fixture re-exported)
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+
+
+@pytest.fixture(scope="module")
+def web(api_base_index, embedder, generator, tmp_path_factory):  # noqa: F811
+    """A TestClient over a copy of the index, with a results folder of made-up reports (and traps)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.config import ApiSettings
+    from rag.config import Settings
+    from rag.pipeline import Pipeline
+
+    root = tmp_path_factory.mktemp("web-routes")
+    shutil.copytree(api_base_index, root / "index", symlinks=True)
+    results = root / "results"
+    (results / "run-1").mkdir(parents=True)
+    (results / "run-1" / "report.md").write_text("# Evaluation: qa.jsonl\n\n| path | F1 |\n|---|---|\n| rag | 0.3 |\n")
+    (results / "run-1" / "latency.png").write_bytes(PNG)
+    (results / "run-1" / "cache.jsonl").write_text("{}\n")  # not a served type
+    (root / "secret.md").write_text("outside the results folder\n")
+    os.symlink(root / "secret.md", results / "run-1" / "leak.md")  # a link out of the folder
+    (results / "no-report").mkdir()  # a folder without report.md is not an evaluation
+    (results / ".hidden").mkdir()
+    (results / ".hidden" / "report.md").write_text("# hidden\n")
+    settings = Settings(index_dir=root / "index", parse_workers=1, results_dir=results)
+    app = create_app(settings, Pipeline(settings, generator=generator),
+                     api_settings=ApiSettings(api_keys=KEY, index_poll_s=0), ingest_embedder=embedder)
+    with TestClient(app, headers=AUTH) as client:
+        wait_ready(client)
+        yield client
+
+
+def test_page_and_static_files_carry_security_headers(web):
+    page = web.get("/", headers={"Authorization": ""})  # the page itself needs no key: it holds no data
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+    assert '<script type="module" src="/web/main.js">' in page.text and "<script>" not in page.text
+    script = web.get("/web/main.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert web.get("/web/main.js", headers={"If-None-Match": script.headers["etag"]}).status_code == 304
+    for probe in ("/web/nope.js", "/web/..%2F__init__.py", "/web/%2E%2E%2Fapp.py"):
+        assert web.get(probe).status_code == 404, probe
+
+
+def test_every_web_route_needs_the_key(web):
+    no_key = {"Authorization": ""}
+    for route in ("/v1/evals", "/v1/evals/run-1/report.md", "/v1/chunks/1", "/v1/documents/abc/file"):
+        assert web.get(route, headers=no_key).status_code == 401, route
+        assert web.get(route, headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_passage_by_chunk_id(web):
+    hit = web.post("/v1/search", json={"query": "timeout", "k": 1}).json()["results"][0]
+    passage = web.get(f"/v1/chunks/{hit['chunk_id']}").json()
+    assert passage["text"] == hit["text"] and passage["doc_id"] == hit["doc_id"] and passage["source"] == hit["source"]
+    missing = web.get("/v1/chunks/999999999")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "chunk_not_found"
+    assert web.get("/v1/chunks/-1").status_code == 422
+
+
+def test_original_files_are_served_so_they_cannot_run_script(web):
+    files = {"page.html": b"<html><body><p>Wombats dig burrows.</p><script>alert(1)</script></body></html>",
+             "notes.md": b"# Notes\n\nPlain.\n"}
+    accepted = web.post("/v1/documents", files=[("files", (name, data)) for name, data in files.items()]).json()
+    job = wait_job(web, accepted["job_id"])
+    assert [f["status"] for f in job["files"]] == ["new", "new"], job
+    ids = {f["filename"]: f["doc_id"] for f in job["files"]}
+
+    html = web.get(f"/v1/documents/{ids['page.html']}/file")
+    assert html.status_code == 200 and html.content == files["page.html"]
+    assert html.headers["content-type"].startswith("text/plain")  # shown as its source, never rendered
+    assert html.headers["content-security-policy"].startswith("sandbox")
+    assert html.headers["x-content-type-options"] == "nosniff"
+    markdown = web.get(f"/v1/documents/{ids['notes.md']}/file")
+    assert markdown.headers["content-type"].startswith("text/markdown")
+    assert markdown.headers["content-disposition"].startswith("inline")
+
+    # The file on disk changed since it was ingested: the pages an answer cited may no longer be there.
+    stored = Path(next(d["source"] for d in web.get("/v1/documents").json()["documents"] if d["doc_id"] == ids["notes.md"]))
+    stored.write_bytes(b"# Notes\n\nRewritten.\n")
+    changed = web.get(f"/v1/documents/{ids['notes.md']}/file")
+    assert changed.status_code == 409 and changed.json()["error"]["code"] == "file_changed"
+    stored.unlink()
+    assert web.get(f"/v1/documents/{ids['notes.md']}/file").json()["error"]["code"] == "file_not_found"
+    assert web.get("/v1/documents/0123456789abcdef/file").status_code == 404
+
+
+def test_evaluation_reports_are_listed_and_served_read_only(web):
+    listing = web.get("/v1/evals").json()["evals"]
+    assert [e["name"] for e in listing] == ["run-1"]
+    assert listing[0]["title"] == "Evaluation: qa.jsonl" and listing[0]["files"] == ["latency.png", "report.md"]
+    report = web.get("/v1/evals/run-1/report.md")
+    assert report.headers["content-type"].startswith("text/markdown") and report.text.startswith("# Evaluation")
+    assert report.headers["content-security-policy"].startswith("sandbox")
+    plot = web.get("/v1/evals/run-1/latency.png")
+    assert plot.headers["content-type"] == "image/png" and plot.content == PNG
+    for probe in ("/v1/evals/run-1/leak.md", "/v1/evals/run-1/cache.jsonl", "/v1/evals/no-report/report.md",
+                  "/v1/evals/.hidden/report.md", "/v1/evals/run-1/..%2F..%2Fsecret.md", "/v1/evals/..%2Fsecret.md/x",
+                  "/v1/evals/run-1/%2E%2E%2F%2E%2E%2Fsecret.md"):
+        response = web.get(probe)
+        assert response.status_code == 404 and "outside" not in response.text, probe
+    assert web.post("/v1/evals/run-1/report.md").status_code == 405
