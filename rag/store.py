@@ -89,6 +89,12 @@ class IndexMismatchError(StoreError, ConflictError):
     """The index was built with another embedding model or dimension."""
 
 
+class IndexLockedError(StoreError, ConflictError):
+    """Another process holds the index's writer lock."""
+
+    code = "index_busy"
+
+
 @dataclass(frozen=True, slots=True)
 class DocumentRecord:
     doc_id: str
@@ -210,7 +216,7 @@ class Store:
             fcntl.flock(lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_handle.close()
-            raise StoreError(f"Another process is writing to the index at '{index_dir}'; try again when it ends.")
+            raise IndexLockedError(f"Another process is writing to the index at '{index_dir}'; try again when it ends.")
         _remove_abandoned(index_dir)
 
         work = index_dir / SNAPSHOTS / f".tmp-{uuid.uuid4().hex[:12]}"
