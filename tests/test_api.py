@@ -282,6 +282,23 @@ def test_malformed_json_is_422(client):
     assert response.status_code == 422
 
 
+def test_max_new_tokens_is_bounded_by_the_server_limit_not_the_schema(client, fresh_client):
+    over = client.post("/v1/ask", json={**ASK, "max_new_tokens": 2000})  # the default limit is 1024
+    assert over.status_code == 422 and "at most 1024 on this server" in over.json()["error"]["message"]
+    roomy = fresh_client(max_new_tokens_limit=4096)  # RAG_MAX_NEW_TOKENS_LIMIT above 1024 takes effect
+    response = roomy.post("/v1/ask", json={**ASK, "path": "prompt", "max_new_tokens": 2000, "stop": ["."]})
+    assert response.status_code == 200, response.json()
+
+
+def test_finish_reason_is_the_decoders(client):
+    cut = client.post("/v1/ask", json={**ASK, "path": "prompt", "max_new_tokens": 2}).json()
+    assert cut["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 2
+    # A stop sequence ends the reply before the limit: the decoder says "stop", whatever the token count.
+    body = client.post("/v1/chat/completions", json={**CHAT, "model": "rag-prompt-only", "max_tokens": 64,
+                                                     "stop": [" "]}).json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
 def test_finetuned_path_without_adapter_is_422(client):
     response = client.post("/v1/ask", json={**ASK, "path": "finetuned"})
     assert response.status_code == 422 and "adapter" in response.json()["error"]["message"]

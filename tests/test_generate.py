@@ -18,6 +18,7 @@ import pytest
 
 from rag.config import Settings
 from rag.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
     AdapterMismatchError,
     Generation,
     GenerationParams,
@@ -61,7 +62,7 @@ def test_invalid_params_say_what_is_wrong_and_what_is_allowed(bad, reason):
 def test_params_defaults_and_a_single_stop_string():
     params = GenerationParams()
     assert (params.max_new_tokens, params.temperature, params.top_k, params.top_p, params.seed, params.stop) == (
-        128, 0.0, None, None, None, [])
+        DEFAULT_MAX_NEW_TOKENS, 0.0, None, None, None, [])
     assert not params.sampling and GenerationParams(temperature=0.7).sampling
     assert GenerationParams(stop="\n").stop == ["\n"]
     assert Generation("hi", 10, 4, 0.5).tokens_per_second == 8.0

@@ -35,13 +35,13 @@ _STREAM_DOC = {"description": "With stream=true: Server-Sent Events (`token` eve
 @router.post("/ask", response_model=AnswerOut, summary="Answer a question with citations",
              responses={200: _STREAM_DOC, 503: {"description": "Busy (see Retry-After), loading, or no index."}})
 async def ask(body: AskRequest, service: ServiceDep, request: Request):
-    request = AnswerRequest(body.question, body.path, body.k, body.retriever, body.source,
+    answer_request = AnswerRequest(body.question, body.path, body.k, body.retriever, body.source,
                             generation_params(service, **body.model_dump(include=set(GenerationOptions.model_fields))),
                             extract=body.extract)
     if not body.stream:
-        return (await answer(service, request)).to_dict()
+        return (await answer(service, answer_request)).to_dict()
 
-    stream = await AnswerStream(service, request).open()
+    stream = await AnswerStream(service, answer_request).open()
     request_id = current_request_id(request.scope)
 
     async def events():

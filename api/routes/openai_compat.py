@@ -62,7 +62,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = generation_params(service, body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS,
                                body.temperature or 0.0, body.top_k, body.top_p, body.seed, stop)
-    request = AnswerRequest(question, MODELS[body.model], body.k, body.retriever, body.source, params)
+    answer_request = AnswerRequest(question, MODELS[body.model], body.k, body.retriever, body.source, params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -71,13 +71,13 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     if not body.stream:
-        result = await answer(service, request)
+        result = await answer(service, answer_request)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason, "logprobs": None}],
                 "usage": usage_of(result), "citations": result.to_dict()["citations"]}
 
-    stream = await AnswerStream(service, request).open()
+    stream = await AnswerStream(service, answer_request).open()
     request_id = current_request_id(request.scope)
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:

@@ -82,7 +82,10 @@ def display(source: str) -> str:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(level)  # basicConfig does nothing once a library has configured the root logger
+    # The level on the handler too: bm25s sets its own logger to DEBUG when imported (after this runs), which a
+    # logger level set here would not survive.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
     if not verbose:
         for noisy in NOISY_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.ERROR)
