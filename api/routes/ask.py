@@ -35,9 +35,9 @@ _STREAM_DOC = {"description": "With stream=true: Server-Sent Events (`token` eve
 @router.post("/ask", response_model=AnswerOut, summary="Answer a question with citations",
              responses={200: _STREAM_DOC, 503: {"description": "Busy (see Retry-After), loading, or no index."}})
 async def ask(body: AskRequest, service: ServiceDep, request: Request):
-    answer_request = AnswerRequest(body.question, body.path, body.k, body.retriever, body.source,
-                            generation_params(service, **body.model_dump(include=set(GenerationOptions.model_fields))),
-                            extract=body.extract)
+    params = generation_params(service, **body.model_dump(include=set(GenerationOptions.model_fields)))
+    answer_request = AnswerRequest(body.question, body.path, body.k, body.retriever, body.source, params,
+                                   extract=body.extract)
     if not body.stream:
         return (await answer(service, answer_request)).to_dict()
 
