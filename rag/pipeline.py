@@ -7,6 +7,7 @@ Four paths share it: `prompt` (no retrieval), `rag`, `finetuned` (base + LoRA ad
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -167,6 +168,19 @@ class Pipeline:
 
     def generator_for(self, path: AnswerPath) -> Generator:
         return self.finetuned_generator if path.finetuned else self.generator
+
+    def preload(self, paths: list[AnswerPath]) -> None:
+        """Start loading the decoders these paths need in a background thread, so that loading overlaps the
+        retriever's start (imports, embedder, index): a one-shot `rag ask` starts answering sooner. A failure is
+        left for the answer itself to raise (load_generator builds each decoder once, whichever thread asks)."""
+        def load() -> None:
+            for path in paths:
+                try:
+                    self.generator_for(path)
+                except Exception:  # noqa: BLE001 (raised again, to the caller, when the path answers)
+                    return
+
+        threading.Thread(target=load, name="decoder-preload", daemon=True).start()
 
     def prepare(self, request: AnswerRequest) -> PreparedAnswer:
         """Retrieval and prompt building: everything before the decoder runs."""

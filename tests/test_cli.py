@@ -77,7 +77,9 @@ def test_ask_json_is_the_api_answer_body(tmp_path, monkeypatch, decoder_cache):
     assert answer["usage"]["completion_tokens"] <= 4
 
 
-def test_ask_errors_have_their_exit_codes(tmp_path):
+def test_ask_errors_have_their_exit_codes(tmp_path, monkeypatch):
+    # No decoder at all: the index error must come first (and the background decoder preload ends at once).
+    monkeypatch.setenv("RAG_DECODER_MODEL", str(tmp_path / "no-decoder.gguf"))
     missing_index = runner.invoke(app, ["ask", "anything", "--index", str(tmp_path / "none")])
     assert missing_index.exit_code == EXIT_INDEX_ERROR and "rag ingest" in missing_index.output
     no_adapter = runner.invoke(app, ["ask", "anything", "--path", "finetuned"])

@@ -69,6 +69,7 @@ def ask(
     requests = [AnswerRequest(question, answer_path, k, retriever, source, params, shots, n_shots, options, extract)
                 for answer_path in paths]
     pipeline = Pipeline(settings)
+    pipeline.preload(paths)
     answers = []
     for request in requests:
         if stream and not as_json and not options:
