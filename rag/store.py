@@ -12,6 +12,9 @@ Layout of an index directory::
 A writer copies the current snapshot into a temporary directory, changes it, flushes it to disk, renames it into
 place and only then repoints CURRENT. A reader resolves CURRENT once and never sees a half-written snapshot;
 a writer killed at any moment leaves CURRENT on the previous, complete snapshot. Nothing is pickled.
+
+Over 400 lines on purpose: the snapshot protocol (open, begin, write, commit, prune) and the lock are one
+invariant, kept in one file so that it can be read and checked top to bottom.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The HTTP API through FastAPI's TestClient: every route and every error code.
 
 A real index (three httpx docs, the packaged embedder) and the real packaged decoder (session fixture
-`generator`), with max_new_tokens ≤ 8 so each generation takes a moment.
+`generator`), with max_new_tokens ≤ 8 so each generation takes a moment. One file (over 400 lines) because its
+tests share the module-scoped app and index fixtures: one app start for all the read-only routes.
 """
 
 from __future__ import annotations
