@@ -460,6 +460,19 @@ def test_duplicate_names_are_422(client):
     assert response.status_code == 422 and response.json()["error"]["code"] == "duplicate_filename"
 
 
+def test_delete_while_another_writer_holds_the_index_is_409(fresh_client, api_index):
+    import fcntl
+
+    client = fresh_client()
+    doc_id = client.get("/v1/documents").json()["documents"][0]["doc_id"]
+    with open(api_index / ".lock", "w") as lock:  # what `rag ingest` in another process holds while it writes
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        response = client.delete(f"/v1/documents/{doc_id}")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "index_busy"
+    assert "Retry-After" in response.headers and "Another process" in response.json()["error"]["message"]
+    assert client.delete(f"/v1/documents/{doc_id}").status_code == 200  # the lock is gone: it goes through
+
+
 def test_unknown_job_and_document_are_404(client):
     assert client.get("/v1/jobs/nope").status_code == 404
     assert client.delete("/v1/documents/0000000000000000").status_code == 404
