@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.models import autocast, check_precision, default_embedding_path, existing_path, resolve_device, resolve_precision
+from rag.models import (
+    autocast,
+    check_precision,
+    default_embedding_path,
+    existing_path,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def declared_dimension(folder: Path) -> int | None:

@@ -10,6 +10,7 @@ from collections.abc import Generator as PyGenerator
 from pathlib import Path
 from typing import Any
 
+from rag.decoder_cache import cached_decoder
 from rag.errors import UserError
 from rag.generation.base import (
     DEFAULT_CONTEXT_WINDOW,
@@ -20,7 +21,6 @@ from rag.generation.base import (
     GeneratorUnavailable,
     check_options,
 )
-from rag.decoder_cache import cached_decoder
 from rag.models import load_tokenizer
 
 

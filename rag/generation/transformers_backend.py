@@ -15,6 +15,7 @@ from collections.abc import Generator as PyGenerator
 from pathlib import Path
 from typing import Any
 
+from rag.decoder_cache import cached_decoder
 from rag.errors import UserError
 from rag.generation.adapters import apply_adapter, checked_adapter
 from rag.generation.base import (
@@ -27,7 +28,6 @@ from rag.generation.base import (
     check_options,
     cut_at_stop,
 )
-from rag.decoder_cache import cached_decoder
 from rag.models import load_causal_lm, resolve_decoder
 
 logger = logging.getLogger("rag.generate")
