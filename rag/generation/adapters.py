@@ -14,7 +14,7 @@ from rag.errors import ConflictError, UserError
 from rag.models import TRAINING_RECORD, ModelNotFoundError, decoder_identity, existing_path, resolve_decoder
 from rag.types import AnswerPath
 
-logger = logging.getLogger("rag.generate")
+logger = logging.getLogger("rag.generation")
 
 ADAPTER_HINT = "train one with `rag finetune` and set RAG_ADAPTER_DIR or --adapter"
 

@@ -30,7 +30,7 @@ from rag.generation.base import (
 )
 from rag.models import load_causal_lm, resolve_decoder
 
-logger = logging.getLogger("rag.generate")
+logger = logging.getLogger("rag.generation")
 
 
 class _TextWatch:
