@@ -1,4 +1,5 @@
-"""Running the pipeline for a request: limits, a worker thread, error mapping, and streaming with cancellation.
+"""Running the pipeline for a request: limits, a worker thread, and streaming with cancellation. The library's
+errors become HTTP answers in one place, api/errors.py.
 
 Shared by /v1/ask and /v1/chat/completions. Generation holds a slot of the `GenerationLimiter` for its whole
 duration (for a stream: until the last event is sent or the client goes away), runs in a worker thread so the
@@ -9,52 +10,31 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
-from api.threads import run_blocking
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.errors import ApiError
 from api.service import Service
-from rag.pipeline import Answer, AnswerPath
+from api.threads import run_blocking
+from rag.generation import GenerationParams, adapter_for
+from rag.pipeline import Answer, AnswerRequest
+from rag.types import AnswerPath
 
 logger = logging.getLogger("rag.api")
 _DONE = object()
 
 
-def generation_params(service: Service, max_new_tokens: int, temperature: float, top_k: int | None,
-                      top_p: float | None, seed: int | None, stop: list[str]):
-    from rag.generate import GenerationParams
-
+def generation_params(service: Service, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, seed: int | None = None, stop: list[str] = ()):
+    """A request's generation options, within this server's RAG_MAX_NEW_TOKENS_LIMIT."""
     limit = service.api_settings.max_new_tokens_limit
     if max_new_tokens > limit:
         raise ApiError(422, "validation_error", f"max_new_tokens: at most {limit} on this server, got {max_new_tokens}.")
-
-    with domain_errors():
-        return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=seed, stop=list(stop))
-
-
-@contextmanager
-def domain_errors() -> Iterator[None]:
-    """The library's errors as HTTP answers: the caller's mistake → 422, a missing dependency → 503."""
-    from rag.generate import GeneratorUnavailable, NoAdapterConfigured
-    from rag.models import ModelNotFoundError
-    from rag.store import StoreError
-
-    try:
-        yield
-    except NoAdapterConfigured as error:
-        raise ApiError(422, "path_unavailable", str(error)) from None
-    except GeneratorUnavailable as error:
-        raise ApiError(503, "generator_unavailable", str(error), headers={"Retry-After": "5"}) from None
-    except (StoreError, ModelNotFoundError) as error:
-        raise ApiError(503, "index_unavailable", str(error), headers={"Retry-After": "5"}) from None
-    except ValueError as error:  # the library's contract: ValueError means bad input (empty, too long, ...)
-        raise ApiError(422, "invalid_request", str(error)) from None
+    return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=list(stop))
 
 
 def check_path(service: Service, path: AnswerPath) -> None:
@@ -62,24 +42,13 @@ def check_path(service: Service, path: AnswerPath) -> None:
     service.require_models()
     if path.retrieves:
         service.retriever  # noqa: B018  (503 when no index is open)
-    if path.finetuned and not service.settings.adapter_dir:
-        raise ApiError(422, "path_unavailable", f"The '{path.value}' path needs a LoRA adapter and this server has "
-                       "none (set RAG_ADAPTER_DIR). Available paths: prompt, rag.")
+    adapter_for(path, service.settings)  # NoAdapterConfigured (422) for a fine-tuned path without an adapter
 
 
-def answer_to_dict(answer: Answer) -> dict:
-    data = answer.to_dict()
-    return {"answer": data["text"], "path": data["path"], "citations": data["citations"],
-            "sources": data["sources"], "usage": data["usage"],
-            "timings": {key: round(value, 3) for key, value in data["timings"].items()},
-            "raw_text": data["raw_text"]}
-
-
-async def answer(service: Service, question: str, path: AnswerPath, **options) -> Answer:
-    check_path(service, path)
+async def answer(service: Service, request: AnswerRequest) -> Answer:
+    check_path(service, request.path)
     async with service.limiter.slot():
-        with domain_errors():
-            result = await run_blocking(service.pipeline.answer, question, path, **options)
+        result = await run_blocking(service.pipeline.answer, request)
     service.metrics.observe_answer(result.usage, result.timings)
     return result
 
@@ -92,20 +61,19 @@ class AnswerStream:
     decoder (closing the generator) and frees the slot, whether the stream ended, failed or was abandoned.
     """
 
-    def __init__(self, service: Service, question: str, path: AnswerPath, **options):
-        self.service, self.question, self.path, self.options = service, question, path, options
+    def __init__(self, service: Service, request: AnswerRequest):
+        self.service, self.request = service, request
         self._iterator = None
         self._first = None
         self._holding = False
 
     async def open(self) -> "AnswerStream":
-        check_path(self.service, self.path)
+        check_path(self.service, self.request.path)
         await self.service.limiter.acquire()
         self._holding = True
         try:
-            self._iterator = self.service.pipeline.stream(self.question, self.path, **self.options)
-            with domain_errors():
-                self._first = await run_blocking(next, self._iterator, _DONE)
+            self._iterator = self.service.pipeline.stream(self.request)
+            self._first = await run_blocking(next, self._iterator, _DONE)
         except BaseException:
             await self.close()
             raise

@@ -10,7 +10,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MAX_QUESTION_CHARS = 2000
+from rag.generation.base import MAX_NEW_TOKENS
+
+MAX_QUESTION_CHARS = 2000  # every route that takes a question or query (/v1/ask, /v1/search, chat completions)
 
 
 class ApiSettings(BaseSettings):
@@ -24,7 +26,8 @@ class ApiSettings(BaseSettings):
     max_concurrent_generations: int = Field(1, ge=1, le=64, description="Decoder runs at the same time.")
     max_queue: int = Field(16, ge=0, le=10_000, description="Generations waiting for a slot before 503.")
     retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 503 when the queue is full.")
-    max_new_tokens_limit: int = Field(1024, ge=1, le=32768, description="Largest max_new_tokens a request may ask.")
+    max_new_tokens_limit: int = Field(1024, ge=1, le=MAX_NEW_TOKENS,
+                                      description="Largest max_new_tokens a request may ask.")
     max_upload_mb: float = Field(20, gt=0, le=10_240, description="Largest upload request (all files together).")
     max_upload_files: int = Field(32, ge=1, le=1000)
     index_poll_s: float = Field(2.0, ge=0, description="How often to look for a snapshot written by another "

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limiter import Busy
 from api.observability import current_request_id
+from rag.errors import RagError
 
 logger = logging.getLogger("rag.api")
 
@@ -60,6 +61,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
         return error_response(request, error.status, error.code, error.message, error.headers, error.details)
+
+    @app.exception_handler(RagError)
+    async def _library_error(request: Request, error: RagError) -> JSONResponse:
+        """The library's errors, mapped once: the status and code come with the error class (rag/errors.py)."""
+        headers = None
+        if error.http_status in (409, 503):  # the state may change: a locked index, a decoder server coming back
+            headers = {"Retry-After": str(request.app.state.api_settings.retry_after_s)}
+        return error_response(request, error.http_status, error.code, str(error), headers)
 
     @app.exception_handler(Busy)
     async def _busy(request: Request, error: Busy) -> JSONResponse:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.config import MAX_QUESTION_CHARS
+from rag.config import DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
+from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
+from rag.types import AnswerPath, RetrieverKind
 
-PathName = Literal["prompt", "rag", "finetuned", "finetuned-rag"]
-RetrieverName = Literal["dense", "bm25", "hybrid"]
+
+def _names(choice: type[Enum]) -> Any:
+    """The wire names of a library enum, as a Literal: the schema lists exactly the values the library parses."""
+    return Literal[tuple(member.value for member in choice)]
+
+
+PathName = _names(AnswerPath)
+RetrieverName = _names(RetrieverKind)
 StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
 
 
@@ -24,7 +34,9 @@ class Strict(BaseModel):
 
 
 class GenerationOptions(Strict):
-    max_new_tokens: int = Field(64, ge=1, le=1024, description="Most tokens to generate.")
+    # The server's own bound (RAG_MAX_NEW_TOKENS_LIMIT, read at run time) is checked by api.answering.
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS,
+                                description="Most tokens to generate (at most RAG_MAX_NEW_TOKENS_LIMIT).")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic).")
     top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k likeliest tokens.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -34,9 +46,9 @@ class GenerationOptions(Strict):
 
 class AskRequest(GenerationOptions):
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
-    path: PathName = Field("rag", description="prompt | rag | finetuned | finetuned-rag.")
-    k: int | None = Field(None, ge=1, le=50, description="Chunks in the prompt (default: RAG_ANSWER_CHUNKS).")
-    retriever: RetrieverName = "hybrid"
+    path: PathName = Field(AnswerPath.RAG.value, description=" | ".join(AnswerPath))
+    k: int | None = Field(None, ge=1, le=MAX_CHUNKS, description="Chunks in the prompt (default: RAG_ANSWER_CHUNKS).")
+    retriever: RetrieverName = RetrieverKind.HYBRID.value
     source: str | None = Field(None, min_length=1, max_length=500,
                                description="Only retrieve from sources matching this glob, e.g. '*.pdf'.")
     extract: bool = Field(True, description="Align the answer to the best-matching span of its sources.")
@@ -58,6 +70,8 @@ class CitationOut(BaseModel):
 
 
 class AnswerOut(BaseModel):
+    """`Answer.to_dict()`: the same fields as `rag ask --json` (tests/test_architecture.py holds them equal)."""
+
     answer: str
     path: PathName
     citations: list[CitationOut]
@@ -65,18 +79,21 @@ class AnswerOut(BaseModel):
     usage: dict[str, int]
     timings: dict[str, float]
     raw_text: str = Field(description="The decoder's own words, before alignment to a source span.")
+    finish_reason: str = Field(description="'stop' (end of turn or a stop sequence) or 'length' (max_new_tokens).")
 
 
 class SearchRequest(Strict):
     query: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
-    k: int = Field(5, ge=1, le=50)
-    retriever: RetrieverName = "hybrid"
+    k: int = Field(DEFAULT_SEARCH_RESULTS, ge=1, le=MAX_CHUNKS)
+    retriever: RetrieverName = RetrieverKind.HYBRID.value
     source: str | None = Field(None, min_length=1, max_length=500)
 
     _query = field_validator("query")(_not_blank)
 
 
 class SearchHit(BaseModel):
+    """`ScoredChunk.to_dict()`: the same fields as each hit of `rag search --json`."""
+
     rank: int
     score: float
     chunk_id: int | None
@@ -166,16 +183,16 @@ class ChatCompletionRequest(BaseModel):
                        "rag-finetuned-rag")
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=1024)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1024)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None = None
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     # Extensions (send with the openai client as extra_body={...})
-    k: int | None = Field(None, ge=1, le=50)
-    retriever: RetrieverName = "hybrid"
+    k: int | None = Field(None, ge=1, le=MAX_CHUNKS)
+    retriever: RetrieverName = RetrieverKind.HYBRID.value
     source: str | None = Field(None, min_length=1, max_length=500)
     top_k: int | None = Field(None, ge=1, le=1000)
 

@@ -18,6 +18,7 @@ from api.config import ApiSettings
 from api.errors import ApiError
 from api.limiter import GenerationLimiter
 from rag.config import Settings
+from rag.generation import available_paths
 from rag.pipeline import Pipeline
 from rag.store import current_snapshot
 
@@ -47,6 +48,7 @@ class Service:
         """Load the models and open the index (in a thread, at startup). Failures are kept for /readyz."""
         started = time.perf_counter()
         try:
+            self.pipeline.preload(available_paths(self.settings))  # decoders load while the embedder and index do
             embedder = self._embedder()
             embedder.model  # noqa: B018  (load now, not on the first request)
             self._query_embedder = BatchingQueryEmbedder(embedder)

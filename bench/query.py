@@ -22,7 +22,7 @@ from ingest.job import IngestJob  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.datasets import read_dataset, write_contexts  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
-from rag.generate import GenerationParams, load_generator  # noqa: E402
+from rag.generation import GenerationParams, load_generator  # noqa: E402
 from rag.pipeline import Pipeline  # noqa: E402
 from rag.prompt import PromptBuilder, PromptMode  # noqa: E402
 from rag.retrieve import Retriever  # noqa: E402

@@ -10,13 +10,15 @@ from itertools import groupby
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from ingest.load import Element
+from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS
+from rag.errors import UserError
 from rag.types import Chunk
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkSettings:
-    chunk_tokens: int = 200
-    chunk_overlap: int = 32
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
 
 
 def text_hash(text: str) -> str:
@@ -34,7 +36,7 @@ class Chunker:
     def __init__(self, tokenizer, settings: ChunkSettings, max_model_tokens: int):
         content_limit = max_model_tokens - 2  # [CLS] and [SEP]
         if settings.chunk_tokens > content_limit:
-            raise ValueError(
+            raise UserError(
                 f"chunk_tokens={settings.chunk_tokens} exceeds the embedding model's limit of {content_limit} "
                 "content tokens; longer chunks would be truncated when embedded"
             )

@@ -125,10 +125,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 @lru_cache(maxsize=2)
 def _worker_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, max_tokens: int) -> Chunker:
-    from transformers import AutoTokenizer
+    from rag.models import read_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
-    return Chunker(tokenizer, ChunkSettings(chunk_tokens, chunk_overlap), max_tokens)
+    return Chunker(read_tokenizer(tokenizer_path), ChunkSettings(chunk_tokens, chunk_overlap), max_tokens)
 
 
 def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, chunk_overlap: int,

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rag.errors import UserError
+
 YES_NO_MAYBE = ["yes", "no", "maybe"]
 
 
@@ -86,7 +88,7 @@ def read_jsonl(path: Path) -> Dataset:
             items.append(QAItem(item_id, record["question"], [str(a) for a in answers], gold, context, choices,
                                 group=str(record.get("group", item_id))))
         except (KeyError, TypeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}:{number}: not a {{question, answers[]}} record ({error})") from None
+            raise UserError(f"{path}:{number}: not a {{question, answers[]}} record ({error})") from None
     return Dataset(path.stem, items, passages)
 
 
@@ -102,7 +104,7 @@ def read_dataset(path: str | Path) -> Dataset:
         return read_squad(path)
     if isinstance(data, dict) and all(isinstance(v, dict) and "QUESTION" in v for v in list(data.values())[:5]):
         return read_pubmedqa(path)
-    raise ValueError(f"'{path}' is neither SQuAD-format JSON, PubMedQA JSON nor JSONL")
+    raise UserError(f"'{path}' is neither SQuAD-format JSON, PubMedQA JSON nor JSONL")
 
 
 def write_contexts(dataset: Dataset, folder: Path) -> Path:

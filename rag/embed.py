@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.models import autocast, check_precision, default_embedding_path, existing_path, resolve_precision
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from rag.models import (
+    autocast,
+    check_precision,
+    default_embedding_path,
+    existing_path,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def declared_dimension(folder: Path) -> int | None:

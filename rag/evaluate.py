@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag.datasets import Dataset, QAItem, is_gold, read_dataset
-from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_answer
-from rag.models import decoder_identity, sha256_files
+from rag.errors import UserError
+from rag.generation.base import DEFAULT_MAX_NEW_TOKENS
+from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_answer, question_hash
+from rag.models import TRAINING_RECORD, decoder_identity, sha256_files
 from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
 
 RETRIEVAL_KS = (1, 3, 5, 10)
-TRAINING_RECORD = "training.json"  # written into an adapter folder by `rag finetune`
 GROUNDED_SHARE = 0.8  # an answer is grounded when this share of its content words occurs in its context
 
 
@@ -35,7 +36,7 @@ class EvalConfig:
     seed: int = 0
     k: int = 5
     retriever: str = "hybrid"
-    max_new_tokens: int = 32
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     bootstrap: int = 1000
 
@@ -62,10 +63,6 @@ def answering_models(settings) -> tuple[dict[str, str], dict[str, str]]:
     return base, tuned
 
 
-def question_hash(question: str) -> str:
-    return hashlib.sha256(normalize_answer(question).encode()).hexdigest()
-
-
 def sample_items(dataset: Dataset, limit: int | None, seed: int) -> list[QAItem]:
     """A fixed-seed sample, kept in dataset order, so two runs with one seed score the same questions.
 
@@ -87,7 +84,7 @@ def refuse_training_questions(items: list[QAItem], adapter_dir: Path | None) -> 
     trained = set(record.get("train_question_hashes", [])) | set(record.get("validation_question_hashes", []))
     overlap = [item.id for item in items if question_hash(item.question) in trained]
     if overlap:
-        raise ValueError(
+        raise UserError(
             f"{len(overlap)} of {len(items)} evaluation questions were in the adapter's training data "
             f"(e.g. {overlap[:3]}); evaluate on the held-out split recorded in {Path(adapter_dir) / TRAINING_RECORD}."
         )
@@ -243,12 +240,12 @@ class Evaluator:
         return run
 
     def _answer(self, item: QAItem, path: AnswerPath) -> dict:
-        from rag.generate import GenerationParams
+        from rag.generation import GenerationParams
 
         params = GenerationParams(max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
                                   seed=self.config.seed)
         started = time.perf_counter()
-        answer = self.pipeline.answer(item.question, path, k=self.config.k, retriever=self.config.retriever,
+        answer = self.pipeline.answer(item.question, path=path, k=self.config.k, retriever=self.config.retriever,
                                       params=params, choices=item.choices)
         latency_ms = (time.perf_counter() - started) * 1000
         return {

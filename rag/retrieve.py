@@ -9,17 +9,12 @@ import numpy as np
 
 from rag.embed import Embedder
 from rag.store import Store
-from rag.types import Choice, ScoredChunk
+from rag.errors import UserError
+from rag.types import RetrieverKind, ScoredChunk
 
 # RRF's k: 60 is the constant of Cormack et al. (2009); it damps the weight of the very top ranks so that one
 # retriever's first hit does not outvote agreement between both retrievers further down.
 RRF_K = 60
-
-
-class RetrieverKind(Choice, label="retriever"):
-    DENSE = "dense"
-    BM25 = "bm25"
-    HYBRID = "hybrid"
 
 
 def reciprocal_rank_fusion(rankings: dict[str, list[int]], rrf_k: int = RRF_K) -> list[tuple[int, float]]:
@@ -49,9 +44,9 @@ class Retriever:
                  source: str | None = None) -> list[ScoredChunk]:
         """Top `k` chunks. `source` is a glob on the document path (e.g. '*.pdf' or 'docs/advanced/*')."""
         if not query.strip():
-            raise ValueError("The query is empty.")
+            raise UserError("The query is empty.")
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise UserError(f"k must be at least 1, got {k}")
         kind = RetrieverKind.parse(kind or self.kind)
         allowed = self._ids_from_sources(source) if source else None
         depth = max(k, self.candidates) if kind is RetrieverKind.HYBRID else k

@@ -1,6 +1,6 @@
 """Align a small model's answer to the short source span it was reaching for.
 
-A 135M decoder given the right passage often names the answer inside a longer, wandering reply (ENVIRONMENT.md:
+A 135M decoder given the right passage often names the answer inside a longer, wandering reply (docs/environment.md:
 the gold answer sat inside the output 36% of the time, raw F1 0.14). Replacing the reply with the source span
 that best matches its informative words (after dropping words that only echo the question) lifted F1 to 0.31.
 

@@ -12,6 +12,9 @@ Layout of an index directory::
 A writer copies the current snapshot into a temporary directory, changes it, flushes it to disk, renames it into
 place and only then repoints CURRENT. A reader resolves CURRENT once and never sees a half-written snapshot;
 a writer killed at any moment leaves CURRENT on the previous, complete snapshot. Nothing is pickled.
+
+Over 400 lines on purpose: the snapshot protocol (open, begin, write, commit, prune) and the lock are one
+invariant, kept in one file so that it can be read and checked top to bottom.
 """
 
 from __future__ import annotations
@@ -87,6 +90,12 @@ class IndexNotFoundError(StoreError, NotFoundError):
 
 class IndexMismatchError(StoreError, ConflictError):
     """The index was built with another embedding model or dimension."""
+
+
+class IndexLockedError(StoreError, ConflictError):
+    """Another process holds the index's writer lock."""
+
+    code = "index_busy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +219,7 @@ class Store:
             fcntl.flock(lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_handle.close()
-            raise StoreError(f"Another process is writing to the index at '{index_dir}'; try again when it ends.")
+            raise IndexLockedError(f"Another process is writing to the index at '{index_dir}'; try again when it ends.")
         _remove_abandoned(index_dir)
 
         work = index_dir / SNAPSHOTS / f".tmp-{uuid.uuid4().hex[:12]}"

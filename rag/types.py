@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from rag.errors import UserError
+
 
 class Choice(str, Enum):
     """A closed set of option strings (CLI flags, API fields, settings) whose `parse` names the valid values."""
@@ -18,7 +20,30 @@ class Choice(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"Unknown {cls.label} '{value}'. Supported: {[member.value for member in cls]}") from None
+            raise UserError(f"Unknown {cls.label} '{value}'. Supported: {[member.value for member in cls]}") from None
+
+
+class AnswerPath(Choice, label="path"):
+    """How a question is answered: with or without retrieval, by the base decoder or the fine-tuned one."""
+
+    PROMPT = "prompt"
+    RAG = "rag"
+    FINETUNED = "finetuned"
+    FINETUNED_RAG = "finetuned-rag"
+
+    @property
+    def retrieves(self) -> bool:
+        return self in (AnswerPath.RAG, AnswerPath.FINETUNED_RAG)
+
+    @property
+    def finetuned(self) -> bool:
+        return self in (AnswerPath.FINETUNED, AnswerPath.FINETUNED_RAG)
+
+
+class RetrieverKind(Choice, label="retriever"):
+    DENSE = "dense"
+    BM25 = "bm25"
+    HYBRID = "hybrid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +86,10 @@ class ScoredChunk:
     rank: int  # 1-based
     retriever: str  # 'dense', 'bm25' or 'hybrid'
     scores: dict[str, float] = field(default_factory=dict)  # per-retriever scores that fed a fused result
+
+    def to_dict(self) -> dict:
+        """A search hit as JSON: each hit of `rag search --json` and of POST /v1/search."""
+        chunk = self.chunk
+        return {"rank": self.rank, "score": round(self.score, 6), "chunk_id": chunk.id, "doc_id": chunk.doc_id,
+                "source": chunk.source, "page": chunk.page, "heading": chunk.heading, "text": chunk.text,
+                "scores": {name: round(score, 6) for name, score in self.scores.items()}}

@@ -47,6 +47,12 @@ def settings(tmp_path: Path):
 @pytest.fixture(scope="session")
 def generator():
     """The packaged SmolLM2-135M decoder on CPU, loaded once for the whole test session."""
-    from rag.generate import TransformersGenerator
+    from rag.generation import TransformersGenerator
 
     return TransformersGenerator(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def decoder_cache(tmp_path_factory) -> Path:
+    """A decoder cache folder shared by the tests that start the decoder through settings (one dequantisation)."""
+    return tmp_path_factory.mktemp("decoder-cache")

@@ -19,7 +19,7 @@ from typing import Annotated
 from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from rag.generate import Generation, GenerationParams, TransformersGenerator
+from rag.generation import Generation, GenerationParams, TransformersGenerator
 
 
 def create_app(generator: TransformersGenerator) -> FastAPI:

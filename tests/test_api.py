@@ -1,7 +1,8 @@
 """The HTTP API through FastAPI's TestClient: every route and every error code.
 
 A real index (three httpx docs, the packaged embedder) and the real packaged decoder (session fixture
-`generator`), with max_new_tokens ≤ 8 so each generation takes a moment.
+`generator`), with max_new_tokens ≤ 8 so each generation takes a moment. One file (over 400 lines) because its
+tests share the module-scoped app and index fixtures: one app start for all the read-only routes.
 """
 
 from __future__ import annotations
@@ -282,6 +283,23 @@ def test_malformed_json_is_422(client):
     assert response.status_code == 422
 
 
+def test_max_new_tokens_is_bounded_by_the_server_limit_not_the_schema(client, fresh_client):
+    over = client.post("/v1/ask", json={**ASK, "max_new_tokens": 2000})  # the default limit is 1024
+    assert over.status_code == 422 and "at most 1024 on this server" in over.json()["error"]["message"]
+    roomy = fresh_client(max_new_tokens_limit=4096)  # RAG_MAX_NEW_TOKENS_LIMIT above 1024 takes effect
+    response = roomy.post("/v1/ask", json={**ASK, "path": "prompt", "max_new_tokens": 2000, "stop": ["."]})
+    assert response.status_code == 200, response.json()
+
+
+def test_finish_reason_is_the_decoders(client):
+    cut = client.post("/v1/ask", json={**ASK, "path": "prompt", "max_new_tokens": 2}).json()
+    assert cut["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 2
+    # A stop sequence ends the reply before the limit: the decoder says "stop", whatever the token count.
+    body = client.post("/v1/chat/completions", json={**CHAT, "model": "rag-prompt-only", "max_tokens": 64,
+                                                     "stop": [" "]}).json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
 def test_finetuned_path_without_adapter_is_422(client):
     response = client.post("/v1/ask", json={**ASK, "path": "finetuned"})
     assert response.status_code == 422 and "adapter" in response.json()["error"]["message"]
@@ -440,6 +458,19 @@ def test_upload_without_files_is_422(client):
 def test_duplicate_names_are_422(client):
     response = client.post("/v1/documents", files=[("files", ("a.md", b"# A\n")), ("files", ("a.md", b"# B\n"))])
     assert response.status_code == 422 and response.json()["error"]["code"] == "duplicate_filename"
+
+
+def test_delete_while_another_writer_holds_the_index_is_409(fresh_client, api_index):
+    import fcntl
+
+    client = fresh_client()
+    doc_id = client.get("/v1/documents").json()["documents"][0]["doc_id"]
+    with open(api_index / ".lock", "w") as lock:  # what `rag ingest` in another process holds while it writes
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        response = client.delete(f"/v1/documents/{doc_id}")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "index_busy"
+    assert "Retry-After" in response.headers and "Another process" in response.json()["error"]["message"]
+    assert client.delete(f"/v1/documents/{doc_id}").status_code == 200  # the lock is gone: it goes through
 
 
 def test_unknown_job_and_document_are_404(client):

@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
-from rag.cli import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, app
+from api.schemas import AnswerOut, SearchHit
+from rag.cli import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
 
 runner = CliRunner()
 
@@ -30,8 +32,14 @@ def test_ingest_search_info_round_trip_with_json(docs_dir, tmp_path, monkeypatch
 
     result = runner.invoke(app, ["search", "how do I set a timeout on a client", "-k", "3", "--index", str(index), "--json"])
     assert result.exit_code == EXIT_OK
+    hits = json.loads(result.stdout)  # hybrid by default, as /v1/search: both retrievers' scores are shown
+    assert len(hits) == 3 and hits[0]["source"].endswith("timeouts.md") and hits[0]["scores"]["dense"] > 0.3
+    assert set(hits[0]) == set(SearchHit.model_fields)
+    result = runner.invoke(app, ["search", "timeout", "--retriever", "bm25", "--source", "*.md", "--index", str(index),
+                                 "--json"])
+    assert result.exit_code == EXIT_OK
     hits = json.loads(result.stdout)
-    assert len(hits) == 3 and hits[0]["source"].endswith("timeouts.md") and hits[0]["score"] > 0.3
+    assert hits and all(hit["source"].endswith(".md") and set(hit["scores"]) == {"bm25"} for hit in hits)
 
     monkeypatch.setenv("RAG_INDEX_DIR", str(index))  # settings come from the environment too
     result = runner.invoke(app, ["info", "--json"])
@@ -55,3 +63,26 @@ def test_invalid_settings_are_usage_errors(docs_dir, tmp_path):
                                  "--chunk-overlap", "60"])
     assert result.exit_code == 2
     assert "chunk_overlap" in result.output
+
+
+@pytest.mark.slow
+def test_ask_json_is_the_api_answer_body(tmp_path, monkeypatch, decoder_cache):
+    monkeypatch.setenv("RAG_CACHE_DIR", str(decoder_cache))
+    result = runner.invoke(app, ["ask", "What is the capital of France?", "--path", "prompt", "--max-new-tokens",
+                                 "4", "--index", str(tmp_path / "none"), "--json"])
+    assert result.exit_code == EXIT_OK, result.output
+    answer = json.loads(result.stdout)
+    assert set(answer) == set(AnswerOut.model_fields)
+    assert answer["path"] == "prompt" and answer["finish_reason"] in ("stop", "length")
+    assert answer["usage"]["completion_tokens"] <= 4
+
+
+def test_ask_errors_have_their_exit_codes(tmp_path, monkeypatch):
+    # No decoder at all: the index error must come first (and the background decoder preload ends at once).
+    monkeypatch.setenv("RAG_DECODER_MODEL", str(tmp_path / "no-decoder.gguf"))
+    missing_index = runner.invoke(app, ["ask", "anything", "--index", str(tmp_path / "none")])
+    assert missing_index.exit_code == EXIT_INDEX_ERROR and "rag ingest" in missing_index.output
+    no_adapter = runner.invoke(app, ["ask", "anything", "--path", "finetuned"])
+    assert no_adapter.exit_code == EXIT_USAGE and "Available paths: prompt, rag" in no_adapter.output
+    bad_path = runner.invoke(app, ["ask", "anything", "--path", "magic"])
+    assert bad_path.exit_code == EXIT_USAGE

@@ -55,7 +55,7 @@ def test_lora_training_reduces_loss_and_records_itself(adapter):
 
 
 def test_saved_adapter_changes_the_model_output(adapter, generator):
-    from rag.generate import GenerationParams, TransformersGenerator
+    from rag.generation import GenerationParams, TransformersGenerator
 
     tuned = TransformersGenerator(device="cpu", adapter_dir=adapter.out)
     messages = [{"role": "user", "content": "Context:\n[1] The Broncos scored 24 points.\n\nQuestion: How many points?"}]
@@ -67,7 +67,7 @@ def test_saved_adapter_changes_the_model_output(adapter, generator):
 def test_adapter_for_another_base_model_is_refused(adapter, tmp_path):
     import shutil
 
-    from rag.generate import AdapterMismatchError, TransformersGenerator
+    from rag.generation import AdapterMismatchError, TransformersGenerator
 
     foreign = tmp_path / "foreign"
     shutil.copytree(adapter.out, foreign)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from rag.config import Settings
-from rag.generate import (
+from rag.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
     AdapterMismatchError,
     Generation,
     GenerationParams,
@@ -30,9 +31,8 @@ from rag.generate import (
     clear_generator_cache,
     load_generator,
     require_adapter,
-    resolve_device,
 )
-from rag.models import ModelNotFoundError, default_decoder_path
+from rag.models import ModelNotFoundError, default_decoder_path, resolve_device
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 YES_NO = [{"role": "system", "content": "Answer with yes, no or maybe."},
@@ -62,7 +62,7 @@ def test_invalid_params_say_what_is_wrong_and_what_is_allowed(bad, reason):
 def test_params_defaults_and_a_single_stop_string():
     params = GenerationParams()
     assert (params.max_new_tokens, params.temperature, params.top_k, params.top_p, params.seed, params.stop) == (
-        128, 0.0, None, None, None, [])
+        DEFAULT_MAX_NEW_TOKENS, 0.0, None, None, None, [])
     assert not params.sampling and GenerationParams(temperature=0.7).sampling
     assert GenerationParams(stop="\n").stop == ["\n"]
     assert Generation("hi", 10, 4, 0.5).tokens_per_second == 8.0
@@ -84,7 +84,7 @@ def test_require_adapter_says_how_to_get_one(tmp_path):
     with pytest.raises(NoAdapterConfigured) as caught:
         require_adapter(Settings(adapter_dir=None))
     assert str(caught.value) == ("no adapter configured: train one with `rag finetune` and set RAG_ADAPTER_DIR "
-                                 "or --adapter")
+                                 "or --adapter. Available paths: prompt, rag.")
     assert require_adapter(Settings(adapter_dir=tmp_path)) == tmp_path
 
 
@@ -126,7 +126,7 @@ def test_adapter_for_another_base_model_is_refused_before_loading(tmp_path):
 
 
 def test_load_generator_loads_once_per_model_adapter_and_device(monkeypatch, tmp_path):
-    from rag import generate
+    from rag.generation import factory
 
     built = []
 
@@ -134,14 +134,16 @@ def test_load_generator_loads_once_per_model_adapter_and_device(monkeypatch, tmp
         def __init__(self, *args):
             built.append(args)
 
-    monkeypatch.setattr(generate, "TransformersGenerator", Fake)
+    monkeypatch.setattr(factory, "TransformersGenerator", Fake)
     clear_generator_cache()
     try:
         settings = Settings(device="cpu")
         assert load_generator(settings) is load_generator(Settings(device="cpu"))
         assert load_generator(settings, adapter_dir=tmp_path) is load_generator(settings, adapter_dir=str(tmp_path))
         load_generator(Settings(device="auto"))
-        assert built == [(None, "cpu", None, None), (None, "cpu", tmp_path, None), (None, "auto", None, None)]
+        cache = settings.decoder_cache_dir
+        assert built == [(None, "cpu", None, None, cache), (None, "cpu", tmp_path, None, cache),
+                         (None, "auto", None, None, cache)]
         remote = load_generator(Settings(backend="openai", openai_model="served", context_window=4096),
                                 adapter_dir=tmp_path / "my-adapter")
         assert isinstance(remote, OpenAIGenerator) and remote.model_name == "my-adapter"
@@ -228,7 +230,7 @@ def test_stream_joins_to_the_generated_text_at_temperature_zero(generator, messa
 
 
 def test_stream_holds_back_what_may_become_a_stop_sequence():
-    from rag.generate import _stable_prefix
+    from rag.generation.transformers_backend import _stable_prefix
 
     assert _stable_prefix("Paris is the cap", ["capital", "\n\n"]) == "Paris is the "
     assert _stable_prefix("Paris is the\n", ["capital", "\n\n"]) == "Paris is the"
@@ -374,3 +376,18 @@ def test_unreachable_openai_server_names_its_url():
         remote.generate(QUESTION, GenerationParams(max_new_tokens=2))
     with pytest.raises(GeneratorUnavailable, match="unreachable"):
         list(remote.stream(QUESTION, GenerationParams(max_new_tokens=2)))
+
+
+@pytest.mark.slow
+def test_the_dequantised_copy_decodes_exactly_like_the_gguf(generator, decoder_cache):
+    from rag.decoder_cache import existing_copy, file_sha256
+
+    cached = TransformersGenerator(device="cpu", cache_dir=decoder_cache)  # writes the copy, or reuses the session's
+    copy = existing_copy(default_decoder_path(), decoder_cache)
+    assert copy is not None and (copy / "model.safetensors").is_file() and copy.name == file_sha256(
+        default_decoder_path(), decoder_cache)
+    assert not list(copy.parent.glob(".*"))  # no staging folder left behind
+    assert cached.model_name == generator.model_name == default_decoder_path().name
+    params = GenerationParams(max_new_tokens=12)
+    assert cached.generate(QUESTION, params).text == generator.generate(QUESTION, params).text
+    assert cached.option_logprobs(YES_NO, ["Yes", "No"]) == pytest.approx(generator.option_logprobs(YES_NO, ["Yes", "No"]))

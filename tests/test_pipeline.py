@@ -4,7 +4,7 @@ import pytest
 
 from ingest.job import IngestJob
 from rag.config import Settings
-from rag.generate import GenerationParams, NoAdapterConfigured
+from rag.generation import GenerationParams, NoAdapterConfigured
 from rag.pipeline import AnswerPath, Pipeline
 from rag.store import IndexNotFoundError, Store
 from tests.conftest import CORPUS

@@ -19,11 +19,11 @@ import logging
 
 from fastapi import APIRouter, Request
 
-from api.answering import AnswerStream, EventStreamResponse, answer, answer_to_dict, generation_params, sse
+from api.answering import AnswerStream, EventStreamResponse, answer, generation_params, sse
 from api.deps import ServiceDep
 from api.observability import current_request_id
-from api.schemas import AnswerOut, AskRequest
-from rag.pipeline import AnswerPath
+from api.schemas import AnswerOut, AskRequest, GenerationOptions
+from rag.pipeline import AnswerRequest
 
 logger = logging.getLogger("rag.api")
 router = APIRouter(tags=["ask"])
@@ -35,13 +35,13 @@ _STREAM_DOC = {"description": "With stream=true: Server-Sent Events (`token` eve
 @router.post("/ask", response_model=AnswerOut, summary="Answer a question with citations",
              responses={200: _STREAM_DOC, 503: {"description": "Busy (see Retry-After), loading, or no index."}})
 async def ask(body: AskRequest, service: ServiceDep, request: Request):
-    params = generation_params(service, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop)
-    path = AnswerPath.parse(body.path)
-    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params, extract=body.extract)
+    params = generation_params(service, **body.model_dump(include=set(GenerationOptions.model_fields)))
+    answer_request = AnswerRequest(body.question, body.path, body.k, body.retriever, body.source, params,
+                                   extract=body.extract)
     if not body.stream:
-        return answer_to_dict(await answer(service, body.question, path, **options))
+        return (await answer(service, answer_request)).to_dict()
 
-    stream = await AnswerStream(service, body.question, path, **options).open()
+    stream = await AnswerStream(service, answer_request).open()
     request_id = current_request_id(request.scope)
 
     async def events():
@@ -50,7 +50,7 @@ async def ask(body: AskRequest, service: ServiceDep, request: Request):
                 if isinstance(item, str):
                     yield sse("token", {"text": item})
                 else:
-                    yield sse("answer", answer_to_dict(item))
+                    yield sse("answer", item.to_dict())
         except Exception as error:  # the status line is gone already: report in-band, never a traceback
             logger.error("stream failed", extra={"error": f"{type(error).__name__}: {error}"})
             yield sse("error", {"code": "generation_failed", "message": "Generation failed.",

@@ -87,12 +87,8 @@ async def list_documents(service: ServiceDep) -> DocumentList:
                responses={404: {"description": "No document with this id."}})
 async def delete_document(doc_id: str, request: Request, service: ServiceDep) -> DeletedDocument:
     service.retriever  # noqa: B018  (503 when there is no index at all)
-    from rag.store import StoreError
-
-    try:
-        record = await asyncio.wrap_future(_queue(request).delete(doc_id))
-    except StoreError as error:  # e.g. `rag ingest` holds the writer lock
-        raise ApiError(409, "index_busy", str(error), headers={"Retry-After": "5"}) from None
+    # IndexLockedError (`rag ingest` holds the writer lock) is a 409 "index_busy" through api/errors.py.
+    record = await asyncio.wrap_future(_queue(request).delete(doc_id))
     if record is None:
         raise ApiError(404, "document_not_found", f"No document '{doc_id[:64]}' in the index.")
     return DeletedDocument(doc_id=record.doc_id, source=record.source)

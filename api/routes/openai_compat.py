@@ -18,12 +18,15 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from api.answering import AnswerStream, EventStreamResponse, answer, answer_to_dict, generation_params, sse
+from api.answering import AnswerStream, EventStreamResponse, answer, generation_params, sse
+from api.config import MAX_QUESTION_CHARS
 from api.deps import ServiceDep
 from api.errors import ApiError
 from api.observability import current_request_id
 from api.schemas import ChatCompletionRequest, ModelCard, ModelList
-from rag.pipeline import AnswerPath
+from rag.generation import DEFAULT_MAX_NEW_TOKENS, available_paths
+from rag.pipeline import AnswerRequest
+from rag.types import AnswerPath
 
 logger = logging.getLogger("rag.api")
 router = APIRouter(tags=["openai"])
@@ -34,7 +37,8 @@ STARTED = int(time.time())
 
 
 def _available(service) -> list[str]:
-    return [name for name, path in MODELS.items() if not path.finetuned or service.settings.adapter_dir]
+    paths = available_paths(service.settings)
+    return [name for name, path in MODELS.items() if path in paths]
 
 
 @router.get("/models", response_model=ModelList, summary="The answer paths this server offers, as models")
@@ -52,31 +56,28 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
     question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
     if not question.strip():
         raise ApiError(422, "validation_error", "messages: needs a user message with text (the question).")
-    if len(question) > 2000:
-        raise ApiError(422, "validation_error", "messages: the question (last user message) is over 2000 characters.")
-    max_new_tokens = body.max_completion_tokens or body.max_tokens or 64
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ApiError(422, "validation_error",
+                       f"messages: the question (last user message) is over {MAX_QUESTION_CHARS} characters.")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    params = generation_params(service, max_new_tokens, body.temperature or 0.0, body.top_k, body.top_p, body.seed, stop)
-    path = MODELS[body.model]
-    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params)
+    params = generation_params(service, body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS,
+                               body.temperature or 0.0, body.top_k, body.top_p, body.seed, stop)
+    answer_request = AnswerRequest(question, MODELS[body.model], body.k, body.retriever, body.source, params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-
-    def finish_reason(usage: dict) -> str:
-        return "length" if usage.get("completion_tokens", 0) >= max_new_tokens else "stop"
 
     def usage_of(result) -> dict:
         prompt, completion = result.usage.get("prompt_tokens", 0), result.usage.get("completion_tokens", 0)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     if not body.stream:
-        result = await answer(service, question, path, **options)
+        result = await answer(service, answer_request)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": finish_reason(result.usage), "logprobs": None}],
-                "usage": usage_of(result), "citations": answer_to_dict(result)["citations"]}
+                             "finish_reason": result.finish_reason, "logprobs": None}],
+                "usage": usage_of(result), "citations": result.to_dict()["citations"]}
 
-    stream = await AnswerStream(service, question, path, **options).open()
+    stream = await AnswerStream(service, answer_request).open()
     request_id = current_request_id(request.scope)
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -91,8 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
                 if isinstance(item, str):
                     yield chunk({"content": item})
                 else:
-                    yield chunk({}, finish_reason(item.usage), usage=usage_of(item),
-                                citations=answer_to_dict(item)["citations"])
+                    yield chunk({}, item.finish_reason, usage=usage_of(item), citations=item.to_dict()["citations"])
         except Exception as error:
             logger.error("stream failed", extra={"error": f"{type(error).__name__}: {error}"})
             yield sse(None, {"error": {"type": "server_error", "code": "generation_failed",

@@ -1,0 +1,12 @@
+"""The `rag` command: a thin shell over the library. Parse options, call it, print (tables, or JSON with --json).
+
+    app.py          the Typer app, shared options, library errors → exit codes (once)
+    index.py        rag ingest | search | info
+    answer.py       rag ask | serve
+    experiments.py  rag eval | finetune
+"""
+
+from rag.cli import answer, experiments, index  # noqa: F401  (each registers its commands on `app`)
+from rag.cli.app import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
+
+__all__ = ["EXIT_FILES_FAILED", "EXIT_INDEX_ERROR", "EXIT_OK", "EXIT_USAGE", "app"]

@@ -1,0 +1,127 @@
+"""`rag ingest`, `rag search`, `rag info`: building the index and looking into it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from rag.cli.app import EXIT_FILES_FAILED, EXIT_OK, IndexOption, JsonOption, app, console, display, errors, settings_from
+from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS, DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
+from rag.types import RetrieverKind
+
+
+@app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A file or a folder (searched recursively).", exists=True)],
+    index: IndexOption = None,
+    include: Annotated[list[str], typer.Option("--include", "-i", help="Glob of files to take, e.g. '*.md' (repeatable).")] = [],
+    exclude: Annotated[list[str], typer.Option("--exclude", "-x", help="Glob of files to skip (repeatable).")] = [],
+    prune: Annotated[Optional[bool], typer.Option("--prune/--no-prune", help="Remove indexed files that are gone from PATH (default: on for a folder).")] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(help=f"Chunk size in embedding tokens (env: RAG_CHUNK_TOKENS; default {DEFAULT_CHUNK_TOKENS}).")] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option(help=f"Overlap between chunks in tokens (env: RAG_CHUNK_OVERLAP; default {DEFAULT_CHUNK_OVERLAP}).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 1).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Embedding batch size (env: RAG_EMBEDDING_BATCH_SIZE; default 64).")] = None,
+    embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model folder (env: RAG_EMBEDDING_MODEL; default: packaged all-MiniLM-L6-v2).")] = None,
+    embedding_precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 (env: RAG_EMBEDDING_PRECISION; auto: bf16 on CUDA and on CPUs with native bf16).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Parse, chunk and embed documents into the index. Incremental: unchanged files are skipped.
+
+    Exit code 0: all files ingested; 1: some files failed (listed, the rest ingested); 2: bad usage;
+    3: the index cannot be used (another embedding model, locked by another writer, ...).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.job import IngestJob
+
+    settings = settings_from(index_dir=index, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
+                         parse_workers=workers, embedding_batch_size=batch_size, embedding_model=embedding_model,
+                         embedding_precision=embedding_precision)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=errors, disable=as_json, transient=True)
+    with progress:
+        task = progress.add_task("Scanning", total=None)
+        report = IngestJob(settings).run(
+            path, include, exclude, prune,
+            on_plan=lambda count: progress.update(task, description="Ingesting", total=count, completed=0),
+            on_file=lambda result: result.status in ("new", "changed", "failed") and progress.advance(task),
+        )
+
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_ingest_report(report, settings.index_dir)
+    raise typer.Exit(EXIT_FILES_FAILED if report.failed else EXIT_OK)
+
+
+def _print_ingest_report(report, index_dir: Path) -> None:
+    if report.failed:
+        failures = Table(title="Files that failed (everything else was ingested)", title_justify="left")
+        failures.add_column("file", overflow="fold")
+        failures.add_column("reason", overflow="fold")
+        for result in report.failed:
+            failures.add_row(display(result.source), result.error)
+        console.print(failures)
+    counts = report.status_counts
+    summary = Table(title=f"Ingest summary → {index_dir}", title_justify="left", show_header=False)
+    summary.add_column(justify="left")
+    summary.add_column(justify="right")
+    rows = {"files seen": sum(counts.values()) - counts["removed"], **counts,
+            "chunks added": report.chunks_added, "chunks in index": report.index_counts.get("chunks", 0),
+            "seconds": f"{report.total_seconds:.1f}", "chunks/s": f"{report.chunks_per_second:.1f}"}
+    for name, value in rows.items():
+        summary.add_row(name, str(value))
+    console.print(summary)
+    if report.snapshot is None:
+        console.print("Nothing changed; the index was left as it was.")
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    k: Annotated[int, typer.Option("-k", min=1, max=MAX_CHUNKS, help="Number of chunks to return.")] = DEFAULT_SEARCH_RESULTS,
+    retriever: Annotated[RetrieverKind, typer.Option(help="Dense (embeddings), bm25 (keywords) or hybrid (both, fused by rank).")] = RetrieverKind.HYBRID,
+    source: Annotated[Optional[str], typer.Option(help="Only search sources matching this glob, e.g. '*.pdf'.")] = None,
+    index: IndexOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the chunks most relevant to a query, with score, source and page: the retrieval of `rag ask` and of
+    POST /v1/search, without generation."""
+    from rag.pipeline import Pipeline
+
+    hits = Pipeline(settings_from(index_dir=index)).retriever.retrieve(query, k, retriever, source)
+    if as_json:
+        print(json.dumps([hit.to_dict() for hit in hits], indent=2))
+        return
+    table = Table(show_lines=True)
+    for column in ("#", "score", "source", "text"):
+        table.add_column(column, overflow="fold")
+    for hit in hits:
+        chunk = hit.chunk
+        where = display(chunk.source) + (f"\np. {chunk.page}" if chunk.page else "")
+        if chunk.heading:
+            where += f"\n§ {chunk.heading}"
+        snippet = chunk.text if len(chunk.text) <= 300 else chunk.text[:300] + "…"
+        table.add_row(str(hit.rank), f"{hit.score:.3f}", where, snippet)
+    console.print(table)
+
+
+@app.command()
+def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
+    """Print the index manifest and its counts (documents, chunks, vectors)."""
+    from rag.store import Store
+
+    settings = settings_from(index_dir=index)
+    store = Store.open(settings.index_dir)
+    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.directory)}
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"Index {settings.index_dir}", title_justify="left", show_header=False)
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
