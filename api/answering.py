@@ -62,7 +62,7 @@ def check_path(service: Service, path: AnswerPath) -> None:
     service.require_models()
     if path.retrieves:
         service.retriever  # noqa: B018  (503 when no index is open)
-    if path.finetuned and not service.settings.adapter_dir:
+    if path.finetuned and not service.settings.adapter:
         raise ApiError(422, "path_unavailable", f"The '{path.value}' path needs a LoRA adapter and this server has "
                        "none (set RAG_ADAPTER_DIR). Available paths: prompt, rag.")
 
@@ -72,7 +72,8 @@ def answer_to_dict(answer: Answer) -> dict:
     return {"answer": data["text"], "path": data["path"], "citations": data["citations"],
             "sources": data["sources"], "usage": data["usage"],
             "timings": {key: round(value, 3) for key, value in data["timings"].items()},
-            "raw_text": data["raw_text"]}
+            "raw_text": data["raw_text"], "answerable": data["answerable"], "confidence": data["confidence"],
+            "see_also": data["see_also"], "searched": data["searched"]}
 
 
 async def answer(service: Service, question: str, path: AnswerPath, **options) -> Answer:

@@ -11,6 +11,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_QUESTION_CHARS = 2000
+MAX_ANSWER_CHARS = 8000  # an earlier answer sent back as conversation history
+MAX_HISTORY_TURNS = 32  # the prompt keeps only the most recent turns that fit its token budget anyway
 
 
 class ApiSettings(BaseSettings):

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.config import MAX_QUESTION_CHARS
+from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
 
 PathName = Literal["prompt", "rag", "finetuned", "finetuned-rag"]
 RetrieverName = Literal["dense", "bm25", "hybrid"]
@@ -32,9 +32,17 @@ class GenerationOptions(Strict):
     stop: list[StopSequence] = Field(default_factory=list, max_length=4, description="Stop sequences.")
 
 
+class TurnIn(Strict):
+    question: str = Field(..., max_length=MAX_QUESTION_CHARS)
+    answer: str = Field(..., max_length=MAX_ANSWER_CHARS)
+
+
 class AskRequest(GenerationOptions):
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
-    path: PathName = Field("rag", description="prompt | rag | finetuned | finetuned-rag.")
+    path: PathName | None = Field(None, description="prompt | rag | finetuned | finetuned-rag; default: the "
+                                  "server's (finetuned-rag with the shipped adapter on the packaged decoder, else rag).")
+    history: list[TurnIn] = Field(default_factory=list, max_length=MAX_HISTORY_TURNS,
+                                  description="Earlier turns of the conversation, oldest first, for a follow-up.")
     k: int | None = Field(None, ge=1, le=50, description="Chunks in the prompt (default: RAG_ANSWER_CHUNKS).")
     retriever: RetrieverName = "hybrid"
     source: str | None = Field(None, min_length=1, max_length=500,
@@ -65,6 +73,10 @@ class AnswerOut(BaseModel):
     usage: dict[str, int]
     timings: dict[str, float]
     raw_text: str = Field(description="The decoder's own words, before alignment to a source span.")
+    answerable: bool = Field(description="False when the sources do not hold the answer (then no citations).")
+    confidence: float | None = Field(description="Calibrated probability that the sources hold the answer.")
+    see_also: list[CitationOut] = Field(description="The closest sources of an unanswerable question.")
+    searched: str | None = Field(description="The standalone question retrieval used for a follow-up.")
 
 
 class SearchRequest(Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from rag import offline  # noqa: F401
 from rag.config import Settings
+from rag.errors import RagError
 
 app = typer.Typer(
     help="Retrieval-augmented question answering over your documents. Every option can also be set with a "
@@ -184,7 +186,8 @@ def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
         store = Store.open(settings.index_dir)
     except StoreError as error:
         raise _fail(str(error)) from None
-    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.directory)}
+    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.directory),
+            "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value}
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -198,7 +201,9 @@ def _print_answer(answer, title: str | None = None) -> None:
     from rich.panel import Panel
 
     lines = [answer.text, ""]
-    for citation in answer.citations or []:
+    if answer.see_also:
+        lines.append("See also:")
+    for citation in answer.citations or answer.see_also:
         where = _display(citation.source) + (f", p. {citation.page}" if citation.page else "")
         lines.append(f"[{citation.number}] {where}" + (f" § {citation.heading}" if citation.heading else ""))
     timings = answer.timings
@@ -211,7 +216,7 @@ def _print_answer(answer, title: str | None = None) -> None:
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
-    path: Annotated[str, typer.Option("--path", "-p", help="prompt | rag | finetuned | finetuned-rag.")] = "rag",
+    path: Annotated[Optional[str], typer.Option("--path", "-p", help="prompt | rag | finetuned | finetuned-rag (env: RAG_ANSWER_PATH; default: finetuned-rag with the shipped adapter on the packaged decoder, else rag).")] = None,
     k: Annotated[Optional[int], typer.Option("-k", min=1, max=50, help="Chunks in the prompt (env: RAG_ANSWER_CHUNKS; default 1, right for the 135M default model).")] = None,
     retriever: Annotated[str, typer.Option(help="dense | bm25 | hybrid.")] = "hybrid",
     source: Annotated[Optional[str], typer.Option(help="Only retrieve from sources matching this glob.")] = None,
@@ -244,10 +249,10 @@ def ask(
     try:
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed, stop=list(stop))
-        paths = [AnswerPath.parse(path)]
+        paths = [AnswerPath.parse(path) if path else settings.default_path]
         if compare:
             paths = [AnswerPath.PROMPT, AnswerPath.RAG]
-            if settings.adapter_dir:
+            if settings.adapter:
                 paths += [AnswerPath.FINETUNED, AnswerPath.FINETUNED_RAG]
     except ValueError as error:
         raise _fail(str(error), EXIT_USAGE) from None
@@ -283,6 +288,49 @@ def ask(
         raise
     if as_json:
         print(json.dumps([answer.to_dict() for answer in answers] if compare else answers[0].to_dict(), indent=2))
+
+
+@app.command()
+def chat(
+    path: Annotated[Optional[str], typer.Option("--path", "-p", help="prompt | rag | finetuned | finetuned-rag (default as for `rag ask`).")] = None,
+    k: Annotated[Optional[int], typer.Option("-k", min=1, max=50, help="Chunks in the prompt (env: RAG_ANSWER_CHUNKS).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Most tokens to generate per answer.")] = 64,
+    rewrite: Annotated[Optional[str], typer.Option(help="How a follow-up is made standalone for retrieval: rule | decoder | none (env: RAG_FOLLOW_UP_REWRITE).")] = None,
+    index: IndexOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A conversation: one question per line on standard input; follow-ups ("and for async clients?") are made
+    standalone before retrieval, and each answer keeps its own citations. An empty line or end of input ends it."""
+    from rag.conversation import Turn
+    from rag.generate import GenerationParams
+    from rag.pipeline import Pipeline
+
+    try:
+        settings = _settings(index_dir=index, follow_up_rewrite=rewrite)
+    except ValueError as error:
+        raise _fail(str(error), EXIT_USAGE) from None
+    pipeline = Pipeline(settings)
+    history: list[Turn] = []
+    interactive = sys.stdin.isatty() and not as_json
+    while True:
+        if interactive:
+            errors.print("[bold]?[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        try:
+            answer = pipeline.answer(line.strip(), path=path, k=k, history=history,
+                                     params=GenerationParams(max_new_tokens=max_new_tokens))
+        except ValueError as error:
+            raise _fail(str(error), EXIT_USAGE) from None
+        except RagError as error:
+            raise _fail(str(error)) from None
+        history.append(Turn(line.strip(), answer.text, answer.searched, answer.citations))
+        if as_json:
+            print(json.dumps(answer.to_dict()), flush=True)
+        else:
+            _print_answer(answer, title=f"turn {len(history)} · path: {answer.path}"
+                          + (f" · searched: {answer.searched}" if answer.searched else ""))
 
 
 @app.command(name="eval")

@@ -20,6 +20,7 @@ from rag.datasets import Dataset, QAItem, is_gold, read_dataset
 from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_answer
 from rag.models import decoder_identity, sha256_files
 from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
+from rag.span import grounded_share as groundedness
 
 RETRIEVAL_KS = (1, 3, 5, 10)
 TRAINING_RECORD = "training.json"  # written into an adapter folder by `rag finetune`
@@ -57,8 +58,8 @@ def answering_models(settings) -> tuple[dict[str, str], dict[str, str]]:
     else:
         base = {"decoder": decoder_identity(settings.decoder_model)["sha256"]}
     tuned = dict(base)
-    if settings.adapter_dir:
-        tuned["adapter"] = sha256_files(*sorted(Path(settings.adapter_dir).glob("*.safetensors")))
+    if settings.adapter:
+        tuned["adapter"] = sha256_files(*sorted(Path(settings.adapter).glob("*.safetensors")))
     return base, tuned
 
 
@@ -94,21 +95,6 @@ def refuse_training_questions(items: list[QAItem], adapter_dir: Path | None) -> 
 
 
 # ----------------------------------------------------------------------------------------------- metrics per item
-def _content_words(text: str) -> list[str]:
-    from rag.span import STOPWORDS
-
-    return [word for word in normalize_answer(text).split() if word not in STOPWORDS]
-
-
-def groundedness(answer: str, context: str) -> float | None:
-    """Share of the answer's content words (normalised, stopwords removed) that occur in the context."""
-    words = _content_words(answer)
-    if not words or not context:
-        return None
-    context_words = set(normalize_answer(context).split())
-    return sum(word in context_words for word in words) / len(words)
-
-
 def parse_choice(text: str, choices: list[str]) -> str | None:
     """The first choice word the answer says ('Yes, because…' → yes); None when it names none."""
     words = normalize_answer(text).split()
@@ -206,7 +192,7 @@ class Evaluator:
         items = sample_items(dataset, config.limit, config.seed)
         paths = [AnswerPath.parse(path) for path in config.paths]
         if any(path.finetuned for path in paths):
-            refuse_training_questions(items, self.pipeline.settings.adapter_dir)
+            refuse_training_questions(items, self.pipeline.settings.adapter)
         cached = self._load_cache()
         base_models, tuned_models = answering_models(self.pipeline.settings)
         fingerprints = {path: config.fingerprint(path.retrieves, tuned_models if path.finetuned else base_models)

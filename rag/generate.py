@@ -519,9 +519,9 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
 
 def require_adapter(settings: Settings) -> Path:
     """The configured adapter folder, or a NoAdapterConfigured error that says how to get one."""
-    if settings.adapter_dir is None:
+    if settings.adapter is None:
         raise NoAdapterConfigured(f"no adapter configured: {ADAPTER_HINT}")
-    return settings.adapter_dir
+    return settings.adapter
 
 
 # --------------------------------------------------------------------------------------------- openai backend

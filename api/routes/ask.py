@@ -23,6 +23,7 @@ from api.answering import AnswerStream, EventStreamResponse, answer, answer_to_d
 from api.deps import ServiceDep
 from api.observability import current_request_id
 from api.schemas import AnswerOut, AskRequest
+from rag.conversation import Turn
 from rag.pipeline import AnswerPath
 
 logger = logging.getLogger("rag.api")
@@ -36,8 +37,10 @@ _STREAM_DOC = {"description": "With stream=true: Server-Sent Events (`token` eve
              responses={200: _STREAM_DOC, 503: {"description": "Busy (see Retry-After), loading, or no index."}})
 async def ask(body: AskRequest, service: ServiceDep, request: Request):
     params = generation_params(service, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop)
-    path = AnswerPath.parse(body.path)
-    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params, extract=body.extract)
+    path = AnswerPath.parse(body.path) if body.path else service.settings.default_path
+    history = [Turn(turn.question, turn.answer) for turn in body.history]
+    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params, extract=body.extract,
+                   history=history)
     if not body.stream:
         return answer_to_dict(await answer(service, body.question, path, **options))
 

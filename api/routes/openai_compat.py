@@ -1,7 +1,8 @@
 """OpenAI-compatible chat completions, so existing OpenAI clients and tools can talk to the service.
 
 Models are the answer paths: `rag`, `rag-prompt-only`, `rag-finetuned`, `rag-finetuned-rag`. The last user message
-is the question (earlier turns are not used). Replies carry an extra top-level `citations` field (in the final chunk
+is the question; the user/assistant turns before it are the conversation (a follow-up is made standalone before
+retrieval, and the turns enter the prompt as far as its token budget allows). Replies carry an extra top-level `citations` field (in the final chunk
 when streaming). Non-standard options go in the body too (`k`, `retriever`, `source`, `top_k`; with the openai
 client: `extra_body={"k": 3}`).
 
@@ -23,6 +24,7 @@ from api.deps import ServiceDep
 from api.errors import ApiError
 from api.observability import current_request_id
 from api.schemas import ChatCompletionRequest, ModelCard, ModelList
+from rag.conversation import Turn
 from rag.pipeline import AnswerPath
 
 logger = logging.getLogger("rag.api")
@@ -34,7 +36,20 @@ STARTED = int(time.time())
 
 
 def _available(service) -> list[str]:
-    return [name for name, path in MODELS.items() if not path.finetuned or service.settings.adapter_dir]
+    return [name for name, path in MODELS.items() if not path.finetuned or service.settings.adapter]
+
+
+def conversation_turns(messages) -> list[Turn]:
+    """The (user, assistant) exchanges before the last user message, oldest first."""
+    users = [index for index, message in enumerate(messages) if message.role == "user"]
+    turns, asked = [], None
+    for message in messages[: users[-1] if users else 0]:
+        if message.role == "user":
+            asked = message.text()
+        elif message.role == "assistant" and asked is not None:
+            turns.append(Turn(asked, message.text()))
+            asked = None
+    return turns
 
 
 @router.get("/models", response_model=ModelList, summary="The answer paths this server offers, as models")
@@ -50,6 +65,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
         raise ApiError(404, "model_not_found", f"Unknown model '{body.model[:100]}'. Available: "
                        f"{', '.join(_available(service))}.")
     question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
+    history = conversation_turns(body.messages)
     if not question.strip():
         raise ApiError(422, "validation_error", "messages: needs a user message with text (the question).")
     if len(question) > 2000:
@@ -58,7 +74,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = generation_params(service, max_new_tokens, body.temperature or 0.0, body.top_k, body.top_p, body.seed, stop)
     path = MODELS[body.model]
-    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params)
+    options = dict(k=body.k, retriever=body.retriever, source=body.source, params=params, history=history)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
