@@ -170,6 +170,9 @@ class EvalRun:
 
 class Evaluator:
     def __init__(self, pipeline: Pipeline, config: EvalConfig):
+        # Every question is answered, abstention or not, and its answerability confidence recorded: the report
+        # then shows the scores both without and with abstention (what it costs on answerable questions).
+        pipeline.settings = pipeline.settings.model_copy(update={"abstain": False})
         self.pipeline = pipeline
         self.config = config
         self.cache_path = config.out_dir / "cache.jsonl"
@@ -225,7 +228,9 @@ class Evaluator:
                     # Quoted and scored here, not cached: a change of span alignment or of a metric re-scores a
                     # finished run without regenerating.
                     run.rows.append(self._score(item, path, row))
-        run.summary = summarize(run, items)
+        threshold = self.pipeline.settings.answerable_threshold
+        run.summary = summarize(run, items, self.pipeline.answerability_model.threshold if threshold is None
+                                else threshold)
         return run
 
     def _answer(self, item: QAItem, path: AnswerPath) -> dict:
@@ -244,6 +249,7 @@ class Evaluator:
             "latency_ms": latency_ms, "prompt_tokens": answer.usage.get("prompt_tokens", 0),
             "completion_tokens": answer.usage.get("completion_tokens", 0),
             "tokens_per_second": answer.timings.get("tokens_per_second", 0.0),
+            "confidence": answer.confidence,
         }
 
     def _score(self, item: QAItem, path: AnswerPath, row: dict) -> dict:
@@ -264,8 +270,22 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def summarize(run: EvalRun, items: list[QAItem]) -> dict:
-    """Headline numbers per path (with bootstrap intervals), paired comparisons and retrieval metrics."""
+def _abstention(rows: list[dict], threshold: float, config) -> dict:
+    """Share of questions called not answerable, and F1 when those answers score 0 (every eval question has a gold
+    answer, so each abstention is a false one and its F1 is what abstaining costs)."""
+    abstained = [float(row["confidence"] < threshold) for row in rows]
+    f1 = [row["scores"]["f1"] for row in rows]
+    kept = [score * (1 - gave_up) for score, gave_up in zip(f1, abstained)]
+    rate, rate_low, rate_high = bootstrap_ci(abstained, config.bootstrap, config.seed)
+    mean, low, high = bootstrap_ci(kept, config.bootstrap, config.seed)
+    return {"threshold": threshold, "false_abstention": {"mean": rate, "ci95": [rate_low, rate_high], "n": len(rows)},
+            "f1": {"mean": mean, "ci95": [low, high], "n": len(rows)},
+            "f1_drop": sum(f1) / len(f1) - sum(kept) / len(kept)}
+
+
+def summarize(run: EvalRun, items: list[QAItem], answerable_threshold: float | None = None) -> dict:
+    """Headline numbers per path (with bootstrap intervals), paired comparisons, retrieval metrics and, for paths
+    whose answers carry an answerability confidence, what abstaining below `answerable_threshold` would do."""
     config = run.config
     by_path: dict[str, list[dict]] = {}
     for row in run.rows:
@@ -289,6 +309,9 @@ def summarize(run: EvalRun, items: list[QAItem]) -> dict:
             predicted = [row["scores"]["predicted"] for row in rows]
             entry["predicted"] = dict(sorted(Counter(predicted).items()))
             entry["balanced_accuracy"] = balanced_accuracy([row["gold"][0] for row in rows], predicted)
+        confidences = [row.get("confidence") for row in rows]
+        if answerable_threshold is not None and metric_names != ["accuracy"] and None not in confidences:
+            entry["abstention"] = _abstention(rows, answerable_threshold, config)
         paths[path] = entry
 
     headline = metric_names[0] if metric_names == ["accuracy"] else "f1"
