@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rag.generation.base import MAX_NEW_TOKENS
 
 MAX_QUESTION_CHARS = 2000  # every route that takes a question or query (/v1/ask, /v1/search, chat completions)
+MAX_ANSWER_CHARS = 8000  # an earlier answer sent back as conversation history
+MAX_HISTORY_TURNS = 32  # the prompt keeps only the most recent turns that fit its token budget anyway
 
 
 class ApiSettings(BaseSettings):

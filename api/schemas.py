@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.config import MAX_QUESTION_CHARS
+from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
 from rag.config import DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
 from rag.types import AnswerPath, RetrieverKind
@@ -44,9 +44,17 @@ class GenerationOptions(Strict):
     stop: list[StopSequence] = Field(default_factory=list, max_length=4, description="Stop sequences.")
 
 
+class TurnIn(Strict):
+    question: str = Field(..., max_length=MAX_QUESTION_CHARS)
+    answer: str = Field(..., max_length=MAX_ANSWER_CHARS)
+
+
 class AskRequest(GenerationOptions):
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
-    path: PathName = Field(AnswerPath.RAG.value, description=" | ".join(AnswerPath))
+    path: PathName | None = Field(None, description=" | ".join(AnswerPath) + "; default: the server's (finetuned-rag "
+                                  "with the shipped adapter on the packaged decoder, else rag).")
+    history: list[TurnIn] = Field(default_factory=list, max_length=MAX_HISTORY_TURNS,
+                                  description="Earlier turns of the conversation, oldest first, for a follow-up.")
     k: int | None = Field(None, ge=1, le=MAX_CHUNKS, description="Chunks in the prompt (default: RAG_ANSWER_CHUNKS).")
     retriever: RetrieverName = RetrieverKind.HYBRID.value
     source: str | None = Field(None, min_length=1, max_length=500,
@@ -80,6 +88,10 @@ class AnswerOut(BaseModel):
     timings: dict[str, float]
     raw_text: str = Field(description="The decoder's own words, before alignment to a source span.")
     finish_reason: str = Field(description="'stop' (end of turn or a stop sequence) or 'length' (max_new_tokens).")
+    answerable: bool = Field(description="False when the sources do not hold the answer (then no citations).")
+    confidence: float | None = Field(description="Calibrated probability that the sources hold the answer.")
+    see_also: list[CitationOut] = Field(description="The closest sources of an unanswerable question.")
+    searched: str | None = Field(description="The standalone question retrieval used for a follow-up.")
 
 
 class SearchRequest(Strict):

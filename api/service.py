@@ -54,7 +54,7 @@ class Service:
             self._query_embedder = BatchingQueryEmbedder(embedder)
             self.open_index()
             self.pipeline.generator  # noqa: B018
-            if self.settings.adapter_dir:
+            if self.settings.adapter:
                 self.pipeline.finetuned_generator  # noqa: B018
             self.models_loaded = True
             logger.info("models loaded", extra={"seconds": round(time.perf_counter() - started, 2),

@@ -31,3 +31,14 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
 
 def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
+
+
+def cpu_flags() -> str:
+    """The CPU's vector and matrix extensions that change model speed (bf16 autocast needs avx512_bf16 or amx)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    present = [flag for flag in wanted if flag in flags.split()]
+    return " ".join(present) or "none of " + ", ".join(wanted)

@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rag.types import AnswerPath
+
+# The adapter shipped inside the package (scripts/train_packaged_adapter.sh reproduces it).
+PACKAGED_ADAPTER = Path(__file__).parent / "data" / "adapter"
 
 
 # Defaults and bounds that several interfaces show (CLI options, API schemas, the chunker): defined here, once.
@@ -68,6 +73,51 @@ class Settings(BaseSettings):
     openai_max_retries: int = Field(2, ge=0)
     context_window: int | None = Field(None, description="Override the decoder's context length in tokens.")
     adapter_dir: Path | None = Field(None, description="LoRA adapter folder for the fine-tuned paths.")
+    packaged_adapter: bool = Field(
+        True, description="Apply the shipped LoRA adapter (trained on XQuAD's training articles, rag/data/adapter) "
+        "when the decoder is the packaged SmolLM2-135M and no adapter_dir is set. Ignored for any other decoder.")
+    answer_path: str = Field(
+        "auto", description="Path of an answer when none is asked for: 'auto' is finetuned-rag when an adapter "
+        "applies to the decoder (the shipped one, on the packaged model), else rag; or prompt, rag, finetuned, "
+        "finetuned-rag.")
+
+    # Answers the sources do not hold
+    abstain: bool = Field(True, description="Answer 'not answerable' when the retrieved sources do not hold the "
+                          "answer (rag/answerability.py), instead of quoting the closest source.")
+    answerable_threshold: float | None = Field(
+        None, ge=0, le=1, description="Confidence below which a question is called not answerable; default: the "
+        "calibrated threshold in rag/data/answerability.json.")
+    follow_up_rewrite: str = Field(
+        "rule", description="How a follow-up question is made standalone before retrieval: rule, decoder or none "
+        "(rag/conversation.py; measured by bench/followups.py).")
+
+    @field_validator("answer_path")
+    @classmethod
+    def _known_path(cls, value: str) -> str:
+        return value if value == "auto" else AnswerPath.parse(value).value
+
+    @field_validator("follow_up_rewrite")
+    @classmethod
+    def _known_rewrite(cls, value: str) -> str:
+        from rag.conversation import RewriteMode
+
+        return RewriteMode.parse(value).value
+
+    @property
+    def adapter(self) -> Path | None:
+        """The adapter the fine-tuned paths use: adapter_dir, else the shipped one where it fits the decoder."""
+        if self.adapter_dir is not None:
+            return self.adapter_dir
+        if self.packaged_adapter and self.backend == "transformers" and self.decoder_model is None \
+                and (PACKAGED_ADAPTER / "adapter_config.json").is_file():
+            return PACKAGED_ADAPTER
+        return None
+
+    @property
+    def default_path(self) -> AnswerPath:
+        if self.answer_path != "auto":
+            return AnswerPath.parse(self.answer_path)
+        return AnswerPath.FINETUNED_RAG if self.adapter is not None else AnswerPath.RAG
 
     # Evaluation reports
     results_dir: Path = Field(Path("./results"), description="Folder of `rag eval` reports, one sub-folder each "

@@ -22,6 +22,7 @@ from rag.generation.base import DEFAULT_MAX_NEW_TOKENS
 from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_answer, question_hash
 from rag.models import TRAINING_RECORD, decoder_identity, sha256_files
 from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
+from rag.span import grounded_share as groundedness
 
 RETRIEVAL_KS = (1, 3, 5, 10)
 GROUNDED_SHARE = 0.8  # an answer is grounded when this share of its content words occurs in its context
@@ -58,8 +59,8 @@ def answering_models(settings) -> tuple[dict[str, str], dict[str, str]]:
     else:
         base = {"decoder": decoder_identity(settings.decoder_model)["sha256"]}
     tuned = dict(base)
-    if settings.adapter_dir:
-        tuned["adapter"] = sha256_files(*sorted(Path(settings.adapter_dir).glob("*.safetensors")))
+    if settings.adapter:
+        tuned["adapter"] = sha256_files(*sorted(Path(settings.adapter).glob("*.safetensors")))
     return base, tuned
 
 
@@ -91,21 +92,6 @@ def refuse_training_questions(items: list[QAItem], adapter_dir: Path | None) -> 
 
 
 # ----------------------------------------------------------------------------------------------- metrics per item
-def _content_words(text: str) -> list[str]:
-    from rag.span import STOPWORDS
-
-    return [word for word in normalize_answer(text).split() if word not in STOPWORDS]
-
-
-def groundedness(answer: str, context: str) -> float | None:
-    """Share of the answer's content words (normalised, stopwords removed) that occur in the context."""
-    words = _content_words(answer)
-    if not words or not context:
-        return None
-    context_words = set(normalize_answer(context).split())
-    return sum(word in context_words for word in words) / len(words)
-
-
 def parse_choice(text: str, choices: list[str]) -> str | None:
     """The first choice word the answer says ('Yes, because…' → yes); None when it names none."""
     words = normalize_answer(text).split()
@@ -181,6 +167,9 @@ class EvalRun:
 
 class Evaluator:
     def __init__(self, pipeline: Pipeline, config: EvalConfig):
+        # Every question is answered, abstention or not, and its answerability confidence recorded: the report
+        # then shows the scores both without and with abstention (what it costs on answerable questions).
+        pipeline.settings = pipeline.settings.model_copy(update={"abstain": False})
         self.pipeline = pipeline
         self.config = config
         self.cache_path = config.out_dir / "cache.jsonl"
@@ -203,7 +192,7 @@ class Evaluator:
         items = sample_items(dataset, config.limit, config.seed)
         paths = [AnswerPath.parse(path) for path in config.paths]
         if any(path.finetuned for path in paths):
-            refuse_training_questions(items, self.pipeline.settings.adapter_dir)
+            refuse_training_questions(items, self.pipeline.settings.adapter)
         cached = self._load_cache()
         base_models, tuned_models = answering_models(self.pipeline.settings)
         fingerprints = {path: config.fingerprint(path.retrieves, tuned_models if path.finetuned else base_models)
@@ -236,7 +225,9 @@ class Evaluator:
                     # Quoted and scored here, not cached: a change of span alignment or of a metric re-scores a
                     # finished run without regenerating.
                     run.rows.append(self._score(item, path, row))
-        run.summary = summarize(run, items)
+        threshold = self.pipeline.settings.answerable_threshold
+        run.summary = summarize(run, items, self.pipeline.answerability_model.threshold if threshold is None
+                                else threshold)
         return run
 
     def _answer(self, item: QAItem, path: AnswerPath) -> dict:
@@ -255,6 +246,7 @@ class Evaluator:
             "latency_ms": latency_ms, "prompt_tokens": answer.usage.get("prompt_tokens", 0),
             "completion_tokens": answer.usage.get("completion_tokens", 0),
             "tokens_per_second": answer.timings.get("tokens_per_second", 0.0),
+            "confidence": answer.confidence,
         }
 
     def _score(self, item: QAItem, path: AnswerPath, row: dict) -> dict:
@@ -275,8 +267,22 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def summarize(run: EvalRun, items: list[QAItem]) -> dict:
-    """Headline numbers per path (with bootstrap intervals), paired comparisons and retrieval metrics."""
+def _abstention(rows: list[dict], threshold: float, config) -> dict:
+    """Share of questions called not answerable, and F1 when those answers score 0 (every eval question has a gold
+    answer, so each abstention is a false one and its F1 is what abstaining costs)."""
+    abstained = [float(row["confidence"] < threshold) for row in rows]
+    f1 = [row["scores"]["f1"] for row in rows]
+    kept = [score * (1 - gave_up) for score, gave_up in zip(f1, abstained)]
+    rate, rate_low, rate_high = bootstrap_ci(abstained, config.bootstrap, config.seed)
+    mean, low, high = bootstrap_ci(kept, config.bootstrap, config.seed)
+    return {"threshold": threshold, "false_abstention": {"mean": rate, "ci95": [rate_low, rate_high], "n": len(rows)},
+            "f1": {"mean": mean, "ci95": [low, high], "n": len(rows)},
+            "f1_drop": sum(f1) / len(f1) - sum(kept) / len(kept)}
+
+
+def summarize(run: EvalRun, items: list[QAItem], answerable_threshold: float | None = None) -> dict:
+    """Headline numbers per path (with bootstrap intervals), paired comparisons, retrieval metrics and, for paths
+    whose answers carry an answerability confidence, what abstaining below `answerable_threshold` would do."""
     config = run.config
     by_path: dict[str, list[dict]] = {}
     for row in run.rows:
@@ -300,6 +306,9 @@ def summarize(run: EvalRun, items: list[QAItem]) -> dict:
             predicted = [row["scores"]["predicted"] for row in rows]
             entry["predicted"] = dict(sorted(Counter(predicted).items()))
             entry["balanced_accuracy"] = balanced_accuracy([row["gold"][0] for row in rows], predicted)
+        confidences = [row.get("confidence") for row in rows]
+        if answerable_threshold is not None and metric_names != ["accuracy"] and None not in confidences:
+            entry["abstention"] = _abstention(rows, answerable_threshold, config)
         paths[path] = entry
 
     headline = metric_names[0] if metric_names == ["accuracy"] else "f1"

@@ -10,22 +10,28 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 
+from rag.answerability import Answerability, AnswerabilityModel, answerability_features
 from rag.config import Settings
+from rag.conversation import RewriteMode, Turn, rewrite_messages, standalone_question
 from rag.errors import UserError
 from rag.generation import Generation, GenerationParams, Generator, adapter_for, load_generator
 from rag.prompt import Prompt, PromptBuilder, PromptMode, load_shots
-from rag.span import SpanMatch, align_to_source
+from rag.span import SpanMatch, align_to_source, grounded_share
 from rag.types import AnswerPath, RetrieverKind, ScoredChunk
 
 IDK = "I don't know."
+NOT_ANSWERABLE = "The documents don't answer this question."
+# Share of an answer's content words a source must contain to be cited for it (as in the eval's groundedness).
+MIN_GROUNDED_SHARE = 0.8
 CITATION = re.compile(r"\[(\d{1,2})\]")
 # Below this token-F1 between the model's words and a source span, the output is not a quote of the sources and
 # is returned as generated rather than forced onto a span.
 MIN_SPAN_SCORE = 0.3
+REWRITE_MAX_TOKENS = 48  # a standalone question, written by the decoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +48,14 @@ class Citation:
 class AnswerRequest:
     """One question and how to answer it: the same options for `Pipeline.answer/stream`, `rag ask` and the API.
 
-    `k` None means `Settings.answer_chunks`; `shots_file` gives few-shot examples to the prompt-only path;
-    `choices` (e.g. yes/no/maybe) are scored by likelihood instead of generating; `extract` aligns the answer to the
-    best-matching span of its sources.
+    `path` None means `Settings.default_path`; `k` None means `Settings.answer_chunks`; `shots_file` gives few-shot
+    examples to the prompt-only path; `choices` (e.g. yes/no/maybe) are scored by likelihood instead of generating;
+    `extract` aligns the answer to the best-matching span of its sources; `history` holds the conversation's earlier
+    turns, oldest first, for a follow-up question.
     """
 
     question: str
-    path: AnswerPath = AnswerPath.RAG
+    path: AnswerPath | None = None
     k: int | None = None
     retriever: RetrieverKind = RetrieverKind.HYBRID
     source: str | None = None
@@ -57,11 +64,13 @@ class AnswerRequest:
     shots: int = 3
     choices: tuple[str, ...] | None = None
     extract: bool = True
+    history: tuple[Turn, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.question, str) or not self.question.strip():
             raise UserError("The question is empty.")
-        object.__setattr__(self, "path", AnswerPath.parse(self.path))
+        object.__setattr__(self, "path", AnswerPath.parse(self.path) if self.path else None)
+        object.__setattr__(self, "history", tuple(self.history))
         object.__setattr__(self, "retriever", RetrieverKind.parse(self.retriever or RetrieverKind.HYBRID))
         object.__setattr__(self, "params", self.params or GenerationParams())
         if self.choices is not None:
@@ -83,12 +92,19 @@ class AnswerRequest:
 
 @dataclass(frozen=True, slots=True)
 class PreparedAnswer:
-    """Everything before the decoder runs: the request, the decoder that answers it and the prompt built for it."""
+    """Everything before the decoder runs: the request (its path resolved), the decoder that answers it, the prompt
+    built for it and, on retrieving paths, whether its sources hold the answer."""
 
     request: AnswerRequest
     generator: Generator
     prompt: Prompt
     timings: dict[str, float]
+    answerability: Answerability | None = None
+    searched: str | None = None  # the standalone question retrieval used, when it differs from the one asked
+
+    @property
+    def abstains(self) -> bool:
+        return self.answerability is not None and not self.answerability.answerable
 
 
 @dataclass(slots=True)
@@ -103,6 +119,10 @@ class Answer:
     raw_text: str = ""  # the decoder's own words, before alignment to a source span
     sources: list[Citation] = field(default_factory=list)  # every source the prompt held, cited or not
     finish_reason: str = "stop"  # the decoder's: 'stop' (end of turn or a stop sequence), 'length', 'cancelled'
+    answerable: bool = True  # False: the sources do not hold the answer (text says so; `see_also` lists them)
+    confidence: float | None = None  # calibrated probability that the sources hold the answer (retrieving paths)
+    see_also: list[Citation] = field(default_factory=list)  # closest sources of an unanswerable question
+    searched: str | None = None  # the standalone question retrieval used, when a follow-up was rewritten
 
     def to_dict(self) -> dict:
         """The answer as JSON: the text is named `answer` (one name in the CLI and the API)."""
@@ -183,14 +203,21 @@ class Pipeline:
         threading.Thread(target=load, name="decoder-preload", daemon=True).start()
 
     def prepare(self, request: AnswerRequest) -> PreparedAnswer:
-        """Retrieval and prompt building: everything before the decoder runs."""
+        """Retrieval, the answerability check and prompt building: everything before the decoder runs."""
+        if request.path is None:
+            request = replace(request, path=self.settings.default_path)
         path, params = request.path, request.params
         timings: dict[str, float] = {}
         hits: list[ScoredChunk] = []
+        answerability, searched = None, request.question
         if path.retrieves:  # first: a missing index is reported before seconds are spent loading a decoder
             started = time.perf_counter()
-            hits = self.retriever.retrieve(request.question, request.k or self.settings.answer_chunks,
-                                           request.retriever, request.source)
+            searched = self.standalone(request.history, request.question)
+            hits = self.retriever.retrieve(searched, request.k or self.settings.answer_chunks, request.retriever,
+                                           request.source)
+            if not request.choices:
+                features = answerability_features(searched, hits, self.retriever.similarities(searched, hits))
+                answerability = self.answerability_model.assess(features, self.settings.answerable_threshold)
             timings["retrieve_ms"] = (time.perf_counter() - started) * 1000
         generator = self.generator_for(path)
         started = time.perf_counter()
@@ -202,9 +229,25 @@ class Pipeline:
             prompt = builder.for_choices(request.question, hits, list(request.choices))
         else:
             mode = PromptMode.RAG if path.retrieves else (PromptMode.FEW_SHOT if few_shot else PromptMode.PROMPT_ONLY)
-            prompt = builder.build(request.question, hits, mode)
+            prompt = builder.build(request.question, hits, mode, request.history)
         timings["prompt_ms"] = (time.perf_counter() - started) * 1000
-        return PreparedAnswer(request, generator, prompt, timings)
+        return PreparedAnswer(request, generator, prompt, timings, answerability,
+                              searched if searched != request.question else None)
+
+    def standalone(self, history: tuple[Turn, ...], question: str) -> str:
+        """The question retrieval searches for: a follow-up made standalone (settings.follow_up_rewrite)."""
+        mode = RewriteMode.parse(self.settings.follow_up_rewrite)
+        if not history or mode is RewriteMode.NONE:
+            return question
+        if mode is RewriteMode.RULE:
+            return standalone_question(history, question)
+        generation = self.generator.generate(rewrite_messages(history, question),
+                                             GenerationParams(max_new_tokens=REWRITE_MAX_TOKENS))
+        return generation.text.strip().split("\n")[0] or question
+
+    @cached_property
+    def answerability_model(self) -> AnswerabilityModel:
+        return AnswerabilityModel.load()
 
     def answer(self, question: str | AnswerRequest, **options) -> Answer:
         """One answer, for an `AnswerRequest` or a question and its options (the request's fields). With `choices`
@@ -212,6 +255,8 @@ class Pipeline:
         prepared = self.prepare(AnswerRequest.of(question, **options))
         if prepared.request.choices:
             return self._choose(prepared)
+        if prepared.abstains and self.settings.abstain:
+            return self.not_answerable(prepared)
         started = time.perf_counter()
         generation = prepared.generator.generate(prepared.prompt.messages, prepared.request.params)
         prepared.timings["generate_ms"] = (time.perf_counter() - started) * 1000
@@ -222,6 +267,10 @@ class Pipeline:
         prepared = self.prepare(AnswerRequest.of(question, **options))
         if prepared.request.choices:
             raise UserError("Closed-set choices are scored, not generated: they cannot be streamed.")
+        if prepared.abstains and self.settings.abstain:
+            yield NOT_ANSWERABLE
+            yield self.not_answerable(prepared)
+            return
         generator, prompt = prepared.generator, prepared.prompt
         started = time.perf_counter()
         pieces = []
@@ -237,27 +286,41 @@ class Pipeline:
             text, prompt.token_count, len(generator.tokenizer.encode(text, add_special_tokens=False)), seconds, "stop")
         yield self.finish(prepared, generation)
 
+    def not_answerable(self, prepared: PreparedAnswer) -> Answer:
+        """The answer when the sources do not hold one: said plainly, the closest sources as "see also"."""
+        sources = [_citation(number, hit) for number, hit in enumerate(prepared.prompt.used_chunks, 1)]
+        return Answer(NOT_ANSWERABLE, [], prepared.request.path.value, {"prompt_tokens": 0, "completion_tokens": 0},
+                      prepared.timings, "", sources, answerable=False, confidence=_confidence(prepared),
+                      see_also=sources, searched=prepared.searched)
+
     def finish(self, prepared: PreparedAnswer, generation: Generation) -> Answer:
-        """Turns the decoder's output into an answer that quotes and cites its sources."""
+        """Turns the decoder's output into an answer that quotes and cites its sources.
+
+        A source is cited only for words it contains: a quoted span cites the source it was copied from; an answer
+        that is no quote cites the sources its [n] markers name only where they hold most of its content words."""
         request, prompt, timings = prepared.request, prepared.prompt, prepared.timings
         raw = generation.text.strip()
         used = prompt.used_chunks
         sources = [_citation(number, hit) for number, hit in enumerate(used, 1)]
         timings["tokens_per_second"] = generation.tokens_out / generation.seconds if generation.seconds else 0.0
         usage = {"prompt_tokens": generation.tokens_in, "completion_tokens": generation.tokens_out}
-        text, citations = raw, []
-        if used and "don't know" not in raw.lower():
-            cited = sorted({int(n) for n in CITATION.findall(raw) if 1 <= int(n) <= len(used)})
+        answer = Answer(raw, [], request.path.value, usage, timings, raw, sources, generation.finish_reason,
+                        confidence=_confidence(prepared), searched=prepared.searched)
+        if used and "don't know" in raw.lower():
+            answer.text, answer.answerable, answer.see_also = NOT_ANSWERABLE, False, sources
+        elif used:
             match = quote_source(raw, request.question, [hit.chunk.text for hit in used]) if request.extract else None
             if match is not None:
                 # The small model's wording wanders; the source's own words are the answer it was reaching for.
-                text = quoted(match)
-                citations = [_citation(match.source_index + 1, used[match.source_index], match.text)]
+                answer.text = quoted(match)
+                answer.citations = [_citation(match.source_index + 1, used[match.source_index], match.text)]
             else:
-                citations = [sources[n - 1] for n in cited]
+                cited = sorted({int(n) for n in CITATION.findall(raw) if 1 <= int(n) <= len(used)})
+                answer.citations = [sources[n - 1] for n in cited
+                                    if (grounded_share(raw, used[n - 1].chunk.text) or 0) >= MIN_GROUNDED_SHARE]
         elif not raw:
-            text = IDK
-        return Answer(text, citations, request.path.value, usage, timings, raw, sources, generation.finish_reason)
+            answer.text = IDK
+        return answer
 
     def _choose(self, prepared: PreparedAnswer) -> Answer:
         request, prompt, timings = prepared.request, prepared.prompt, prepared.timings
@@ -272,3 +335,7 @@ class Pipeline:
         return Answer(best, sources, request.path.value, {"prompt_tokens": prompt.token_count, "completion_tokens": 0},
                       timings, raw_text=str({choice: round(logprobs[options[choice]], 3) for choice in request.choices}),
                       sources=sources)
+
+
+def _confidence(prepared: PreparedAnswer) -> float | None:
+    return prepared.answerability.confidence if prepared.answerability else None

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rag.errors import UserError
+from rag.conversation import Turn
 from rag.types import Choice, ScoredChunk
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -63,6 +64,7 @@ class Prompt:
     mode: str = PromptMode.RAG.value  # a PromptMode value, or "choices"
     shots_used: int = 0
     truncated: bool = False  # used_chunks[0] holds only the head of the top chunk's text
+    history_used: int = 0  # earlier conversation turns in the prompt: the most recent ones
 
     @property
     def citations(self) -> dict[int, ScoredChunk]:
@@ -223,17 +225,19 @@ class PromptBuilder:
         return [{"role": "user", "content": user}, {"role": "assistant", "content": shot["answer"]}]
 
     # ---- building -------------------------------------------------------------------------------------------
-    def build(self, question: str, chunks: Sequence[ScoredChunk] = (), mode: PromptMode | str = PromptMode.RAG
-              ) -> Prompt:
-        """A prompt for `question`. `chunks` are in rank order (best first); only RAG mode uses them."""
+    def build(self, question: str, chunks: Sequence[ScoredChunk] = (), mode: PromptMode | str = PromptMode.RAG,
+              history: Sequence[Turn] = ()) -> Prompt:
+        """A prompt for `question`. `chunks` are in rank order (best first); only RAG mode uses them. `history`
+        holds the conversation's earlier turns, oldest first; they fill the room the sources leave, the most
+        recent first, so the oldest are the ones dropped."""
         mode = PromptMode.parse(mode)
         question = _clean_question(question)
         if mode is PromptMode.RAG:
-            return self._fit(mode.value, self.rag_system, question, list(chunks), self.rag_shots, True)
+            return self._fit(mode.value, self.rag_system, question, list(chunks), self.rag_shots, True, history)
         if mode is PromptMode.FEW_SHOT and not self.shots:
             raise UserError("Few-shot mode needs examples: pass shots=load_shots(path, n) to PromptBuilder.")
         shots = self.shots if mode is PromptMode.FEW_SHOT else []
-        prompt = self._fit(mode.value, self.prompt_system, question, [], shots, False)
+        prompt = self._fit(mode.value, self.prompt_system, question, [], shots, False, history)
         prompt.dropped_chunks = list(chunks)  # this mode takes no sources
         return prompt
 
@@ -249,11 +253,16 @@ class PromptBuilder:
         return self._fit("choices", system, question, list(chunks), [], bool(chunks))
 
     def _fit(self, mode: str, system: str, question: str, chunks: list[ScoredChunk], shots: list[dict],
-             with_sources: bool) -> Prompt:
+             with_sources: bool, history: Sequence[Turn] = ()) -> Prompt:
+        turns = 0  # of `history`, counted from its end
+
         def render(hits: list[ScoredChunk], shot_count: int = 0) -> list[dict[str, str]]:
             messages = [{"role": "system", "content": system}]
             for shot in shots[:shot_count]:
                 messages += self._shot_turns(shot, with_sources)
+            for turn in history[len(history) - turns:] if turns else ():
+                messages += [{"role": "user", "content": turn.question},
+                             {"role": "assistant", "content": turn.answer}]
             if with_sources:
                 blocks = [self.source_block(n, hit.chunk.text) for n, hit in enumerate(hits, 1)]
                 user = self.context_turn(question, blocks)
@@ -271,6 +280,13 @@ class PromptBuilder:
         used, count, truncated = [], base, False
         if chunks:
             used, count, truncated = self._fit_chunks(render, chunks, base)
+        while turns < len(history):  # earlier turns fill what the sources left, the most recent first
+            turns += 1
+            trial = self.count(render(used))
+            if trial > self.budget:
+                turns -= 1
+                break
+            count = trial
         shot_count = 0
         while shot_count < len(shots):  # examples fill what the sources left, in file order
             trial = self.count(render(used, shot_count + 1))
@@ -278,7 +294,7 @@ class PromptBuilder:
                 break
             shot_count, count = shot_count + 1, trial
         return Prompt(render(used, shot_count), used, chunks[len(used):], count, self.budget, mode, shot_count,
-                      truncated)
+                      truncated, turns)
 
     def _fit_chunks(self, render, chunks: list[ScoredChunk], base: int) -> tuple[list[ScoredChunk], int, bool]:
         # Estimate from each block's own token count (each chunk tokenised once, only as far as the budget goes),

@@ -31,6 +31,14 @@ def write_report(run, command: str) -> Path:
                  f"{entry['latency_ms']['p95']:.0f}", f"{entry['prompt_tokens']:.0f}",
                  f"{entry['completion_tokens']:.1f}", f"{entry['tokens_per_second']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    abstaining = {path: entry["abstention"] for path, entry in summary["paths"].items() if "abstention" in entry}
+    if abstaining:
+        threshold = next(iter(abstaining.values()))["threshold"]
+        lines += ["", f"With abstention (called not answerable below confidence {threshold:.3f}; every question here "
+                  "is answerable, so each abstention is a false one and scores F1 0):", "",
+                  "| path | false abstention | F1 with abstention | F1 drop |", "|---|---|---|---|"]
+        lines += [f"| {path} | {_interval(a['false_abstention'])} | {_interval(a['f1'])} | {a['f1_drop']:+.3f} |"
+                  for path, a in abstaining.items()]
     if "majority_class" in summary:
         majority = summary["majority_class"]
         lines += ["", f"Majority class ('{majority['label']}'): {majority['rate']:.3f}. Balanced accuracy is the mean "

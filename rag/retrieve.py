@@ -69,6 +69,16 @@ class Retriever:
             for rank, (id_, score) in enumerate(ranked, 1) if id_ in chunks
         ]
 
+    def similarities(self, query: str, hits: list[ScoredChunk]) -> list[float]:
+        """Cosine similarity of the query to each hit: the dense leg's score where it found the hit, else embedded
+        now (a BM25-only hit, or the BM25 retriever)."""
+        missing = [hit for hit in hits if "dense" not in hit.scores]
+        computed = {}
+        if missing:
+            vectors = self.embedder.encode([query] + [hit.chunk.indexed_text for hit in missing])
+            computed = {id(hit): float(vectors[0] @ vector) for hit, vector in zip(missing, vectors[1:])}
+        return [hit.scores["dense"] if "dense" in hit.scores else computed[id(hit)] for hit in hits]
+
     def _dense(self, query: str, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
         index = self.store.index
         if index.ntotal == 0:

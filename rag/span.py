@@ -41,6 +41,20 @@ known one ones dont know
 """.split())
 
 
+def content_words(text: str) -> list[str]:
+    """Normalised words (SQuAD normalisation) that are not function words."""
+    return [word for word in normalize_answer(text).split() if word not in STOPWORDS]
+
+
+def grounded_share(answer: str, context: str) -> float | None:
+    """Share of the answer's content words that occur in the context (None: no content words, or no context)."""
+    words = content_words(answer)
+    if not words or not context:
+        return None
+    context_words = set(normalize_answer(context).split())
+    return sum(word in context_words for word in words) / len(words)
+
+
 @dataclass(frozen=True, slots=True)
 class SpanMatch:
     text: str  # exact substring of sources[source_index], original casing and inner punctuation

@@ -16,7 +16,8 @@ FAST = GenerationParams(max_new_tokens=16)
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, embedder, generator):
     index = tmp_path_factory.mktemp("pipeline") / "index"
-    settings = Settings(index_dir=index, parse_workers=1)
+    # The base model's paths: the shipped adapter and the default path have their own tests (test_answers.py).
+    settings = Settings(index_dir=index, parse_workers=1, packaged_adapter=False)
     job = IngestJob(settings, embedder)
     for name in ("timeouts.md", "proxies.md", "resource-limits.md"):
         job.run(CORPUS / "httpx" / "advanced" / name, prune=False)

@@ -23,6 +23,7 @@ from api.answering import AnswerStream, EventStreamResponse, answer, generation_
 from api.deps import ServiceDep
 from api.observability import current_request_id
 from api.schemas import AnswerOut, AskRequest, GenerationOptions
+from rag.conversation import Turn
 from rag.pipeline import AnswerRequest
 
 logger = logging.getLogger("rag.api")
@@ -36,8 +37,9 @@ _STREAM_DOC = {"description": "With stream=true: Server-Sent Events (`token` eve
              responses={200: _STREAM_DOC, 503: {"description": "Busy (see Retry-After), loading, or no index."}})
 async def ask(body: AskRequest, service: ServiceDep, request: Request):
     params = generation_params(service, **body.model_dump(include=set(GenerationOptions.model_fields)))
-    answer_request = AnswerRequest(body.question, body.path, body.k, body.retriever, body.source, params,
-                                   extract=body.extract)
+    answer_request = AnswerRequest(body.question, body.path or service.settings.default_path, body.k, body.retriever,
+                                   body.source, params, extract=body.extract,
+                                   history=tuple(Turn(turn.question, turn.answer) for turn in body.history))
     if not body.stream:
         return (await answer(service, answer_request)).to_dict()
 

@@ -1,7 +1,8 @@
 """OpenAI-compatible chat completions, so existing OpenAI clients and tools can talk to the service.
 
 Models are the answer paths: `rag`, `rag-prompt-only`, `rag-finetuned`, `rag-finetuned-rag`. The last user message
-is the question (earlier turns are not used). Replies carry an extra top-level `citations` field (in the final chunk
+is the question; the user/assistant turns before it are the conversation (a follow-up is made standalone before
+retrieval, and the turns enter the prompt as far as its token budget allows). Replies carry an extra top-level `citations` field (in the final chunk
 when streaming). Non-standard options go in the body too (`k`, `retriever`, `source`, `top_k`; with the openai
 client: `extra_body={"k": 3}`).
 
@@ -24,6 +25,7 @@ from api.deps import ServiceDep
 from api.errors import ApiError
 from api.observability import current_request_id
 from api.schemas import ChatCompletionRequest, ModelCard, ModelList
+from rag.conversation import Turn
 from rag.generation import DEFAULT_MAX_NEW_TOKENS, available_paths
 from rag.pipeline import AnswerRequest
 from rag.types import AnswerPath
@@ -41,6 +43,19 @@ def _available(service) -> list[str]:
     return [name for name, path in MODELS.items() if path in paths]
 
 
+def conversation_turns(messages) -> tuple[Turn, ...]:
+    """The (user, assistant) exchanges before the last user message, oldest first."""
+    users = [index for index, message in enumerate(messages) if message.role == "user"]
+    turns, asked = [], None
+    for message in messages[: users[-1] if users else 0]:
+        if message.role == "user":
+            asked = message.text()
+        elif message.role == "assistant" and asked is not None:
+            turns.append(Turn(asked, message.text()))
+            asked = None
+    return tuple(turns)
+
+
 @router.get("/models", response_model=ModelList, summary="The answer paths this server offers, as models")
 async def models(service: ServiceDep) -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=STARTED) for name in _available(service)])
@@ -54,6 +69,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
         raise ApiError(404, "model_not_found", f"Unknown model '{body.model[:100]}'. Available: "
                        f"{', '.join(_available(service))}.")
     question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
+    history = conversation_turns(body.messages)
     if not question.strip():
         raise ApiError(422, "validation_error", "messages: needs a user message with text (the question).")
     if len(question) > MAX_QUESTION_CHARS:
@@ -62,7 +78,8 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = generation_params(service, body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS,
                                body.temperature or 0.0, body.top_k, body.top_p, body.seed, stop)
-    answer_request = AnswerRequest(question, MODELS[body.model], body.k, body.retriever, body.source, params)
+    answer_request = AnswerRequest(question, MODELS[body.model], body.k, body.retriever, body.source, params,
+                                   history=history)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 

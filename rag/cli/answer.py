@@ -18,7 +18,9 @@ def _print_answer(answer, title: str | None = None) -> None:
     from rich.panel import Panel
 
     lines = [answer.text, ""]
-    for citation in answer.citations or []:
+    if answer.see_also:
+        lines.append("See also:")
+    for citation in answer.citations or answer.see_also:
         where = display(citation.source) + (f", p. {citation.page}" if citation.page else "")
         lines.append(f"[{citation.number}] {where}" + (f" § {citation.heading}" if citation.heading else ""))
     timings = answer.timings
@@ -31,7 +33,7 @@ def _print_answer(answer, title: str | None = None) -> None:
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
-    path: Annotated[AnswerPath, typer.Option("--path", "-p", help="How to answer: without retrieval (prompt), with it (rag), or the same with the fine-tuned adapter.")] = AnswerPath.RAG,
+    path: Annotated[Optional[AnswerPath], typer.Option("--path", "-p", help="How to answer: without retrieval (prompt), with it (rag), or the same with the fine-tuned adapter (env: RAG_ANSWER_PATH; default: finetuned-rag with the shipped adapter on the packaged decoder, else rag).")] = None,
     k: Annotated[Optional[int], typer.Option("-k", min=1, max=MAX_CHUNKS, help="Chunks in the prompt (env: RAG_ANSWER_CHUNKS; default 1, right for the 135M default model).")] = None,
     retriever: Annotated[RetrieverKind, typer.Option(help="Dense (embeddings), bm25 (keywords) or hybrid (both, fused by rank).")] = RetrieverKind.HYBRID,
     source: Annotated[Optional[str], typer.Option(help="Only retrieve from sources matching this glob.")] = None,
@@ -64,7 +66,7 @@ def ask(
                              **({"openai_model": model} if is_openai else {"decoder_model": model}))
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, stop=list(stop))
-    paths = available_paths(settings) if compare else [path]
+    paths = available_paths(settings) if compare else [path or settings.default_path]
     options = tuple(c.strip() for c in choices.split(",") if c.strip()) if choices else None
     requests = [AnswerRequest(question, answer_path, k, retriever, source, params, shots, n_shots, options, extract)
                 for answer_path in paths]
@@ -87,6 +89,44 @@ def ask(
             _print_answer(answer)
     if as_json:
         print(json.dumps([answer.to_dict() for answer in answers] if compare else answers[0].to_dict(), indent=2))
+
+
+@app.command()
+def chat(
+    path: Annotated[Optional[AnswerPath], typer.Option("--path", "-p", help="Answer path (default as for `rag ask`).")] = None,
+    k: Annotated[Optional[int], typer.Option("-k", min=1, max=MAX_CHUNKS, help="Chunks in the prompt (env: RAG_ANSWER_CHUNKS).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=MAX_NEW_TOKENS, help="Most tokens to generate per answer.")] = DEFAULT_MAX_NEW_TOKENS,
+    rewrite: Annotated[Optional[str], typer.Option(help="How a follow-up is made standalone for retrieval: rule | decoder | none (env: RAG_FOLLOW_UP_REWRITE).")] = None,
+    index: IndexOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A conversation: one question per line on standard input. A follow-up ("and for async clients?") is made
+    standalone before retrieval and answered with the earlier turns in its prompt; each answer keeps its own
+    citations. An empty line or the end of input ends it. `--json` prints one answer body per line."""
+    import sys
+
+    from rag.conversation import Turn
+    from rag.generation import GenerationParams
+    from rag.pipeline import AnswerRequest, Pipeline
+
+    settings = settings_from(index_dir=index, follow_up_rewrite=rewrite)
+    pipeline = Pipeline(settings)
+    history: list[Turn] = []
+    interactive = sys.stdin.isatty() and not as_json
+    while True:
+        if interactive:
+            errors.print("[bold]?[/bold] ", end="")
+        question = sys.stdin.readline().strip()
+        if not question:
+            break
+        answer = pipeline.answer(AnswerRequest(question, path, k, params=GenerationParams(max_new_tokens=max_new_tokens),
+                                               history=tuple(history)))
+        history.append(Turn(question, answer.text, answer.searched, answer.citations))
+        if as_json:
+            print(json.dumps(answer.to_dict()), flush=True)
+        else:
+            _print_answer(answer, title=f"turn {len(history)} · path: {answer.path}"
+                          + (f" · searched: {answer.searched}" if answer.searched else ""))
 
 
 @app.command()

@@ -117,7 +117,8 @@ def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
 
     settings = settings_from(index_dir=index)
     store = Store.open(settings.index_dir)
-    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.directory)}
+    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.directory),
+            "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value}
     if as_json:
         print(json.dumps(data, indent=2))
         return

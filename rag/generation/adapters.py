@@ -94,11 +94,11 @@ def apply_adapter(model: Any, adapter_dir: Path) -> Any:
 def require_adapter(settings: Settings, path: AnswerPath | None = None) -> Path:
     """The configured adapter folder, or a NoAdapterConfigured error that says how to get one. The one place that
     decides whether a fine-tuned path can answer (pipeline, CLI and API all ask here)."""
-    if settings.adapter_dir is None:
+    if settings.adapter is None:
         needs = f"The '{path.value}' path needs a LoRA adapter; " if path is not None else ""
         available = ", ".join(p.value for p in available_paths(settings))
         raise NoAdapterConfigured(f"{needs}no adapter configured: {ADAPTER_HINT}. Available paths: {available}.")
-    return settings.adapter_dir
+    return settings.adapter
 
 
 def adapter_for(path: AnswerPath, settings: Settings) -> Path | None:
@@ -108,4 +108,4 @@ def adapter_for(path: AnswerPath, settings: Settings) -> Path | None:
 
 def available_paths(settings: Settings) -> list[AnswerPath]:
     """The answer paths these settings can serve: the fine-tuned ones only with an adapter."""
-    return [path for path in AnswerPath if not path.finetuned or settings.adapter_dir is not None]
+    return [path for path in AnswerPath if not path.finetuned or settings.adapter is not None]
