@@ -36,7 +36,7 @@ from rag.conversation import Turn, rewrite_messages, standalone_question  # noqa
 from rag.datasets import is_gold, read_dataset, write_contexts  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
 from rag.evaluate import bootstrap_ci  # noqa: E402
-from rag.generate import GenerationParams, load_generator  # noqa: E402
+from rag.generation import GenerationParams, load_generator  # noqa: E402
 from rag.retrieve import Retriever  # noqa: E402
 from rag.span import STOPWORDS  # noqa: E402
 from rag.store import Store  # noqa: E402

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from rag import offline  # noqa: F401
+
+# Tests answer with the base model unless they ask for the shipped adapter (tests/test_answers.py does): one
+# decoder load per session, and answers that do not change when the shipped adapter is retrained. Subprocesses
+# (CLI, uvicorn) inherit it.
+os.environ.setdefault("RAG_PACKAGED_ADAPTER", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "corpus"

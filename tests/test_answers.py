@@ -8,8 +8,8 @@ from ingest.job import IngestJob
 from rag.answerability import AnswerabilityModel, coverage
 from rag.config import PACKAGED_ADAPTER, Settings
 from rag.conversation import Turn, is_follow_up, standalone_question
-from rag.generate import Generation, GenerationParams
-from rag.pipeline import NOT_ANSWERABLE, Pipeline
+from rag.generation import Generation, GenerationParams
+from rag.pipeline import NOT_ANSWERABLE, AnswerRequest, Pipeline
 from rag.prompt import PromptBuilder, PromptMode
 from rag.retrieve import Retriever
 from rag.store import Store
@@ -48,7 +48,7 @@ def test_shipped_adapter_is_the_default_and_matches_its_record():
 
     from rag.models import decoder_identity, sha256_files
 
-    settings = Settings()
+    settings = Settings(packaged_adapter=True)
     assert settings.adapter == PACKAGED_ADAPTER and settings.default_path is AnswerPath.FINETUNED_RAG
     record = json.loads((PACKAGED_ADAPTER / "training.json").read_text())
     assert record["base_model"]["sha256"] == decoder_identity(None)["sha256"]
@@ -76,12 +76,13 @@ def test_an_answerable_question_is_answered_with_a_citation(pipeline):
 
 
 def test_a_source_is_never_cited_for_words_it_does_not_contain(pipeline):
-    prepared = pipeline.prepare("How long does HTTPX wait before raising a TimeoutException?", "rag")
+    prepared = pipeline.prepare(AnswerRequest("How long does HTTPX wait before raising a TimeoutException?", "rag",
+                                              extract=False))
     unsupported = Generation("Bananas ripen in purple moonlight [1]", 10, 8, 0.1)
-    assert pipeline.finish("q", prepared, unsupported, extract=False).citations == []
+    assert pipeline.finish(prepared, unsupported).citations == []
     chunk_text = prepared.prompt.used_chunks[0].chunk.text
     supported = Generation(" ".join(chunk_text.split()[:12]) + " [1]", 10, 8, 0.1)
-    assert [c.number for c in pipeline.finish("q", prepared, supported, extract=False).citations] == [1]
+    assert [c.number for c in pipeline.finish(prepared, supported).citations] == [1]
 
 
 def test_threshold_setting_decides():
@@ -107,8 +108,8 @@ def test_follow_up_is_searched_with_the_previous_question():
 
 def test_follow_up_retrieves_with_the_conversation(pipeline):
     first = pipeline.answer("How do I configure proxies for HTTPX?", path="rag", params=FAST)
-    follow = pipeline.prepare("And how do I disable them for some hosts?", "rag",
-                              history=[Turn("How do I configure proxies for HTTPX?", first.text)])
+    follow = pipeline.prepare(AnswerRequest("And how do I disable them for some hosts?", "rag",
+                                            history=(Turn("How do I configure proxies for HTTPX?", first.text),)))
     assert follow.searched.startswith("How do I configure proxies")
     assert "proxies" in follow.prompt.used_chunks[0].chunk.source
     assert follow.prompt.history_used == 1
