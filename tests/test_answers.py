@@ -130,4 +130,4 @@ def test_openai_route_turns_messages_into_history():
 
     messages = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="q1"),
                 ChatMessage(role="assistant", content="a1"), ChatMessage(role="user", content="q2")]
-    assert conversation_turns(messages) == [Turn("q1", "a1")]
+    assert conversation_turns(messages) == (Turn("q1", "a1"),)
