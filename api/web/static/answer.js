@@ -15,7 +15,11 @@ export function answerView(answer) {
   const sources = new Map([...(answer.sources || []), ...(answer.citations || [])].map((s) => [s.number, s]));
   const plain = text.replace(CITATION, "").trim();
   const body = h("p", { class: "answer-text" });
-  if (isIdk(text)) {
+  if (answer.answerable === false) {
+    body.classList.add("idk");
+    body.append(h("strong", {}, text || "The documents don't answer this question."),
+      answer.confidence != null ? ` (confidence ${answer.confidence.toFixed(2)})` : "");
+  } else if (isIdk(text)) {
     body.classList.add("idk");
     body.append(h("strong", {}, "No answer found in the sources. "), text ? `The model said: “${text}”` : "");
   } else {
@@ -34,8 +38,9 @@ export function answerView(answer) {
       `[${source.number}] ${describeSource(source)}`),
     cited.has(source.number) ? h("span", { class: "badge" }, "cited") : null));
   if (!list.length) return [body];
-  return [body, h("details", { class: "sources", open: cited.size ? true : null },
-    h("summary", {}, `Sources (${list.length})`), h("ol", {}, list))];
+  const title = answer.answerable === false ? `See also (${list.length})` : `Sources (${list.length})`;
+  return [body, h("details", { class: "sources", open: cited.size || answer.answerable === false ? true : null },
+    h("summary", {}, title), h("ol", {}, list))];
 }
 
 function citeButton(source, answerText) {

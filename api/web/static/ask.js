@@ -1,6 +1,6 @@
 // Ask: a conversation thread. Each question streams its answer from POST /v1/ask ("stream": true), then shows
-// the final, source-aligned answer with citations. Earlier turns stay on screen; each question is answered from
-// the documents on its own (the API is stateless), so a follow-up should name what it asks about.
+// the final, source-aligned answer with citations. The thread's earlier turns go with each question as its
+// `history` (the API is stateless): the server makes a follow-up standalone before retrieval.
 
 import * as api from "./api.js";
 import { $, h } from "./dom.js";
@@ -10,7 +10,9 @@ import { answerMarkdown, answerView } from "./answer.js";
 const MODEL_PATHS = { "rag-prompt-only": "prompt", "rag": "rag", "rag-finetuned": "finetuned",
   "rag-finetuned-rag": "finetuned-rag" };
 const NUMBER_FIELDS = ["k", "max_new_tokens", "temperature"];
+const MAX_HISTORY_TURNS = 32;  // api/config.py: the most a request may send (the prompt keeps what fits)
 let running = null;  // AbortController of the answer being streamed
+let history = [];  // this thread's answered turns, oldest first: {question, answer}
 
 /** The answer paths this server offers, from GET /v1/models (fine-tuned ones only with an adapter). */
 export function pathsFrom(models) {
@@ -19,14 +21,17 @@ export function pathsFrom(models) {
 }
 
 export function setupAsk(paths) {
-  $("#opt-path").replaceChildren(...paths.map((path) => h("option", { value: path }, path)));
-  $("#opt-path").value = paths.includes("rag") ? "rag" : paths[0];
+  $("#opt-path").replaceChildren(h("option", { value: "" }, "server default"),
+    ...paths.map((path) => h("option", { value: path }, path)));
+  $("#opt-path").value = "";
   $("#ask-form").addEventListener("submit", (event) => { event.preventDefault(); ask(); });
   $("#question").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); ask(); }
   });
   $("#ask-stop").addEventListener("click", () => running?.abort());
-  $("#new-thread").addEventListener("click", () => { running?.abort(); $("#thread").replaceChildren(); $("#question").focus(); });
+  $("#new-thread").addEventListener("click", () => {
+    running?.abort(); history = []; $("#thread").replaceChildren(); $("#question").focus();
+  });
 }
 
 /** The generation and retrieval options of the settings panel, as the API names them (empty = server default). */
@@ -58,7 +63,8 @@ export function showValidation(error) {
 async function ask() {
   const question = $("#question").value;
   if (running) return;
-  const body = { question, path: $("#opt-path").value, ...options(), stream: true };
+  const body = { question, ...options(), history, stream: true };
+  if ($("#opt-path").value) body.path = $("#opt-path").value;
   const streamed = h("p", { class: "answer-text streaming", dataset: { tokens: "0" } });
   const status = h("p", { class: "meta", role: "status" }, "Retrieving and generating…");
   const reply = h("div", { class: "reply", "aria-busy": "true" }, streamed, status);
@@ -82,6 +88,7 @@ async function ask() {
     }
     if (!answer) throw new api.ApiError(0, { message: "The answer stream ended before the answer." });
     finish(turn, reply, question, answer, streamed.dataset.tokens);
+    history = [...history, { question, answer: api.answerText(answer) }].slice(-MAX_HISTORY_TURNS);
     $("#question").value = "";
   } catch (error) {
     showValidation(error);
