@@ -144,7 +144,8 @@ def test_load_generator_loads_once_per_model_adapter_and_device(monkeypatch, tmp
         cache = settings.decoder_cache_dir
         assert built == [(None, "cpu", None, None, cache), (None, "cpu", tmp_path, None, cache),
                          (None, "auto", None, None, cache)]
-        remote = load_generator(Settings(backend="openai", openai_model="served", context_window=4096),
+        remote = load_generator(Settings(backend="openai", openai_model="served", context_window=4096,
+                                         cache_dir=tmp_path / "cache"),
                                 adapter_dir=tmp_path / "my-adapter")
         assert isinstance(remote, OpenAIGenerator) and remote.model_name == "my-adapter"
         assert remote.context_window == 4096 and len(built) == 3
