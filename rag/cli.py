@@ -83,7 +83,7 @@ def ingest(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ingest.job import IngestJob
+    from ingest.runner import JobRunner
     from rag.models import ModelNotFoundError
     from rag.store import StoreError
 
@@ -95,11 +95,15 @@ def ingest(
     try:
         with progress:
             task = progress.add_task("Scanning", total=None)
-            report = IngestJob(settings).run(
-                path, include, exclude, prune,
+            # A durable job, like an upload's: a run killed midway is taken over by the next identical command.
+            runner = JobRunner(settings)
+            report = runner.run(
+                runner.start_path(path, include, exclude, prune),
                 on_plan=lambda count: progress.update(task, description="Ingesting", total=count, completed=0),
                 on_file=lambda result: result.status in ("new", "changed", "failed") and progress.advance(task),
             )
+        if report.snapshot:
+            _compact_if_needed(settings)
     except (StoreError, ModelNotFoundError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     except ValueError as error:
@@ -110,6 +114,20 @@ def ingest(
     else:
         _print_ingest_report(report, settings.index_dir)
     raise typer.Exit(EXIT_FILES_FAILED if report.failed else EXIT_OK)
+
+
+def _compact_if_needed(settings: Settings) -> None:
+    """Merge small segments once the settings' policy asks for it (an API server does this in the background)."""
+    from rag.index import Index
+    from rag.store import IndexBusyError
+
+    index = Index.open(settings)
+    try:
+        index.compact(full=False)
+    except IndexBusyError:  # another process is compacting it already
+        pass
+    finally:
+        index.close()
 
 
 def _print_ingest_report(report, index_dir: Path) -> None:
@@ -184,7 +202,7 @@ def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
         store = Store.open(settings.index_dir)
     except StoreError as error:
         raise _fail(str(error)) from None
-    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.directory)}
+    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.index_dir)}
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -283,6 +301,98 @@ def ask(
         raise
     if as_json:
         print(json.dumps([answer.to_dict() for answer in answers] if compare else answers[0].to_dict(), indent=2))
+
+
+documents_app = typer.Typer(help="List and delete the documents in the index.", no_args_is_help=True)
+index_app = typer.Typer(help="Maintain the index: compaction and statistics.", no_args_is_help=True)
+app.add_typer(documents_app, name="documents")
+app.add_typer(index_app, name="index")
+
+
+def _open_index(settings: Settings):
+    from rag.errors import RagError
+    from rag.index import Index
+
+    try:
+        return Index.open(settings)
+    except RagError as error:
+        raise _fail(str(error), error.exit_code) from None
+
+
+@documents_app.command("list")
+def documents_list(index: IndexOption = None, as_json: JsonOption = False) -> None:
+    """The documents in the index, with their ids (for `rag documents delete`). Same fields as GET /v1/documents."""
+    opened = _open_index(_settings(index_dir=index))
+    records = opened.documents()
+    data = {"documents": [{"doc_id": r.doc_id, "source": r.source, "content_hash": r.content_hash, "size": r.size,
+                           "chunk_count": r.chunk_count, "ingested_at": r.ingested_at} for r in records],
+            "counts": opened.store.counts(), "snapshot": opened.store.manifest.snapshot}
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"{len(records)} documents", title_justify="left")
+    for column in ("doc_id", "source", "chunks", "ingested at"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        table.add_row(record.doc_id, _display(record.source), str(record.chunk_count), record.ingested_at)
+    console.print(table)
+
+
+@documents_app.command("delete")
+def documents_delete(doc_id: Annotated[str, typer.Argument(help="The document's id (see `rag documents list`).")],
+                     index: IndexOption = None, as_json: JsonOption = False) -> None:
+    """Remove a document from the index. Same fields as DELETE /v1/documents/{doc_id}. Exit 3 when there is none."""
+    from rag.errors import RagError
+
+    opened = _open_index(_settings(index_dir=index))
+    try:
+        record = opened.delete(doc_id)
+    except RagError as error:
+        raise _fail(str(error), error.exit_code) from None
+    if as_json:
+        print(json.dumps({"doc_id": record.doc_id, "source": record.source, "deleted": True}, indent=2))
+    else:
+        console.print(f"Deleted {_display(record.source)} ({record.doc_id}).")
+
+
+@index_app.command("compact")
+def index_compact(
+    index: IndexOption = None,
+    if_needed: Annotated[bool, typer.Option("--if-needed", help="Only when the policy asks (RAG_COMPACT_MAX_SEGMENTS, RAG_COMPACT_TOMBSTONE_RATIO); default: merge everything.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Merge the vector segments into one and drop deleted vectors (HNSW for a large index). Readers and writers
+    keep working meanwhile. Also converts an index of the older snapshot format."""
+    from dataclasses import asdict
+
+    from rag.errors import RagError
+
+    opened = _open_index(_settings(index_dir=index))
+    try:
+        info = opened.compact(full=not if_needed)
+    except RagError as error:
+        raise _fail(str(error), error.exit_code) from None
+    data = asdict(info) if info else {"compacted": False}
+    if as_json:
+        print(json.dumps(data, indent=2))
+    elif info is None:
+        console.print("Nothing to compact.")
+    else:
+        console.print(f"{info.segments_before} segments → {info.segments_after}; {info.vectors} vectors "
+                      f"({info.index_type}), {info.tombstones_dropped} deleted vectors dropped, {info.seconds:.1f} s.")
+
+
+@index_app.command("stats")
+def index_stats(index: IndexOption = None, as_json: JsonOption = False) -> None:
+    """Counts, segments, deleted vectors awaiting compaction and bytes on disk."""
+    data = _open_index(_settings(index_dir=index)).stats()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"Index {data['path']}", title_justify="left", show_header=False)
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
 
 
 @app.command(name="eval")
@@ -388,7 +498,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     index: IndexOption = None,
-    workers: Annotated[int, typer.Option(min=1, help="Processes; each loads its own models. 1 recommended (job status is per process).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Processes; each loads its own models. 1 recommended: each runs its own ingest queue over the shared job log.")] = 1,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
     reload: Annotated[bool, typer.Option("--reload", help="Restart on code changes (development).")] = False,
 ) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-import rag.store
+import rag.store.embedded
 from ingest.job import IngestJob
 from rag.retrieve import Retriever, RetrieverKind, reciprocal_rank_fusion
 from rag.store import Store
@@ -93,7 +93,7 @@ def test_langchain_adapter_is_a_base_retriever(retriever):
 
 
 def test_large_index_switches_to_hnsw_and_finds_the_same_top_hit(docs_dir, settings, embedder, monkeypatch):
-    monkeypatch.setattr(rag.store, "HNSW_THRESHOLD", 10)
+    monkeypatch.setattr(rag.store.embedded, "HNSW_THRESHOLD", 10)  # a segment this large is written as HNSW
     IngestJob(settings, embedder).run(docs_dir)
     store = Store.open(settings.index_dir)
     assert store.manifest.index_type == "IDMap2,HNSW32"
