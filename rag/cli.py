@@ -361,7 +361,7 @@ def index_compact(
     if_needed: Annotated[bool, typer.Option("--if-needed", help="Only when the policy asks (RAG_COMPACT_MAX_SEGMENTS, RAG_COMPACT_TOMBSTONE_RATIO); default: merge everything.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Merge the vector segments into one and drop deleted vectors (HNSW for a large index). Readers and writers
+    """Merge the vector segments into one and drop deleted vectors (an IVF index for a large one). Readers and writers
     keep working meanwhile. Also converts an index of the older snapshot format."""
     from dataclasses import asdict
 

@@ -7,7 +7,7 @@ Layout of an index directory::
 
     index/
       store.sqlite        WAL: meta, documents, chunks, chunks_fts (FTS5 over chunks), segments, tombstones, jobs
-      segments/<name>.faiss   FAISS IndexIDMap2 (flat, or HNSW for a large segment), ids = chunk ids; immutable
+      segments/<name>.faiss   FAISS IndexIDMap2 (flat, or IVF for a large segment), ids = chunk ids; immutable
       .lock               held by the one writer;  .compact.lock  held by the one compactor
 
 A write is buffered until `commit`, which (1) writes the new vectors as one segment file (temp name, fsync,
@@ -40,7 +40,7 @@ import numpy as np
 
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexBusyError, IndexMismatchError,
                             IndexNotFoundError, Manifest, StoreError)
-from rag.store.terms import indexed_terms, match_query
+from rag.store.terms import indexed_terms, match_query, terms
 from rag.types import Chunk
 
 FORMAT_VERSION = 2
@@ -48,12 +48,18 @@ DB_FILE = "store.sqlite"
 SEGMENTS = "segments"
 LOCK_FILE = ".lock"
 COMPACT_LOCK_FILE = ".compact.lock"
-# A segment at least this large is written as HNSW. Measured on 2 cores, 384 dims, k=10: exact search takes
-# 0.6 ms at 10k vectors, 3.1 ms at 50k, 7.5 ms at 100k; HNSW stays under 1 ms but costs ~12 s to build at 100k.
-HNSW_THRESHOLD = 50_000
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128  # tuned with bench/scale.py for dense recall@10 >= 0.95 against exact search
+# A segment at least this large gets an approximate (IVF) index. Exact search costs 0.6 ms at 10k vectors,
+# 3.1 ms at 50k and 7.5 ms at 100k (384 dims, 2 cores), ~150 ms at 1M. HNSW was the first choice, but building it
+# took 160-210 s for 50k vectors on these 2 (shared) cores, so an IVF of √n lists, trained on a sample, is built
+# instead; bench/scale.py measures its recall@10 against exact search.
+ANN_THRESHOLD = 50_000
+IVF_TRAINING_PER_LIST = 50  # k-means training points per list (faiss asks for ≥ 39)
+IVF_NPROBE = 64  # lists searched per query (of √n); bench/scale.py sweeps it against exact search
+# FTS5 spends ~3 µs ranking each matching row, so a query term found in a large share of the chunks costs far more
+# than it adds (its IDF is low). Such terms are dropped from a query that has rarer ones: Elasticsearch's
+# cutoff_frequency. Never below COMMON_TERM_MIN_ROWS, so small indexes (XQuAD's 300 chunks) rank with every term.
+COMMON_TERM_SHARE = 0.01
+COMMON_TERM_MIN_ROWS = 2_000
 BUSY_TIMEOUT_MS = 30_000
 
 SCHEMA = """
@@ -86,6 +92,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 -- (rag.store.terms, registered as the SQL function rag_terms), in its own incrementally merged b-tree segments.
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     terms, content='', tokenize="unicode61 remove_diacritics 0 tokenchars '_'");
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts_terms USING fts5vocab(chunks_fts, row);  -- document frequencies
 CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts(rowid, terms) VALUES (new.id, rag_terms(new.context, new.text));
 END;
@@ -162,27 +169,34 @@ def _lock(path: Path, what: str) -> object:
 
 
 def build_segment_index(vectors: np.ndarray, ids: np.ndarray, dimension: int) -> faiss.Index:
-    """Exact inner-product search for a small segment; HNSW for one large enough to make exact search slow."""
-    if len(ids) >= HNSW_THRESHOLD:
-        inner = faiss.IndexHNSWFlat(dimension, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        inner.hnsw.efSearch = HNSW_EF_SEARCH
+    """Exact inner-product search for a small segment; an inverted-file index for one large enough to make exact
+    search slow. Both wrapped in IDMap2 (ids = chunk ids) so segments read and merge alike."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(ids) >= ANN_THRESHOLD:
+        lists = max(1, int(np.sqrt(len(ids))))
+        inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(vectors), min(len(vectors), lists * IVF_TRAINING_PER_LIST),
+                                                 replace=False)
+        inner.train(vectors[np.sort(sample)])
+        inner.set_direct_map_type(faiss.DirectMap.Array)  # so compaction can read the vectors back
+        inner.nprobe = IVF_NPROBE
     else:
         inner = faiss.IndexFlatIP(dimension)
     index = faiss.IndexIDMap2(inner)
     if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
     return index
 
 
 def index_type(index: faiss.Index) -> str:
-    return "IDMap2,HNSW32" if isinstance(faiss.downcast_index(index.index), faiss.IndexHNSWFlat) else "IDMap2,Flat"
+    inner = faiss.downcast_index(index.index)
+    return f"IDMap2,IVF{inner.nlist},Flat" if isinstance(inner, faiss.IndexIVF) else "IDMap2,Flat"
 
 
 def segment_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     """(vectors, ids) held by a segment."""
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    return index.index.reconstruct_n(0, index.ntotal), ids
+    return faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal), ids
 
 
 def write_segment(index_dir: Path, name: str, index: faiss.Index) -> Path:
@@ -201,8 +215,8 @@ def write_segment(index_dir: Path, name: str, index: faiss.Index) -> Path:
 def read_segment(index_dir: Path, name: str) -> faiss.Index:
     index = faiss.read_index(str(index_dir / SEGMENTS / f"{name}.faiss"))
     inner = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexHNSWFlat):
-        inner.hnsw.efSearch = HNSW_EF_SEARCH
+    if isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = IVF_NPROBE
     return index
 
 
@@ -401,8 +415,8 @@ class EmbeddedStore:
         return hits[:k]
 
     def lexical(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """(chunk id, BM25 score) best first, from SQLite FTS5; chunks sharing no content word are left out."""
-        match = match_query(query)
+        """(chunk id, BM25 score) best first, from SQLite FTS5; chunks sharing no term with the query are left out."""
+        match = match_query(" ".join(self._discriminating_terms(query)))
         if match is None or k <= 0:
             return []
         sql = "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank"
@@ -416,6 +430,19 @@ class EmbeddedStore:
                 if len(hits) == k:
                     break
         return hits
+
+    def _discriminating_terms(self, query: str) -> list[str]:
+        """The query's terms, less those in so many chunks that ranking their rows costs more than they add."""
+        words = list(dict.fromkeys(terms(query)))
+        if len(words) < 2:
+            return words
+        db = self.db
+        frequency = dict(db.execute(f"SELECT term, doc FROM chunks_fts_terms WHERE term IN "
+                                    f"({','.join('?' * len(words))})", words))
+        stored = db.execute("SELECT COALESCE(SUM(vectors), 0) FROM segments").fetchone()[0]
+        cutoff = max(COMMON_TERM_MIN_ROWS, COMMON_TERM_SHARE * stored)
+        rare = [word for word in words if frequency.get(word, 0) <= cutoff]
+        return rare or words
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[Chunk, float]]:
         hits = self.dense(vector, k)
@@ -615,9 +642,9 @@ def compact(index_dir: str | Path, full: bool = True, max_segments: int = 8,
             tombstone_ratio: float = 0.2) -> CompactionInfo | None:
     """Merge segments into one, dropping tombstoned vectors; None when the policy finds nothing to do.
 
-    `full` merges every segment (and rebuilds HNSW for the result). Otherwise: all segments when tombstones exceed
+    `full` merges every segment (and retrains the IVF of a large result). Otherwise: all segments when tombstones exceed
     `tombstone_ratio` of the stored vectors, else the small segments (all but the largest) once there are more
-    than `max_segments`. Readers and a concurrent writer are never blocked: the new segment is built from the
+    than `max_segments`. A result of ANN_THRESHOLD vectors or more gets an IVF index (retrained on its vectors). Readers and a concurrent writer are never blocked: the new segment is built from the
     inputs as they were when it started and swapped in by one short transaction.
     """
     index_dir = Path(index_dir)
