@@ -55,12 +55,13 @@ COMPACT_LOCK_FILE = ".compact.lock"
 ANN_THRESHOLD = 50_000
 IVF_TRAINING_PER_LIST = 50  # k-means training points per list (faiss asks for ≥ 39)
 IVF_NPROBE = 64  # lists searched per query (of √n); bench/scale.py sweeps it against exact search
-# FTS5 spends ~3 µs ranking each matching row, so a query term found in a large share of the chunks costs far more
-# than it adds (its IDF is low). Such terms are dropped from a query that has rarer ones: Elasticsearch's
-# cutoff_frequency. Never below COMMON_TERM_MIN_ROWS, so small indexes (XQuAD's 300 chunks) rank with every term.
-COMMON_TERM_SHARE = 0.01
-COMMON_TERM_MIN_ROWS = 2_000
+# FTS5 spends ~3 µs ranking each matching row, so a query's cost grows with the postings of its terms. A query
+# ranks with its rarest terms (highest IDF) whose postings together stay within this budget, and drops the commoner
+# ones (as Elasticsearch's cutoff_frequency does): bounded latency at any index size. Small indexes (XQuAD's 300
+# chunks) never reach the budget, so they rank with every term.
+LEXICAL_POSTINGS_BUDGET = 5_000  # ~15-25 ms a query on these shared 2 cores (bench/scale.py)
 BUSY_TIMEOUT_MS = 30_000
+WAL_SIZE_LIMIT = 64 * 2**20
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -129,6 +130,7 @@ def connect(index_dir: Path, readonly: bool = False) -> sqlite3.Connection:
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
+    db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # a bulk commit's WAL shrinks back after checkpoint
     db.execute("PRAGMA foreign_keys = ON")
     register_functions(db)
     if readonly:
@@ -432,17 +434,19 @@ class EmbeddedStore:
         return hits
 
     def _discriminating_terms(self, query: str) -> list[str]:
-        """The query's terms, less those in so many chunks that ranking their rows costs more than they add."""
+        """The query's rarest terms whose postings fit LEXICAL_POSTINGS_BUDGET (at least the rarest one)."""
         words = list(dict.fromkeys(terms(query)))
         if len(words) < 2:
             return words
-        db = self.db
-        frequency = dict(db.execute(f"SELECT term, doc FROM chunks_fts_terms WHERE term IN "
-                                    f"({','.join('?' * len(words))})", words))
-        stored = db.execute("SELECT COALESCE(SUM(vectors), 0) FROM segments").fetchone()[0]
-        cutoff = max(COMMON_TERM_MIN_ROWS, COMMON_TERM_SHARE * stored)
-        rare = [word for word in words if frequency.get(word, 0) <= cutoff]
-        return rare or words
+        frequency = dict(self.db.execute(f"SELECT term, doc FROM chunks_fts_terms WHERE term IN "
+                                         f"({','.join('?' * len(words))})", words))
+        kept, postings = [], 0
+        for word in sorted(words, key=lambda word: frequency.get(word, 0)):
+            postings += frequency.get(word, 0)
+            if kept and postings > LEXICAL_POSTINGS_BUDGET:
+                break
+            kept.append(word)
+        return kept
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[Chunk, float]]:
         hits = self.dense(vector, k)
@@ -702,6 +706,7 @@ def compact(index_dir: str | Path, full: bool = True, max_segments: int = 8,
         crash_point("compact-after-transaction-end")
         for old in inputs:  # readers hold loaded segments in memory; one mid-refresh re-reads the list
             (index_dir / SEGMENTS / f"{old}.faiss").unlink(missing_ok=True)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # best effort: readers in a transaction keep the WAL
         return CompactionInfo(generation, len(segments), len(segments) - len(inputs) + (1 if merged.ntotal else 0),
                               int(merged.ntotal), int(len(dropped)), index_type(merged),
                               time.perf_counter() - started)
