@@ -21,7 +21,7 @@ from ingest.job import FileResult, IngestJob, IngestReport, doc_id_for
 from rag.config import Settings
 from rag.errors import ConflictError
 from rag.store import IndexBusyError
-from rag.store.jobs import FileOutcome, Job, JobLog, _now
+from rag.store.jobs import FileOutcome, Job, JobLog, utc_now
 
 logger = logging.getLogger("rag.ingest")
 INCOMING = ".incoming"
@@ -81,7 +81,7 @@ class JobRunner:
             if job.kind == "upload":
                 resumable.append(job)
                 continue
-            job.status, job.finished_at = "failed", _now()
+            job.status, job.finished_at = "failed", utc_now()
             job.error = "interrupted: the `rag ingest` process ended before finishing; run it again to complete"
             self.log.save(job)
         self.remove_unrecorded_uploads()
@@ -109,7 +109,7 @@ class JobRunner:
         """Run a recorded job to the end; its outcome is in the log whatever happens (errors are re-raised)."""
         if not self.log.claim(job):
             raise JobTakenError(f"Ingestion job {job.id} is being run by another process.")
-        job.started_at, job.error = _now(), None
+        job.started_at, job.error = utc_now(), None
         try:
             if job.kind == "upload":
                 report = self._run_upload(job, on_file, on_plan)
@@ -127,7 +127,7 @@ class JobRunner:
                     outcome.status, outcome.error = "failed", "the job failed before this file was ingested"
             raise
         finally:
-            job.finished_at = _now()
+            job.finished_at = utc_now()
             self.log.save(job)
             self.prune_history()
 

@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import faiss
@@ -239,3 +238,24 @@ def test_durable_job_log(tmp_path):
     job.status, job.finished_at = "succeeded", "2000-01-01T00:00:00+00:00"
     log.save(job)
     assert log.prune(timedelta(days=7)) == 1 and log.get("a") is None and log.get("b") is not None
+
+
+def test_cli_documents_and_index_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from rag.cli import app
+
+    index = tmp_path / "index"
+    w.seed(index)
+    cli = CliRunner()
+    listed = json.loads(cli.invoke(app, ["documents", "list", "--index", str(index), "--json"]).stdout)
+    assert {d["doc_id"] for d in listed["documents"]} == {w.doc_id(d) for d in SEEDED}
+    assert listed["counts"]["documents"] == len(SEEDED) and listed["snapshot"]
+    deleted = cli.invoke(app, ["documents", "delete", w.doc_id(0), "--index", str(index), "--json"])
+    assert json.loads(deleted.stdout) == {"doc_id": w.doc_id(0), "source": "/docs/file0.md", "deleted": True}
+    assert cli.invoke(app, ["documents", "delete", w.doc_id(0), "--index", str(index)]).exit_code == 3
+    stats = json.loads(cli.invoke(app, ["index", "stats", "--index", str(index), "--json"]).stdout)
+    assert stats["tombstones"] == 2 * w.CHUNKS_PER_DOC and stats["segments"] == 2
+    compacted = json.loads(cli.invoke(app, ["index", "compact", "--index", str(index), "--json"]).stdout)
+    assert compacted["segments_after"] == 1 and compacted["tombstones_dropped"] == 2 * w.CHUNKS_PER_DOC
+    assert_holds_exactly(index, SEEDED - {0})

@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS job_files (
 FINISHED = ("succeeded", "failed")
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -84,7 +84,7 @@ class Job:
     kind: str = "upload"
     spec: dict = field(default_factory=dict)
     status: str = "queued"  # queued | running | succeeded | failed (failed: the job as a whole; see files too)
-    created_at: str = field(default_factory=_now)
+    created_at: str = field(default_factory=utc_now)
     started_at: str | None = None
     finished_at: str | None = None
     snapshot: str | None = None
@@ -150,7 +150,7 @@ class JobLog:
             claimed = self.db.execute(
                 "UPDATE jobs SET status = 'running', owner = ?, started_at = ? WHERE id = ? AND "
                 "status IN ('queued', 'running') AND COALESCE(owner, '') = ?",
-                (owner, _now(), job.id, job.owner or "")).rowcount == 1
+                (owner, utc_now(), job.id, job.owner or "")).rowcount == 1
         if claimed:
             job.status, job.owner = "running", owner
         return claimed
