@@ -240,7 +240,7 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
         if "IVF" in index_type(big):
             inner = faiss.downcast_index(big.index)
             default = inner.nprobe
-            for nprobe in (16, 32, 64, 128):
+            for nprobe in (16, 32, 64, 128, 256):
                 inner.nprobe = nprobe
                 ms, hits = timed(lambda v: dense(v, 30), query_vectors)
                 sweep[nprobe] = {"p50_ms": percentile(ms, 50), "recall@10": statistics.fmean(
