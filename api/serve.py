@@ -10,9 +10,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, index: Path | None = None, 
           log_level: str = "info", reload: bool = False) -> None:
     """Serve the API until interrupted.
 
-    One worker is the right default: the decoder already uses every core, and ingestion jobs live in a worker's
-    memory. Extra workers each load their own models; they pick up each other's snapshots within
-    RAG_INDEX_POLL_S seconds, but job status is only known to the worker that took the upload.
+    One worker is the right default: the decoder already uses every core. Extra workers each load their own models
+    and pick up each other's commits within RAG_INDEX_POLL_S seconds; jobs are in the index's job log, so any
+    worker answers for any job, and the writer lock makes them take turns at ingesting.
     """
     import uvicorn
 

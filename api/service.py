@@ -1,9 +1,8 @@
-"""The shared state behind the routes: the pipeline, the open snapshot, readiness and the decoder limiter.
+"""The shared state behind the routes: the pipeline, the open `Index`, readiness and the decoder limiter.
 
-The retriever (one open snapshot + the query embedder) is swapped by a single attribute assignment under a lock
-when a new snapshot becomes current. A request that already holds the old retriever finishes on it: the old
-snapshot's FAISS index and BM25 arrays are in memory and its SQLite file stays readable while open, even once the
-directory is pruned.
+The index is opened once; `watch_index` refreshes it when any process (an upload job, `rag ingest`, a compaction)
+commits a new generation. A refresh loads only the new segments and swaps the reader's segment set by one
+attribute assignment, so a request in flight finishes on the set it started with.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from api.limiter import GenerationLimiter
 from rag.config import Settings
 from rag.generation import available_paths
 from rag.pipeline import Pipeline
-from rag.store import current_snapshot
+from rag.index import Index
 
 logger = logging.getLogger("rag.api")
 
@@ -39,6 +38,7 @@ class Service:
         self.load_error: str | None = None
         self.index_error: str | None = None
         self._query_embedder: BatchingQueryEmbedder | None = None
+        self.index: Index | None = None  # set once by open_index, then refreshed in place
         self._retriever = None  # set by open_index; read by requests without a lock (one reference read)
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
@@ -77,36 +77,48 @@ class Service:
 
     # ------------------------------------------------------------------ the open snapshot
     def open_index(self) -> bool:
-        """Open the current snapshot and make it the one new requests use. False when there is no index yet."""
+        """Open the index (once), or bring the open one up to date. False when there is no index yet."""
         from rag.retrieve import Retriever
-        from rag.store import IndexNotFoundError, Store
+        from rag.store import IndexNotFoundError
 
         with self._swap_lock:
-            current = current_snapshot(self.settings.index_dir)
-            if self._retriever is not None and current == self._retriever.store.directory:
+            if self.index is not None:
+                if self.index.refresh():
+                    logger.info("index refreshed", extra={"snapshot": self.snapshot, **self.index.store.counts()})
                 return True
             try:
-                store = Store.open(self.settings.index_dir, self._query_embedder.name)
+                index = Index.open(self.settings, self._query_embedder.name)
             except IndexNotFoundError as error:
                 self.index_error = str(error)
                 return False
-            store.lexical  # noqa: B018  (load BM25 now: the snapshot directory may be pruned later)
-            self._retriever = Retriever(store, self._query_embedder)
+            index.refresh()  # load the vectors now, not on the first query
+            self.index = index
+            self._retriever = Retriever(index.store, self._query_embedder)
             self.pipeline.retriever = self._retriever  # the pipeline's retriever is a cached attribute
             self.index_error = None
-            logger.info("snapshot opened", extra={"snapshot": store.directory.name, **store.counts()})
+            logger.info("index opened", extra={"snapshot": self.snapshot, **index.store.counts()})
             return True
 
+    @property
+    def snapshot(self) -> str | None:
+        """The name of the generation being served."""
+        return self.index.store.manifest.snapshot if self.index is not None else None
+
+    def index_changed(self) -> None:
+        """Called after this process committed: refresh now rather than at the next poll."""
+        if self._query_embedder is not None:
+            self.open_index()
+
     def watch_index(self) -> None:
-        """Pick up snapshots committed by another process (`rag ingest`, another worker). Runs in a thread."""
+        """Pick up generations committed by another process (`rag ingest`, another worker). Runs in a thread."""
         interval = self.api_settings.index_poll_s
         while interval and not self._stop.wait(interval):
             if not self.models_loaded:
                 continue
             try:
                 self.open_index()
-            except Exception as error:  # a half-visible or broken snapshot: keep serving the one we have
-                logger.warning("could not open the new snapshot", extra={"error": str(error)})
+            except Exception as error:  # keep serving the segments we have
+                logger.warning("could not refresh the index", extra={"error": str(error)})
 
     def stop(self) -> None:
         self._stop.set()

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RAG_", env_file=None, extra="ignore")
 
-    index_dir: Path = Field(Path("./rag-index"), description="Directory holding the index snapshots.")
+    index_dir: Path = Field(Path("./rag-index"), description="Directory holding the index (SQLite + vector segments).")
 
     # Embeddings
     embedding_model: str | None = Field(
@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     parse_workers: int = Field(
         1, ge=1, le=64, description="Processes parsing documents beside the embedding (1: parse in-process; on 2 "
         "cores with bf16 embedding, 2 measured slower end to end). Raise it on machines with more cores.")
+    job_retention_days: float = Field(
+        7.0, gt=0, description="Finished ingestion jobs older than this are forgotten (GET /v1/jobs/{id} then 404s).")
+
+    # Index maintenance: background compaction merges small segments and drops deleted vectors
+    compact_max_segments: int = Field(
+        8, ge=1, description="Compact once there are more small segments than this (each commit adds one).")
+    compact_tombstone_ratio: float = Field(
+        0.2, gt=0, le=1, description="Compact everything once deleted vectors exceed this share of stored ones.")
 
     # Decoder
     backend: Literal["transformers", "openai"] = "transformers"

@@ -1,10 +1,7 @@
-"""Retrieval: dense (FAISS) and keyword (BM25) search over one snapshot, fused by reciprocal rank."""
+"""Retrieval: dense (FAISS) and keyword (BM25, SQLite FTS5) search over one index, fused by reciprocal rank."""
 
 from __future__ import annotations
 
-import fnmatch
-
-import faiss
 import numpy as np
 
 from rag.embed import Embedder
@@ -80,36 +77,15 @@ class Retriever:
         return [hit.scores["dense"] if "dense" in hit.scores else computed[id(hit)] for hit in hits]
 
     def _dense(self, query: str, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
-        index = self.store.index
-        if index.ntotal == 0:
+        if allowed is not None and not len(allowed):
             return []
-        vector = self.embedder.encode_query(query).reshape(1, -1)
-        # One query at a time gains nothing from FAISS's OpenMP threads, and their spin-waiting after each search
-        # fights torch's threads in the next query embedding: measured 13.8 ms → 6.2 ms per dense query on 2 cores.
-        # The setting is per thread, so it is made here, on the thread that searches.
-        faiss.omp_set_num_threads(1)
-        params = None
-        if allowed is not None:
-            if not len(allowed):
-                return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        scores, ids = index.search(vector, min(k, index.ntotal), params=params)
-        return [(int(id_), float(score)) for id_, score in zip(ids[0], scores[0]) if id_ != -1]
+        return self.store.dense(self.embedder.encode_query(query), k, allowed)
 
     def _bm25(self, query: str, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
-        if allowed is None:
-            return self.store.lexical.search(query, k)
-        # Over-fetch, then keep the allowed chunks: BM25 scoring of the whole corpus is cheap at this scale.
-        hits = self.store.lexical.search(query, len(self.store.lexical.chunk_ids))
-        allowed_set = set(allowed.tolist())
-        return [(id_, score) for id_, score in hits if id_ in allowed_set][:k]
+        return self.store.lexical(query, k, allowed)
 
     def _ids_from_sources(self, pattern: str) -> np.ndarray:
-        ids = [
-            id_ for id_, source in self.store.db.execute("SELECT id, source FROM chunks")
-            if fnmatch.fnmatch(source, pattern) or fnmatch.fnmatch(source, f"*/{pattern.lstrip('/')}")
-        ]
-        return np.asarray(ids, dtype=np.int64)
+        return self.store.ids_with_source(pattern)
 
     def as_langchain(self, k: int = 5, kind: RetrieverKind | str | None = None):
         """This retriever as a LangChain `BaseRetriever`, for use inside LangChain chains."""

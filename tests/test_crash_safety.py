@@ -1,5 +1,6 @@
 """SIGKILL at any moment of `rag ingest` leaves the previous index loadable, and a re-run completes."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -20,11 +21,24 @@ def _rag(*args: str, **kwargs) -> subprocess.Popen:
                             env={**os.environ, "RAG_PARSE_WORKERS": "2"}, **kwargs)
 
 
+def _writer_active(index: Path) -> bool:
+    """Whether another process holds the index's writer lock."""
+    if not (index / ".lock").exists():
+        return False
+    with open(index / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def _wait_for_writer(index: Path, process: subprocess.Popen, timeout: float = 60) -> None:
-    """Returns once the writer has started its new snapshot copy."""
+    """Returns once the writer has begun (holds the writer lock)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if list((index / "snapshots").glob(".tmp-*")):
+        if _writer_active(index):
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
@@ -81,4 +95,6 @@ def test_sigkill_mid_ingest_leaves_the_previous_snapshot_loadable(tmp_path, dela
     after = Store.open(index).counts()
     assert after["documents"] == len(list(source.rglob("*.md"))) + len(list(source.rglob("*.pdf")))
     assert after == report["index"]
-    assert not list((index / "snapshots").glob(".tmp-*"))  # the killed writer's leftovers are cleaned up
+    # the killed writer's leftovers are cleaned up: every segment file is registered, no temp file remains
+    registered = {row[0] for row in Store.open(index).db.execute("SELECT name FROM segments")}
+    assert {path.name.removesuffix(".faiss") for path in (index / "segments").iterdir()} == registered

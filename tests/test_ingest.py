@@ -33,7 +33,7 @@ def test_ingest_writes_a_complete_snapshot(docs_dir, settings, embedder):
     pdf_chunks = [c for c in store.iter_chunks() if c.source.endswith("ntsb-report.pdf")]
     assert pdf_chunks and all(c.page for c in pdf_chunks)
     assert any(c.heading for c in store.iter_chunks() if c.source.endswith("quickstart.md"))
-    assert list((settings.index_dir / "CURRENT").resolve().iterdir())
+    assert (settings.index_dir / "store.sqlite").exists() and list((settings.index_dir / "segments").glob("*.faiss"))
     assert not list(settings.index_dir.rglob("*.pkl")) and not list(settings.index_dir.rglob("*.pickle"))
 
 
@@ -154,12 +154,12 @@ def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, 
     job = IngestJob(settings, embedder)
     before = job.run(docs_dir).index_counts
     shutil.copy(CORPUS / "httpx" / "api.md", docs_dir / "api.md")
-    import rag.store
+    import rag.store.embedded
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rag.store.os, "replace", crash)
+    monkeypatch.setattr(rag.store.embedded.os, "replace", crash)  # the new vector segment cannot be put in place
     with pytest.raises(OSError, match="disk full"):
         job.run(docs_dir)
     monkeypatch.undo()

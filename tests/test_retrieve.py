@@ -2,7 +2,7 @@
 
 import pytest
 
-import rag.store
+import rag.store.embedded
 from ingest.job import IngestJob
 from rag.retrieve import Retriever, RetrieverKind, reciprocal_rank_fusion
 from rag.store import Store
@@ -92,10 +92,10 @@ def test_langchain_adapter_is_a_base_retriever(retriever):
     assert len(sources) == 2 and all(source.endswith(".md") for source in sources)
 
 
-def test_large_index_switches_to_hnsw_and_finds_the_same_top_hit(docs_dir, settings, embedder, monkeypatch):
-    monkeypatch.setattr(rag.store, "HNSW_THRESHOLD", 10)
+def test_large_index_switches_to_ann_and_finds_the_same_top_hit(docs_dir, settings, embedder, monkeypatch):
+    monkeypatch.setattr(rag.store.embedded, "ANN_THRESHOLD", 10)  # a segment this large gets an IVF index
     IngestJob(settings, embedder).run(docs_dir)
     store = Store.open(settings.index_dir)
-    assert store.manifest.index_type == "IDMap2,HNSW32"
+    assert store.manifest.index_type.startswith("IDMap2,IVF")
     hnsw_top = Retriever(store, embedder).retrieve("set a default timeout on a client", 1, "dense")[0]
     assert hnsw_top.chunk.source.endswith("timeouts.md")

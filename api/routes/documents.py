@@ -8,6 +8,7 @@ whole request at most RAG_MAX_UPLOAD_MB (413), supported types only (415, nothin
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from typing import Annotated
 
@@ -54,7 +55,7 @@ async def upload(request: Request, service: ServiceDep,
         target = incoming / name
         assert target.resolve().parent == incoming.resolve()  # sanitize_filename guarantees it; belt and braces
         await run_in_threadpool(_save, upload, target)
-    job = queue.submit(job_id, names)
+    job = await run_in_threadpool(queue.submit, job_id, names)
     return JobAccepted(job_id=job.id, status=job.status, files=names, status_url=f"/v1/jobs/{job.id}")
 
 
@@ -62,33 +63,35 @@ def _save(upload: UploadFile, target) -> None:
     upload.file.seek(0)
     with open(target, "xb") as out:  # "x": never overwrite, whatever the name
         shutil.copyfileobj(upload.file, out, COPY_BLOCK)
+        out.flush()
+        os.fsync(out.fileno())  # on disk before the job is recorded and the 202 sent
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Progress and per-file results of an ingestion job",
-            responses={404: {"description": "No such job (ids are kept in memory, per process)."}})
+            responses={404: {"description": "No such job (finished jobs are kept RAG_JOB_RETENTION_DAYS days)."}})
 async def job_status(job_id: str, request: Request) -> dict:
-    job = _queue(request).get(job_id)
+    job = await run_in_threadpool(_queue(request).get, job_id)
     if job is None:
         raise ApiError(404, "job_not_found", f"No ingestion job '{job_id[:64]}'.")
     return job.to_dict()
 
 
-@router.get("/documents", response_model=DocumentList, summary="The documents in the current snapshot")
+@router.get("/documents", response_model=DocumentList, summary="The documents in the index")
 async def list_documents(service: ServiceDep) -> DocumentList:
-    store = service.retriever.store
-    records = await run_in_threadpool(lambda: sorted(store.documents().values(), key=lambda r: r.source))
+    service.retriever  # noqa: B018  (503 when there is no index at all)
+    index = service.index
+    records = await run_in_threadpool(index.documents)
     return DocumentList(
         documents=[DocumentOut(doc_id=r.doc_id, source=r.source, content_hash=r.content_hash, size=r.size,
                                chunk_count=r.chunk_count, ingested_at=r.ingested_at) for r in records],
-        counts=store.counts(), snapshot=store.directory.name)
+        counts=index.store.counts(), snapshot=service.snapshot)
 
 
 @router.delete("/documents/{doc_id}", response_model=DeletedDocument, summary="Remove a document from the index",
                responses={404: {"description": "No document with this id."}})
 async def delete_document(doc_id: str, request: Request, service: ServiceDep) -> DeletedDocument:
     service.retriever  # noqa: B018  (503 when there is no index at all)
-    # IndexLockedError (`rag ingest` holds the writer lock) is a 409 "index_busy" through api/errors.py.
+    # Errors map once (api/errors.py): IndexBusyError (`rag ingest` holds the writer lock) is a 409 "index_busy",
+    # DocumentNotFoundError a 404 "document_not_found".
     record = await asyncio.wrap_future(_queue(request).delete(doc_id))
-    if record is None:
-        raise ApiError(404, "document_not_found", f"No document '{doc_id[:64]}' in the index.")
     return DeletedDocument(doc_id=record.doc_id, source=record.source)

@@ -22,7 +22,7 @@ async def healthz() -> Health:
 async def readyz(service: ServiceDep):
     retriever = service._retriever
     checks = {"models_loaded": service.models_loaded, "index_open": retriever is not None,
-              "snapshot": retriever.store.directory.name if retriever is not None else None,
+              "snapshot": service.snapshot,
               "adapter": str(service.settings.adapter) if service.settings.adapter else None,
               "default_path": service.settings.default_path.value}
     if service.load_error:

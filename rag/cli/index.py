@@ -36,7 +36,7 @@ def ingest(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ingest.job import IngestJob
+    from ingest.runner import JobRunner
 
     settings = settings_from(index_dir=index, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
                          parse_workers=workers, embedding_batch_size=batch_size, embedding_model=embedding_model,
@@ -45,17 +45,35 @@ def ingest(
                         console=errors, disable=as_json, transient=True)
     with progress:
         task = progress.add_task("Scanning", total=None)
-        report = IngestJob(settings).run(
-            path, include, exclude, prune,
+        # A durable job, like an upload's: a run killed midway is taken over by the next identical command.
+        runner = JobRunner(settings)
+        report = runner.run(
+            runner.start_path(path, include, exclude, prune),
             on_plan=lambda count: progress.update(task, description="Ingesting", total=count, completed=0),
             on_file=lambda result: result.status in ("new", "changed", "failed") and progress.advance(task),
         )
+    if report.snapshot:
+        _compact_if_needed(settings)
 
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         _print_ingest_report(report, settings.index_dir)
     raise typer.Exit(EXIT_FILES_FAILED if report.failed else EXIT_OK)
+
+
+def _compact_if_needed(settings) -> None:
+    """Merge small segments once the settings' policy asks for it (an API server does this in the background)."""
+    from rag.index import Index
+    from rag.store import IndexBusyError
+
+    index = Index.open(settings)
+    try:
+        index.compact(full=False)
+    except IndexBusyError:  # another process is compacting it already
+        pass
+    finally:
+        index.close()
 
 
 def _print_ingest_report(report, index_dir: Path) -> None:
@@ -117,7 +135,7 @@ def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
 
     settings = settings_from(index_dir=index)
     store = Store.open(settings.index_dir)
-    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.directory),
+    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.index_dir),
             "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value}
     if as_json:
         print(json.dumps(data, indent=2))

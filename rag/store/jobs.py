@@ -1,0 +1,196 @@
+"""The durable log of ingestion jobs, kept in the index's own SQLite database (so it survives any restart).
+
+An upload is recorded here (with its files, already on disk) before the API answers 202; a server that starts
+finds the jobs that were queued or whose process died mid-run and runs them again (ingestion is idempotent by
+content hash, so a re-run never duplicates). `rag ingest` records its runs here too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psutil
+
+from rag.store.embedded import connect
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,               -- 'upload' (API) or 'path' (rag ingest)
+    status TEXT NOT NULL,             -- queued | running | succeeded | failed
+    spec TEXT NOT NULL,               -- JSON: what to ingest
+    owner TEXT,                       -- 'pid:create_time' of the process running it
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    snapshot TEXT,
+    error TEXT,
+    index_counts TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS job_files (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    filename TEXT NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    chunks INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    doc_id TEXT,
+    PRIMARY KEY (job_id, position)
+);
+"""
+FINISHED = ("succeeded", "failed")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def this_process() -> str:
+    """An owner token that a reused pid cannot impersonate: pid plus the process's start time."""
+    return f"{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def is_alive(owner: str | None) -> bool:
+    if not owner:
+        return False
+    pid, _, created = owner.partition(":")
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == created
+    except (psutil.Error, ValueError):
+        return False
+
+
+@dataclass
+class FileOutcome:
+    filename: str
+    source: str
+    status: str = "pending"  # pending, then new | changed | unchanged | failed
+    chunks: int = 0
+    error: str | None = None
+    doc_id: str | None = None
+
+
+@dataclass
+class Job:
+    id: str
+    files: list[FileOutcome]
+    kind: str = "upload"
+    spec: dict = field(default_factory=dict)
+    status: str = "queued"  # queued | running | succeeded | failed (failed: the job as a whole; see files too)
+    created_at: str = field(default_factory=utc_now)
+    started_at: str | None = None
+    finished_at: str | None = None
+    snapshot: str | None = None
+    error: str | None = None
+    index: dict = field(default_factory=dict)
+    owner: str | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["owner"], data["spec"]
+        done = sum(1 for f in self.files if f.status != "pending")
+        data["progress"] = {"files_total": len(self.files), "files_done": done}
+        return data
+
+
+class JobLog:
+    """Jobs and their per-file outcomes, in `<index_dir>/store.sqlite`. Safe to use from several threads."""
+
+    def __init__(self, index_dir: Path):
+        index_dir.mkdir(parents=True, exist_ok=True)
+        self.db = connect(index_dir)
+        self.db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def create(self, job: Job) -> Job:
+        """Record a job durably (the commit is fsynced before this returns)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("INSERT INTO jobs (id, kind, status, spec, owner, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                                (job.id, job.kind, job.status, json.dumps(job.spec), job.owner, job.created_at))
+                self.db.executemany(
+                    "INSERT INTO job_files (job_id, position, filename, source) VALUES (?, ?, ?, ?)",
+                    [(job.id, position, f.filename, f.source) for position, f in enumerate(job.files)])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return job
+
+    def save(self, job: Job) -> None:
+        """Write the job's status and its files' outcomes."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute(
+                    "UPDATE jobs SET status = ?, owner = ?, started_at = ?, finished_at = ?, snapshot = ?, error = ?,"
+                    " index_counts = ?, spec = ? WHERE id = ?",
+                    (job.status, job.owner, job.started_at, job.finished_at, job.snapshot, job.error,
+                     json.dumps(job.index), json.dumps(job.spec), job.id))
+                self.db.executemany(
+                    "UPDATE job_files SET status = ?, chunks = ?, error = ?, doc_id = ? WHERE job_id = ? AND position = ?",
+                    [(f.status, f.chunks, f.error, f.doc_id, job.id, position) for position, f in enumerate(job.files)])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def claim(self, job: Job) -> bool:
+        """Make this process the job's owner, unless another process took it since `job` was read."""
+        owner = this_process()
+        with self._lock:
+            claimed = self.db.execute(
+                "UPDATE jobs SET status = 'running', owner = ?, started_at = ? WHERE id = ? AND "
+                "status IN ('queued', 'running') AND COALESCE(owner, '') = ?",
+                (owner, utc_now(), job.id, job.owner or "")).rowcount == 1
+        if claimed:
+            job.status, job.owner = "running", owner
+        return claimed
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self.db.execute("SELECT id, kind, status, spec, owner, created_at, started_at, finished_at, snapshot,"
+                                  " error, index_counts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            files = [FileOutcome(*f) for f in self.db.execute(
+                "SELECT filename, source, status, chunks, error, doc_id FROM job_files WHERE job_id = ? "
+                "ORDER BY position", (job_id,))]
+        id_, kind, status, spec, owner, created, started, finished, snapshot, error, counts = row
+        return Job(id_, files, kind, json.loads(spec), status, created, started, finished, snapshot, error,
+                   json.loads(counts), owner)
+
+    def unfinished(self, kind: str | None = None) -> list[Job]:
+        """Queued jobs and running ones whose process is gone, oldest first."""
+        with self._lock:
+            rows = self.db.execute("SELECT id, status, owner, kind FROM jobs WHERE status IN ('queued', 'running') "
+                                   "ORDER BY created_at, rowid").fetchall()
+        return [self.get(id_) for id_, status, owner, job_kind in rows
+                if (kind is None or job_kind == kind) and (status == "queued" or not is_alive(owner))]
+
+    def prune(self, max_age: timedelta) -> int:
+        """Forget finished jobs older than `max_age`; returns how many."""
+        cutoff = (datetime.now(timezone.utc) - max_age).isoformat(timespec="seconds")
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [row[0] for row in self.db.execute(
+                    "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed') AND finished_at < ?", (cutoff,))]
+                self.db.executemany("DELETE FROM job_files WHERE job_id = ?", [(id_,) for id_ in ids])
+                self.db.executemany("DELETE FROM jobs WHERE id = ?", [(id_,) for id_ in ids])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return len(ids)
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,37 @@
+"""The terms the lexical index holds for a text: bm25s's English analysis, kept so FTS5 ranks like it did.
+
+Lower-cased words of two or more word characters, English stopwords dropped, Snowball-stemmed ('timeouts' and
+'timeout' meet). SQLite FTS5's own porter tokenizer measured 0.930 recall@1 on XQuAD against 0.935 for this
+analysis, so FTS5 gets these terms (space-separated) instead of the raw text.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from bm25s.stopwords import STOPWORDS_EN
+
+_WORD = re.compile(r"(?u)\b\w\w+\b")
+_STOP = frozenset(STOPWORDS_EN)
+
+
+@lru_cache(maxsize=1)
+def _stemmer():
+    import Stemmer
+
+    return Stemmer.Stemmer("english")
+
+
+def terms(text: str) -> list[str]:
+    return _stemmer().stemWords([word for word in _WORD.findall(text.lower()) if word not in _STOP])
+
+
+def indexed_terms(context: str, text: str) -> str:
+    """What FTS5 indexes for a chunk (a SQL function in the triggers that keep FTS5 in step with the rows)."""
+    return " ".join(terms(f"{context}\n{text}" if context else text))
+
+
+def match_query(query: str) -> str | None:
+    """An FTS5 query matching any term of `query`; each term quoted, so no user text is FTS5 syntax."""
+    return " OR ".join(f'"{term}"' for term in dict.fromkeys(terms(query))) or None
