@@ -31,7 +31,7 @@ FORM = re.compile(r"^form\s+[\w-]{1,10}$", re.I)
 UNHELPFUL_METADATA = re.compile(r"^(untitled|anonymous|unknown|admin\w*|user|owner|microsoft\s+word\b.*|"
                                 r"document\d*|.*\.(docx?|pdf|indd|qxd|rtf|xlsx?))$", re.I)
 FIRST_PAGES = 2
-CONTEXT_FIELD_CHARS = 120
+CONTEXT_FIELD_CHARS = 80  # each field of the context line; it is embedded with every chunk, so kept short
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,7 @@ class DocumentFacts:
         if heading:
             parts.append(heading[:CONTEXT_FIELD_CHARS])
         if page is not None:
-            parts.append(f"page {page}")
+            parts.append(f"p. {page}")
         return " | ".join(dict.fromkeys(part for part in parts if part))
 
 
@@ -61,17 +61,30 @@ def _usable(value: str) -> bool:
     return len(value) >= 4 and bool(re.search(r"[A-Za-z]{3,}", value)) and not UNHELPFUL_METADATA.match(value)
 
 
+def _name_like(text: str) -> bool:
+    """A line that can be a name: letters, no label or parenthetical (rules, 'Commission File Number: ...')."""
+    return (len(text) <= 100 and bool(re.search(r"[A-Za-z]{3,}", text)) and not re.search(r"[:()]", text)
+            and not re.search(r"\b(commission|file\s+n(o|umber)|date\s+of|transition|period|report|pursuant)\b",
+                              text, re.I))
+
+
 def _issuer(first: list[Element], author: str) -> str:
+    """The registrant named above 'exact name of registrant', else a short first-pages line ending in a legal form
+    (Inc., plc, ...), else a metadata author that is an organisation (press releases carry a person's name there)."""
     for index, element in enumerate(first):
-        if REGISTRANT.search(element.text) and index > 0:
-            candidate = first[index - 1].text
-            if len(candidate) <= 100:
+        found = REGISTRANT.search(element.text)
+        if found:
+            before = element.text[:found.start()].rstrip(" (")
+            if _name_like(before):  # the name and its caption on one line
+                return before
+            candidate = next((e.text for e in reversed(first[max(0, index - 4):index]) if _name_like(e.text)), "")
+            if candidate:
                 return candidate
     for element in first:
         text = element.text.strip()
-        if len(text.split()) <= 8 and ORGANISATION.search(text) and text[:1].isupper():
+        if len(text.split()) <= 8 and ORGANISATION.search(text) and text[:1].isupper() and _name_like(text):
             return text
-    return author if _usable(author) and len(author) <= 100 else ""
+    return author if _usable(author) and ORGANISATION.search(author) and _name_like(author) else ""
 
 
 def _period(first: list[Element]) -> str:
