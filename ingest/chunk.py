@@ -95,8 +95,8 @@ class Chunker:
     def _pack(self, elements: list[Element], facts: DocumentFacts):
         """Yields (text, page, heading, element type): small elements merged into full chunks, large ones split.
 
-        A chunk is closed early, when at least half full, at a new heading or page, so chunks mostly stay within
-        one section and one page (what a reader cites). Table pieces each start with the table's header rows.
+        A chunk is closed early at a new heading (when a quarter full) or page (when half full), so chunks mostly
+        stay within one section and one page (what a reader cites). Table pieces each start with the table's header rows.
         """
         parts: list[str] = []
         used, budget = 0, 0
@@ -115,7 +115,7 @@ class Chunker:
 
         for element in elements:
             size = self.count(element.text)
-            if parts and used >= budget // 2 and (element.page != page or element.heading != heading):
+            if parts and (used >= budget // 4 and element.heading != heading or used >= budget // 2 and element.page != page):
                 yield from close()
             if parts and used + size + 1 > budget:
                 yield from close()
@@ -151,8 +151,9 @@ class Chunker:
         header_tokens = self.count(header) + 1 if header else 0
         if header_tokens > budget // 2:  # a header as long as the budget: rows go without it
             header, header_tokens = "", 0
+        body = element.text.removeprefix(element.header).lstrip("\n")
         rows, used = [], header_tokens
-        for row in element.text.split("\n"):
+        for row in body.split("\n"):
             size = self.count(row) + 1
             if rows and used + size > budget:
                 yield "\n".join(([header] if header else []) + rows)

@@ -29,7 +29,7 @@ class Element:
     category: str  # unstructured's element categories; Title for headings, Table for tables
     page: int | None
     heading: str | None  # nearest heading above this element in its document
-    header: str = ""  # tables: their header rows, repeated by every chunk of the table
+    header: str = ""  # tables: their header rows (also the start of `text`), repeated by every chunk of the table
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,8 @@ def _load_pdf(path: Path) -> LoadedDocument:
     for element in parsed.elements:
         if element.category == "Title":
             heading = element.text[:200]
-        elements.append(Element(element.text, element.category, element.page, heading, element.header))
+        text = f"{element.header}\n{element.text}" if element.header else element.text  # a table whole, header first
+        elements.append(Element(text, element.category, element.page, heading, element.header))
     return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author)
 
 
