@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from functools import cached_property
 from pathlib import Path
 
@@ -80,12 +81,16 @@ def export(model_dir: Path, cache_dir: Path, quantised: bool) -> Path:
                                     return_dict=True).last_hidden_state
 
         model = LastHiddenState().eval()
-        sample = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        # The second row is padded: traced with an all-ones mask, the attention code may drop the mask altogether.
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0
+        sample = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": mask,
                   "token_type_ids": torch.zeros(2, 8, dtype=torch.long)}
         axes = {"batch": 0, "sequence": 1}
         dynamic = {name: {index: axis for axis, index in axes.items()} for name in [*sample, "last_hidden_state"]}
         temporary = _atomic_target(fp32_path)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shape checks that hold for every input it will see
             torch.onnx.export(model, tuple(sample.values()), str(temporary), input_names=list(sample),
                               output_names=["last_hidden_state"], dynamic_axes=dynamic, opset_version=OPSET,
                               dynamo=False)
