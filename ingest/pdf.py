@@ -61,7 +61,6 @@ class PageElement:
     text: str
     category: str  # Title, NarrativeText or Table
     page: int  # 1-based
-    size: float = 0.0
     header: str = ""  # tables: the Markdown header rows every chunk of the table repeats
 
 
@@ -247,7 +246,7 @@ def _page_elements(lines: list[Line], page: int, body_size: float) -> list[PageE
     def flush_paragraph():
         if paragraph:
             text = " ".join(line.text for line in paragraph)
-            elements.append(PageElement(text, "NarrativeText", page, paragraph[0].segments[0].size))
+            elements.append(PageElement(text, "NarrativeText", page))
             paragraph.clear()
 
     tables = {start: (first, last) for start, first, last in _table_spans(lines, body_size)}
@@ -262,7 +261,7 @@ def _page_elements(lines: list[Line], page: int, body_size: float) -> list[PageE
         line = lines[index]
         if _is_heading(line, body_size):
             flush_paragraph()
-            elements.append(PageElement(line.text, "Title", page, line.segments[0].size))
+            elements.append(PageElement(line.text, "Title", page))
         else:
             if paragraph:
                 previous = paragraph[-1]
@@ -327,6 +326,7 @@ def parse_pdf(path: str | Path) -> ParsedPdf:
         kept = [line for line in lines if not (
             (line.top > height * (1 - FURNITURE_BAND) or line.bottom < height * FURNITURE_BAND)
             and (_mask(line.text) in furniture or re.fullmatch(r"(page\s*)?\d{1,4}|[ivxl]{1,6}", line.text.strip(), re.I)))]
+        # The body font size: the median over characters, so a few large headings do not move it.
         sizes = [line.segments[0].size for line in kept for _ in range(len(line.text))]
         body_size = statistics.median(sizes) if sizes else 10.0
         parsed.elements.extend(_page_elements(kept, number, body_size))
