@@ -1,4 +1,4 @@
-"""Token-aware chunking: sections (a heading and its text) split with overlap, never past the embedder's limit."""
+"""Token-aware chunking: elements packed into full chunks with their document's context, never past the embedder's limit."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from itertools import groupby
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-from ingest.load import Element
+from ingest.context import DocumentFacts, describe
+from ingest.load import Element, LoadedDocument
+from ingest.pdf import PARSER_VERSION
 from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS
 from rag.errors import UserError
 from rag.types import Chunk
+
+
+# Recorded per document (with the chunk settings): a document built by another parser or chunker is re-chunked.
+CHUNKER_VERSION = f"packed-context-1/{PARSER_VERSION}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +34,8 @@ def text_hash(text: str) -> str:
 class Chunker:
     """Splits a document's elements into chunks of at most `chunk_tokens` embedding tokens.
 
-    Elements are grouped into sections by the heading they sit under, so a chunk never mixes two sections
-    and every chunk of a section starts with its heading (retrieval then sees what the text is about).
+    Consecutive elements are packed into chunks (no one-line chunks); every chunk carries a context line with its
+    document's title, issuer and period, its section heading and page, embedded and indexed with its text.
     Tokens are counted with the embedding model's own tokenizer; the limit leaves room for its special tokens.
     """
 
@@ -46,6 +52,7 @@ class Chunker:
         transformers_logging.set_verbosity_error()
         self.tokenizer = tokenizer
         self.settings = settings
+        self.content_limit = content_limit
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -61,43 +68,102 @@ class Chunker:
             strip_whitespace=True,
         )
 
-    def chunk(self, elements: list[Element], doc_id: str, source: str) -> list[Chunk]:
+    def chunk(self, document: LoadedDocument, doc_id: str, source: str) -> list[Chunk]:
+        """Elements packed in order into chunks of up to `chunk_tokens`, each with its document's context line."""
+        facts = describe(document, source)
         chunks: list[Chunk] = []
-        for heading, section in groupby(elements, key=lambda element: element.heading):
-            section = list(section)
-            body_elements = [e for e in section if not (e.category == "Title" and e.text == heading)]
-            if not body_elements:  # a heading directly followed by a subheading: it lives on in no chunk of its own
-                continue
-            for text, page, element_type in self._split_section(heading, body_elements):
-                chunks.append(
-                    Chunk(
-                        doc_id=doc_id,
-                        ordinal=len(chunks),
-                        text=text,
-                        source=source,
-                        page=page,
-                        heading=heading,
-                        element_type=element_type,
-                        tokens=self.count(text),
-                        hash=text_hash(text),
-                    )
+        for text, page, heading, element_type in self._pack(document.elements, facts):
+            chunks.append(
+                Chunk(
+                    doc_id=doc_id,
+                    ordinal=len(chunks),
+                    text=text,
+                    source=source,
+                    page=page,
+                    heading=heading,
+                    element_type=element_type,
+                    tokens=self.count(text),
+                    hash=text_hash(text),
+                    context=facts.context(heading, page),
                 )
+            )
         return chunks
 
-    def _split_section(self, heading: str | None, elements: list[Element]):
-        """Yields (text, page, element type) per chunk; page and type are those of the element it starts in."""
-        starts, pieces, offset = [], [], 0
+    def _budget(self, facts: DocumentFacts, heading: str | None, page: int | None) -> int:
+        """Tokens left for a chunk's text once its context line (embedded with it) is counted."""
+        context_tokens = self.count(facts.context(heading, page)) + 1  # + the newline joining them
+        return max(self.settings.chunk_tokens // 4, min(self.settings.chunk_tokens, self.content_limit - context_tokens))
+
+    def _pack(self, elements: list[Element], facts: DocumentFacts):
+        """Yields (text, page, heading, element type): small elements merged into full chunks, large ones split.
+
+        A chunk is closed early at a new heading (when a quarter full) or page (when half full), so chunks mostly
+        stay within one section and one page (what a reader cites). Table pieces each start with the table's header rows.
+        """
+        parts: list[str] = []
+        used, budget = 0, 0
+        page = heading = kind = None
+
+        def close():
+            nonlocal parts, used
+            if parts:
+                yield "\n\n".join(parts), page, heading, kind
+            parts, used = [], 0
+
+        def start(element: Element):
+            nonlocal page, heading, kind, budget
+            page, heading, kind = element.page, element.heading, element.category
+            budget = self._budget(facts, heading, page)
+
         for element in elements:
-            starts.append(offset)
-            pieces.append(element.text)
-            offset += len(element.text) + 2
-        body = "\n\n".join(pieces)
-        prefix = f"{heading}\n" if heading else ""
-        # The heading is repeated on every chunk, so the body gets what the heading leaves of the budget.
-        body_budget = self.settings.chunk_tokens - (self.count(prefix) if prefix else 0)
-        if body_budget < self.settings.chunk_tokens // 2:  # absurdly long heading: keep it inside the body instead
-            prefix, body_budget = "", self.settings.chunk_tokens
-        for document in self._splitter(body_budget).create_documents([body]):
-            element_index = max(0, bisect.bisect_right(starts, document.metadata["start_index"]) - 1)
-            element = elements[element_index]
-            yield prefix + document.page_content, element.page, element.category
+            size = self.count(element.text)
+            if parts and (used >= budget // 4 and element.heading != heading or used >= budget // 2 and element.page != page):
+                yield from close()
+            if parts and used + size + 1 > budget:
+                yield from close()
+            if element.category == "Title" and element.text == element.heading and not parts:
+                continue  # the heading of the next chunk: its context line carries it
+            if not parts:
+                start(element)
+            if size <= budget - used:
+                parts.append(element.text)
+                used += size + 1
+                if element.category != kind and element.category != "Title":
+                    kind = element.category if kind == "Title" else "Mixed"
+                continue
+            # Too big for any one chunk: split it; its last piece stays open for the elements that follow.
+            yield from close()
+            start(element)
+            pieces = list(self._split(element, budget))
+            for piece in pieces[:-1]:
+                yield piece, page, heading, element.category
+            parts, used = [pieces[-1]], self.count(pieces[-1]) + 1
+        yield from close()
+
+    def _split(self, element: Element, budget: int):
+        if element.category == "Table":
+            yield from self._split_table(element, budget)
+            return
+        for document in self._splitter(budget).create_documents([element.text]):
+            yield document.page_content
+
+    def _split_table(self, element: Element, budget: int):
+        """Rows in groups that fit, each group under the table's header rows."""
+        header = element.header
+        header_tokens = self.count(header) + 1 if header else 0
+        if header_tokens > budget // 2:  # a header as long as the budget: rows go without it
+            header, header_tokens = "", 0
+        body = element.text.removeprefix(element.header).lstrip("\n")
+        rows, used = [], header_tokens
+        for row in body.split("\n"):
+            size = self.count(row) + 1
+            if rows and used + size > budget:
+                yield "\n".join(([header] if header else []) + rows)
+                rows, used = [], header_tokens
+            if size > budget - header_tokens:  # one row longer than a chunk: split as text
+                yield from (d.page_content for d in self._splitter(budget - header_tokens).create_documents([row]))
+                continue
+            rows.append(row)
+            used += size
+        if rows:
+            yield "\n".join(([header] if header else []) + rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.chunk import Chunker, ChunkSettings
+from ingest.chunk import CHUNKER_VERSION, Chunker, ChunkSettings
 from ingest.load import SUPPORTED_SUFFIXES, LoadError, load, unsupported_type
 from rag.config import Settings
 from rag.embed import Embedder
@@ -31,7 +32,8 @@ from rag.models import sha256_files
 from rag.store import DocumentRecord, Store
 from rag.types import Chunk
 
-STATUSES = ("new", "changed", "unchanged", "removed", "failed")
+log = logging.getLogger(__name__)
+STATUSES = ("new", "changed", "unchanged", "removed", "skipped", "failed")  # skipped: not a supported file type
 
 
 @dataclass(slots=True)
@@ -52,6 +54,7 @@ class IngestReport:
     chunks_added: int = 0
     snapshot: str | None = None  # None when nothing changed and no snapshot was written
     index_counts: dict[str, int] = field(default_factory=dict)
+    stale: int = 0  # documents re-chunked because an older parser/chunker or other chunk settings built them
 
     @property
     def status_counts(self) -> dict[str, int]:
@@ -63,6 +66,10 @@ class IngestReport:
         return [result for result in self.files if result.status == "failed"]
 
     @property
+    def skipped(self) -> list[FileResult]:
+        return [result for result in self.files if result.status == "skipped"]
+
+    @property
     def chunks_per_second(self) -> float:
         return self.chunks_added / self.total_seconds if self.total_seconds else 0.0
 
@@ -70,6 +77,7 @@ class IngestReport:
         return {
             "files": {"seen": sum(1 for r in self.files if r.status != "removed"), **self.status_counts},
             "chunks_added": self.chunks_added,
+            "stale_rechunked": self.stale,
             "seconds": {"parse": round(self.parse_seconds, 3), "chunk": round(self.chunk_seconds, 3),
                         "embed": round(self.embed_seconds, 3), "total": round(self.total_seconds, 3)},
             "chunks_per_second": round(self.chunks_per_second, 2),
@@ -135,12 +143,12 @@ def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, c
     """Load and chunk one file. Returns (chunks, or the error message), parse seconds, chunk seconds."""
     started = time.perf_counter()
     try:
-        elements = load(path)
+        document = load(path)
     except LoadError as error:
         return str(error), time.perf_counter() - started, 0.0
     parsed = time.perf_counter()
     chunker = _worker_chunker(tokenizer_path, chunk_tokens, chunk_overlap, max_tokens)
-    chunks = chunker.chunk(elements, doc_id_for(source), source)
+    chunks = chunker.chunk(document, doc_id_for(source), source)
     return chunks, parsed - started, time.perf_counter() - parsed
 
 
@@ -167,7 +175,7 @@ class IngestJob:
         self.embedder = embedder or Embedder.from_settings(settings)
         self.chunk_settings = ChunkSettings(settings.chunk_tokens, settings.chunk_overlap)
         self.chunking_key = json.dumps(
-            {**asdict(self.chunk_settings), "tokenizer": self.embedder.name}, sort_keys=True
+            {**asdict(self.chunk_settings), "tokenizer": self.embedder.name, "chunker": CHUNKER_VERSION}, sort_keys=True
         )
 
     def run(self, root: Path, include: Iterable[str] = (), exclude: Iterable[str] = (), prune: bool | None = None,
@@ -187,13 +195,18 @@ class IngestJob:
             pending: list[_Pending] = []
             touched = False
             for path in files:
-                result, todo, was_touched = self._classify(path, known.get(str(path)), store)
+                record = known.get(str(path))
+                result, todo, was_touched = self._classify(path, record, store)
                 touched |= was_touched
                 if todo:
                     pending.append(todo)
+                    report.stale += record is not None and record.chunking != self.chunking_key
                 else:
                     report.files.append(result)
                     notify(result)
+            if report.stale:
+                log.warning("%d documents were built by an older parser or with other chunk settings; re-ingesting",
+                            report.stale)
             if on_plan:
                 on_plan(len(pending))
             for result in self._parse_embed_add(pending, store, report):
@@ -228,8 +241,8 @@ class IngestJob:
         """Decide whether a file needs parsing. Size + mtime unchanged means unchanged without reading it."""
         source = str(path)
         unsupported = unsupported_type(path)
-        if unsupported:  # reported without parsing, so a re-run over such a file loads no model
-            return FileResult(source, "failed", error=unsupported), None, False
+        if unsupported:  # listed, not parsed (a re-run over such a file loads no model), and not a failure
+            return FileResult(source, "skipped", error=unsupported), None, False
         stat = path.stat()
         if record and record.chunking == self.chunking_key:
             if (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns):

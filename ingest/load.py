@@ -1,4 +1,4 @@
-"""Parse one file into text elements with `unstructured`, offline, and say clearly why a file cannot be read."""
+"""Parse one file into text elements (PDF: pypdfium2; others: `unstructured`, offline); say why a file cannot be read."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag import offline  # noqa: F401  (telemetry off before unstructured is imported)
+from ingest.pdf import PdfError, parse_pdf
 from rag.models import package_dir
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,19 @@ class LoadError(Exception):
 @dataclass(frozen=True, slots=True)
 class Element:
     text: str
-    category: str
+    category: str  # unstructured's element categories; Title for headings, Table for tables
     page: int | None
     heading: str | None  # nearest heading above this element in its document
+    header: str = ""  # tables: their header rows (also the start of `text`), repeated by every chunk of the table
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedDocument:
+    """A file's content elements and what its metadata says about it (empty where it says nothing)."""
+
+    elements: list[Element]
+    metadata_title: str = ""
+    metadata_author: str = ""
 
 
 def _use_packaged_spacy_model() -> None:
@@ -80,8 +91,6 @@ def _partition(path: Path) -> list:
         from unstructured.partition.html import partition_html
 
         return partition_html(filename=str(path))
-    if suffix == ".pdf":
-        return _partition_pdf(path)
     if suffix == ".docx":
         from unstructured.partition.docx import partition_docx
 
@@ -97,32 +106,26 @@ def _partition(path: Path) -> list:
     raise LoadError(unsupported_type(path) or f"no loader for '{suffix}'")
 
 
-def _partition_pdf(path: Path) -> list:
-    import pikepdf
-    from unstructured.partition.pdf import partition_pdf
-
-    # unstructured's fast strategy swallows extraction errors and returns no elements, so open the file
-    # ourselves first to report a broken or really encrypted PDF by name.
+def _load_pdf(path: Path) -> LoadedDocument:
     try:
-        with pikepdf.open(path) as pdf:
-            pages = len(pdf.pages)
-    except pikepdf.PasswordError:
-        raise LoadError("PDF needs a password to open") from None
-    except pikepdf.PdfError as error:
-        raise LoadError(f"corrupt PDF: {error}") from None
-    if pages == 0:
-        raise LoadError("PDF has no pages")
-    # "fast" reads the text layer; hi_res/OCR need layout models from a hub, which this deployment never fetches.
-    elements = partition_pdf(filename=str(path), strategy="fast")
-    if not any((element.text or "").strip() for element in elements):
-        raise LoadError(f"PDF has no text layer on its {pages} page(s) (scanned image? OCR is not available)")
-    return elements
+        parsed = parse_pdf(path)
+    except PdfError as error:
+        raise LoadError(str(error)) from None
+    elements, heading = [], None
+    for element in parsed.elements:
+        if element.category == "Title":
+            heading = element.text[:200]
+        text = f"{element.header}\n{element.text}" if element.header else element.text  # a table whole, header first
+        elements.append(Element(text, element.category, element.page, heading, element.header))
+    return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author)
 
 
-def load(path: str | Path) -> list[Element]:
+def load(path: str | Path) -> LoadedDocument:
     """Parse a file into content elements, each with its page and the heading it sits under.
 
-    >>> [e.category for e in load("corpus/httpx/quickstart.md")][:2]  # doctest: +SKIP
+    PDFs are read with pypdfium2 (ingest/pdf.py); every other format with unstructured.
+
+    >>> [e.category for e in load("corpus/httpx/quickstart.md").elements][:2]  # doctest: +SKIP
     ['Title', 'NarrativeText']
     """
     path = Path(path)
@@ -130,8 +133,10 @@ def load(path: str | Path) -> list[Element]:
         raise LoadError("not a regular file")
     if path.stat().st_size == 0:
         raise LoadError("empty file")
-    _use_packaged_spacy_model()
     try:
+        if path.suffix.lower() == ".pdf":
+            return _load_pdf(path)
+        _use_packaged_spacy_model()
         raw_elements = _partition(path)
     except LoadError:
         raise
@@ -149,4 +154,4 @@ def load(path: str | Path) -> list[Element]:
         elements.append(Element(text=text, category=raw.category, page=raw.metadata.page_number, heading=heading))
     if not elements:
         raise LoadError("no text found in the document")
-    return elements
+    return LoadedDocument(elements)

@@ -39,9 +39,13 @@ class Settings(BaseSettings):
     )
     embedding_batch_size: int = Field(64, ge=1, le=4096)
     device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'.")
-    embedding_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="'auto': bf16 autocast on CUDA and on CPUs with native bf16 (2.4x here), else fp32."
+    embedding_precision: Literal["auto", "fp32", "bf16", "onnx", "onnx-int8"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA and on CPUs with native bf16 (2.4x here); on other CPUs "
+        "onnx-int8 (ONNX Runtime, int8 weights). fp32/bf16: torch; onnx: ONNX Runtime fp32."
     )
+    model_cache_dir: Path | None = Field(
+        None, description="Where models derived from the packaged ones (ONNX exports) are cached; "
+        "default: $XDG_CACHE_HOME/rag-service/onnx (~/.cache/rag-service/onnx).")
 
     # Chunking, counted in embedding-model tokens
     chunk_tokens: int = Field(DEFAULT_CHUNK_TOKENS, ge=16, description="Target chunk size in embedding tokens.")

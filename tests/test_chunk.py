@@ -1,10 +1,12 @@
-"""Chunks respect the embedding model's token limit, stay within one document and section, and overlap."""
+"""Chunks respect the embedding model's token limit with their context line, carry their document's facts, and
+keep table headers."""
 
 import pytest
 
 from ingest.chunk import Chunker, ChunkSettings
-from ingest.load import Element, load
+from ingest.load import Element, LoadedDocument, load
 from tests.conftest import CORPUS
+from tests.pdfs import report_with_table
 
 
 @pytest.fixture(scope="module")
@@ -17,25 +19,50 @@ def test_no_chunk_exceeds_the_limit_on_real_documents(chunker, embedder):
         chunks = chunker.chunk(load(path), "doc", str(path))
         assert chunks
         for chunk in chunks:
-            # Measured with the model's own tokenizer, special tokens included: nothing would be truncated.
-            assert len(embedder.tokenizer.encode(chunk.text)) <= embedder.max_tokens
+            # Measured with the model's own tokenizer, special tokens and context line included: nothing is truncated.
+            assert len(embedder.tokenizer.encode(chunk.indexed_text)) <= embedder.max_tokens
             assert chunk.tokens <= 120
             assert chunk.tokens == len(embedder.tokenizer.encode(chunk.text, add_special_tokens=False))
 
 
-def test_headings_stay_with_their_text_and_pages_are_kept(chunker):
+def test_headings_and_pages_are_in_each_chunks_context(chunker):
     path = CORPUS / "httpx" / "advanced" / "timeouts.md"
     chunks = chunker.chunk(load(path), "doc", str(path))
     default_timeout = [c for c in chunks if c.heading == "Setting a default timeout on a client"]
-    assert default_timeout and all(c.text.startswith("Setting a default timeout on a client\n") for c in default_timeout)
+    assert default_timeout and all("Setting a default timeout on a client" in c.context for c in default_timeout)
     pdf = CORPUS / "ntsb" / "20080102X00002.pdf"
-    assert {c.page for c in chunker.chunk(load(pdf), "doc", str(pdf))} >= {1, 2}
+    pdf_chunks = chunker.chunk(load(pdf), "doc", str(pdf))
+    assert {c.page for c in pdf_chunks} >= {1, 2}
+    assert all(f"p. {c.page}" in c.context for c in pdf_chunks)
+
+
+def test_embedded_text_carries_title_issuer_period_and_page(chunker, embedder, tmp_path):
+    path = tmp_path / "northwind_q1-report.pdf"
+    path.write_bytes(report_with_table())
+    chunks = chunker.chunk(load(path), "doc", str(path))
+    table = next(c for c in chunks if "| Operating income | 310 | 260 | 19% |" in c.text)
+    for expected in ("Quarterly Report", "northwind q1 report", "Northwind Traders Inc.",
+                     "quarterly period ended March 31, 2024", "Results of Operations", "p. 2"):
+        assert expected in table.context
+    assert table.indexed_text.startswith(table.context + "\n") and "| 2024 | 2023 | Change |" in table.text
+    assert len(chunks) == 2  # the cover's short lines merged into one chunk, not one chunk per line
+    for chunk in chunks:
+        assert len(embedder.tokenizer.encode(chunk.indexed_text)) <= embedder.max_tokens
+
+
+def test_a_split_table_repeats_its_header_in_every_chunk(chunker):
+    header = "| Item | 2024 | 2023 |\n| --- | --- | --- |"
+    rows = [f"| Line item number {i} of the statement | {i * 1000:,} | {i * 900:,} |" for i in range(40)]
+    table = Element(text=header + "\n" + "\n".join(rows), category="Table", page=7, heading="Statement", header=header)
+    chunks = chunker.chunk(LoadedDocument([table]), "doc", "statement.pdf")
+    assert len(chunks) > 3 and all(c.text.startswith(header + "\n") for c in chunks)
+    assert sum(c.text.count("| Line item number") for c in chunks) == 40  # every row once
 
 
 def test_long_sections_are_split_with_overlap(chunker):
     sentences = [f"Sentence number {i} talks about topic {i % 7} at some length." for i in range(80)]
     elements = [Element(text=" ".join(sentences), category="NarrativeText", page=3, heading=None)]
-    chunks = chunker.chunk(elements, "doc", "long.txt")
+    chunks = chunker.chunk(LoadedDocument(elements), "doc", "long.txt")
     assert len(chunks) > 3
     assert [c.ordinal for c in chunks] == list(range(len(chunks)))
     first_tail = chunks[0].text.split()[-4:]

@@ -52,6 +52,22 @@ def test_ingest_search_info_round_trip_with_json(docs_dir, tmp_path, monkeypatch
     assert result.exit_code == EXIT_OK and "Nothing changed" in result.stdout
 
 
+def test_unsupported_files_are_skipped_and_do_not_fail_the_run(tmp_path, monkeypatch):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.md").write_text("# Notes\n\nThe release train leaves every second Tuesday.\n")
+    (docs / "LICENSE").write_text("Permission is hereby granted, free of charge, ...\n")
+    monkeypatch.setenv("RAG_PARSE_WORKERS", "1")
+    result = runner.invoke(app, ["ingest", str(docs), "--index", str(tmp_path / "index"), "--json"])
+    assert result.exit_code == EXIT_OK, result.output
+    report = json.loads(result.stdout)
+    assert report["files"]["skipped"] == 1 and report["files"]["failed"] == 0 and report["files"]["new"] == 1
+    skipped = [r for r in report["results"] if r["status"] == "skipped"]
+    assert skipped[0]["source"].endswith("LICENSE") and "unsupported file type" in skipped[0]["error"]
+    result = runner.invoke(app, ["ingest", str(docs), "--index", str(tmp_path / "index")], env={"COLUMNS": "200"})
+    assert result.exit_code == EXIT_OK and "Files skipped" in result.stdout and "LICENSE" in result.stdout
+
+
 def test_missing_index_exits_with_index_error(tmp_path):
     result = runner.invoke(app, ["search", "anything", "--index", str(tmp_path / "none")])
     assert result.exit_code == EXIT_INDEX_ERROR

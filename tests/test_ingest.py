@@ -9,6 +9,7 @@ import pytest
 from ingest.job import IngestJob
 from rag.store import IndexMismatchError, IndexNotFoundError, Store
 from tests.conftest import CORPUS
+from tests.pdfs import scan_without_text
 
 
 def _duplicates(store: Store) -> int:
@@ -62,7 +63,7 @@ def test_changed_file_replaces_its_chunks_and_deleted_file_is_pruned(docs_dir, s
     (docs_dir / "notes.txt").write_text("The release train now leaves every Friday at noon.\n")
     (docs_dir / "blog.html").unlink()
     report = job.run(docs_dir)
-    assert report.status_counts == {"new": 0, "changed": 1, "unchanged": 4, "removed": 1, "failed": 0}
+    assert report.status_counts == {"new": 0, "changed": 1, "unchanged": 4, "removed": 1, "skipped": 0, "failed": 0}
     store = Store.open(settings.index_dir)
     texts = [c.text for c in store.iter_chunks() if c.source.endswith("notes.txt")]
     assert texts == ["The release train now leaves every Friday at noon."]
@@ -89,17 +90,36 @@ def test_include_and_exclude_globs(docs_dir, settings, embedder):
 
 def test_bad_inputs_are_reported_and_everything_else_ingests(docs_dir, settings, embedder):
     (docs_dir / "broken.pdf").write_bytes(b"%PDF-1.7\n%garbage that is not a pdf body")
+    (docs_dir / "scan.pdf").write_bytes(scan_without_text())
     (docs_dir / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" * 50)
     (docs_dir / "empty.md").write_bytes(b"")
     (docs_dir / "table.numbers").write_bytes(b"unsupported")
     (docs_dir / "mojibake.txt").write_bytes(bytes(range(128, 256)) * 30)
     report = IngestJob(settings, embedder).run(docs_dir)
     reasons = {Path(r.source).name: r.error for r in report.failed}
-    assert set(reasons) == {"broken.pdf", "image.txt", "empty.md", "table.numbers", "mojibake.txt"}
+    assert set(reasons) == {"broken.pdf", "scan.pdf", "image.txt", "empty.md", "mojibake.txt"}
     assert "corrupt PDF" in reasons["broken.pdf"] and "binary" in reasons["image.txt"]
-    assert "empty" in reasons["empty.md"] and "unsupported file type" in reasons["table.numbers"]
-    assert report.status_counts["new"] == 6
+    assert "no text layer" in reasons["scan.pdf"] and "empty" in reasons["empty.md"]
+    # A file of an unsupported type is listed as skipped, with the reason, and is not a failure.
+    assert [(Path(r.source).name, "unsupported file type" in r.error) for r in report.skipped] == [("table.numbers", True)]
+    assert report.status_counts["new"] == 6 and report.status_counts["skipped"] == 1
     assert Store.open(settings.index_dir).counts()["documents"] == 6
+
+
+def test_documents_built_by_an_older_chunker_are_rechunked_without_duplicates(docs_dir, settings, embedder,
+                                                                            monkeypatch, caplog):
+    import ingest.job
+
+    monkeypatch.setattr(ingest.job, "CHUNKER_VERSION", "an-older-parser")
+    IngestJob(settings, embedder).run(docs_dir)
+    monkeypatch.undo()
+    report = IngestJob(settings, embedder).run(docs_dir)
+    assert report.stale == 6 and report.status_counts["changed"] == 6
+    assert "6 documents were built by an older parser" in caplog.text
+    store = Store.open(settings.index_dir)
+    assert store.counts()["documents"] == 6 and _duplicates(store) == 0
+    assert store.counts()["chunks"] == report.chunks_added  # the old chunks are gone, only the new ones remain
+    assert IngestJob(settings, embedder).run(docs_dir).stale == 0  # and the next run finds nothing stale
 
 
 def test_a_file_that_turns_corrupt_keeps_its_previous_version(docs_dir, settings, embedder):
@@ -167,6 +187,18 @@ def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, 
     assert job.run(docs_dir).status_counts["new"] == 1  # the next run completes the work
 
 
+def test_onnx_embeddings_match_fp32(tmp_path):
+    from rag.embed import Embedder
+
+    texts = ["How do I set a timeout?", "Net sales rose 14% to $1,250 million in the quarter ended March 31, 2024."]
+    reference = Embedder(device="cpu", precision="fp32").encode(texts)
+    onnx = Embedder(device="cpu", precision="onnx", cache_dir=tmp_path)
+    assert (onnx.encode(texts) * reference).sum(axis=1).min() > 0.9999  # the same graph, other kernels
+    int8 = Embedder(device="cpu", precision="onnx-int8", cache_dir=tmp_path)
+    assert (int8.encode(texts) * reference).sum(axis=1).min() > 0.97  # int8 weights: close, not equal
+    assert sorted(path.name for path in tmp_path.rglob("*.onnx")) == ["model.int8.onnx", "model.onnx"]  # cached
+
+
 def test_bf16_embeddings_match_fp32():
     from rag.embed import Embedder
 
@@ -175,6 +207,6 @@ def test_bf16_embeddings_match_fp32():
     assert (full.precision, half.precision) == ("fp32", "bf16")
     cosines = (full.encode(texts) * half.encode(texts)).sum(axis=1)
     assert cosines.min() > 0.999  # bf16 matmuls, fp32 weights: the same ranking, not the same bits
-    assert Embedder(device="cpu").precision in ("fp32", "bf16")
+    assert Embedder(device="cpu").precision in ("bf16", "onnx-int8")  # the fastest path this CPU has
     with pytest.raises(ValueError, match="Unknown precision"):
         Embedder(device="cpu", precision="int4")

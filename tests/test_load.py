@@ -6,6 +6,7 @@ import pytest
 
 from ingest.load import LoadError, load
 from tests.conftest import CORPUS, DATA
+from tests.pdfs import report_with_table, scan_without_text
 
 
 @pytest.mark.parametrize(
@@ -22,7 +23,7 @@ from tests.conftest import CORPUS, DATA
     ids=lambda value: value.name if isinstance(value, Path) else None,
 )
 def test_each_format_yields_real_text(path: Path, expected_text: str):
-    elements = load(path)
+    elements = load(path).elements
     text = " ".join(element.text for element in elements)
     assert len(text) > 50, f"{path.name} gave almost no text"
     assert expected_text in text
@@ -30,23 +31,38 @@ def test_each_format_yields_real_text(path: Path, expected_text: str):
 
 def test_pdf_with_owner_password_yields_text_and_page_numbers():
     # The fast strategy returns zero elements without raising when it cannot decrypt; this must not happen.
-    elements = load(CORPUS / "ntsb" / "20071229X02007.pdf")
+    elements = load(CORPUS / "ntsb" / "20071229X02007.pdf").elements
     assert len(elements) > 20
     pages = {element.page for element in elements}
     assert pages >= {1, 2}
 
 
 def test_markdown_elements_carry_their_heading():
-    elements = load(CORPUS / "httpx" / "advanced" / "timeouts.md")
+    elements = load(CORPUS / "httpx" / "advanced" / "timeouts.md").elements
     assert elements[0].heading is None  # the file opens with text, before its first heading
     assert any(e.heading == "Setting and disabling timeouts" for e in elements)
     assert any(e.heading == "Setting a default timeout on a client" for e in elements)
     assert {e.category for e in elements} >= {"Title", "NarrativeText"}
 
 
-def test_scanned_pdf_without_text_layer_is_an_error_not_silence():
+def test_scanned_pdf_without_text_layer_is_an_error_not_silence(tmp_path: Path):
     with pytest.raises(LoadError, match="no text layer"):
         load(DATA / "MEDRPT-2024-PAT-3847_medical_report_scan.pdf")
+    (tmp_path / "blank.pdf").write_bytes(scan_without_text())
+    with pytest.raises(LoadError, match="no text layer on its 2 page"):
+        load(tmp_path / "blank.pdf")
+
+
+def test_pdf_table_rows_come_with_their_header_and_headings_are_found(tmp_path: Path):
+    (tmp_path / "report.pdf").write_bytes(report_with_table())
+    elements = load(tmp_path / "report.pdf").elements
+    table = next(e for e in elements if e.category == "Table")
+    assert table.page == 2 and table.heading == "Results of Operations"
+    assert table.header.splitlines()[0] == "|  | 2024 | 2023 | Change |"
+    assert table.text.startswith(table.header)
+    assert "| Cost of sales | 700 | 640 | 9% |" in table.text.splitlines()
+    titles = [e.text for e in elements if e.category == "Title"]
+    assert titles == ["Quarterly Report", "Results of Operations"]  # larger or bold lines; body lines are not
 
 
 @pytest.mark.parametrize(
@@ -70,5 +86,5 @@ def test_bad_input_is_reported_with_a_reason(tmp_path: Path, name: str, content:
 def test_latin1_text_is_decoded_not_rejected(tmp_path: Path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("Café crème brûlée, naïve façade. Déjà vu à la carte.\n".encode("latin-1") * 5)
-    text = " ".join(element.text for element in load(path))
+    text = " ".join(element.text for element in load(path).elements)
     assert "Café" in text

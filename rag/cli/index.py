@@ -26,12 +26,13 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Embedding batch size (env: RAG_EMBEDDING_BATCH_SIZE; default 64).")] = None,
     embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model folder (env: RAG_EMBEDDING_MODEL; default: packaged all-MiniLM-L6-v2).")] = None,
-    embedding_precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 (env: RAG_EMBEDDING_PRECISION; auto: bf16 on CUDA and on CPUs with native bf16).")] = None,
+    embedding_precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | onnx | onnx-int8 (env: RAG_EMBEDDING_PRECISION; auto: bf16 on CUDA and on CPUs with native bf16, else onnx-int8).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Parse, chunk and embed documents into the index. Incremental: unchanged files are skipped.
 
-    Exit code 0: all files ingested; 1: some files failed (listed, the rest ingested); 2: bad usage;
+    Exit code 0: all files ingested (files of unsupported types are listed as skipped); 1: some files failed
+    (listed, the rest ingested); 2: bad usage;
     3: the index cannot be used (another embedding model, locked by another writer, ...).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -77,6 +78,16 @@ def _compact_if_needed(settings) -> None:
 
 
 def _print_ingest_report(report, index_dir: Path) -> None:
+    if report.stale:
+        console.print(f"{report.stale} documents were built by an older parser or with other chunk settings; "
+                      "re-ingested them.")
+    if report.skipped:
+        skipped = Table(title="Files skipped (not a supported type)", title_justify="left")
+        skipped.add_column("file", overflow="fold")
+        skipped.add_column("reason", overflow="fold")
+        for result in report.skipped:
+            skipped.add_row(display(result.source), result.error)
+        console.print(skipped)
     if report.failed:
         failures = Table(title="Files that failed (everything else was ingested)", title_justify="left")
         failures.add_column("file", overflow="fold")

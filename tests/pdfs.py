@@ -1,0 +1,71 @@
+"""A minimal PDF writer for tests: text lines at given positions and sizes, in the 14 standard fonts.
+
+Written here (not a dependency) because the tests need exact control over layout: a table's columns, a title in
+a larger font, a page without any text.
+"""
+
+from __future__ import annotations
+
+Line = tuple[float, float, float, str]  # x, y (from the bottom), font size, text; "B:" prefix = bold
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def make_pdf(pages: list[list[Line]], title: str | None = None, author: str | None = None) -> bytes:
+    objects: list[bytes] = []
+    page_ids = []
+    font_ids = {"F1": 3, "F2": 4}
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    objects.append(b"")  # pages tree, filled in below
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica-Bold /Encoding /WinAnsiEncoding >>")
+    for lines in pages:
+        stream = []
+        for x, y, size, text in lines:
+            font = "F2" if text.startswith("B:") else "F1"
+            stream.append(f"BT /{font} {size} Tf {x} {y} Td ({_escape(text.removeprefix('B:'))}) Tj ET")
+        content = "\n".join(stream).encode("latin-1")
+        objects.append(b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream")
+        content_id = len(objects)
+        fonts = " ".join(f"/{name} {number} 0 R" for name, number in font_ids.items())
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content_id} 0 R "
+                       f"/Resources << /Font << {fonts} >> >> >>".encode())
+        page_ids.append(len(objects))
+    kids = " ".join(f"{number} 0 R" for number in page_ids)
+    objects[1] = f"<< /Type /Pages /Kids [{kids}] /Count {len(page_ids)} >>".encode()
+    info = " ".join(f"/{key} ({_escape(value)})" for key, value in (("Title", title), ("Author", author)) if value)
+    objects.append(f"<< {info} >>".encode())
+    info_id = len(objects)
+
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R /Info %d 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, info_id, xref)
+    return bytes(out)
+
+
+def report_with_table() -> bytes:
+    """Two pages: a cover with the issuer and period, then a titled section with a four-column table."""
+    cover = [(72, 720, 20, "B:Quarterly Report"), (72, 690, 11, "Northwind Traders Inc."),
+             (72, 672, 11, "For the quarterly period ended March 31, 2024"),
+             (72, 640, 11, "This report describes the results of the quarter in words and numbers.")]
+    table = [(72, 720, 14, "B:Results of Operations"),
+             (72, 700, 10, "Net sales rose in every region, as the table below shows."),
+             (300, 670, 10, "2024"), (380, 670, 10, "2023"), (460, 670, 10, "Change"),
+             (72, 650, 10, "Net sales"), (300, 650, 10, "1,250"), (380, 650, 10, "1,100"), (460, 650, 10, "14%"),
+             (72, 635, 10, "Cost of sales"), (300, 635, 10, "700"), (380, 635, 10, "640"), (460, 635, 10, "9%"),
+             (72, 620, 10, "Operating income"), (300, 620, 10, "310"), (380, 620, 10, "260"), (460, 620, 10, "19%")]
+    return make_pdf([cover, table], title=None, author="jdoe")
+
+
+def scan_without_text() -> bytes:
+    """Pages with no text objects at all, as a scanned image PDF has (the image itself does not matter here)."""
+    return make_pdf([[], []])
