@@ -33,8 +33,7 @@ class Index:
     @classmethod
     def open(cls, settings: Settings, embedding_model: str | None = None, dimension: int | None = None) -> "Index":
         """Open the index at `settings.index_dir` (converting an old snapshot-format index in place first)."""
-        from rag.store.embedded import LOCK_FILE, _lock
-        from rag.store.migrate import migrate_snapshot_format
+        from rag.store.embedded import LOCK_FILE, _lock, migrate_snapshot_format
 
         index_dir = Path(settings.index_dir)
         if (index_dir / "CURRENT").is_symlink() and not (index_dir / DB_FILE).exists():

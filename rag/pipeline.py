@@ -267,8 +267,7 @@ class Pipeline:
         prepared = self.prepare(AnswerRequest.of(question, **options))
         if prepared.request.choices:
             raise UserError("Closed-set choices are scored, not generated: they cannot be streamed.")
-        if prepared.abstains and self.settings.abstain:
-            yield NOT_ANSWERABLE
+        if prepared.abstains and self.settings.abstain:  # nothing is generated: the answer alone, no tokens
             yield self.not_answerable(prepared)
             return
         generator, prompt = prepared.generator, prepared.prompt
