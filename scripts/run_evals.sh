@@ -28,3 +28,13 @@ $RAG finetune --data "$DATA/xquad-en/xquad.en.json" --out adapters/xquad-full --
 RAG_DECODER_MODEL=adapters/xquad-full $RAG eval --dataset adapters/xquad-full/heldout.jsonl --index results/xquad/index \
   --paths rag --limit 200 --seed 0 --max-new-tokens 24 -k 1 --out results/xquad-full
 cp adapters/xquad-full/training.json adapters/xquad-full/loss.png results/xquad-full/
+
+# The shipped adapter and the default path (#14): train and package it (scripts/train_packaged_adapter.sh writes
+# adapters/packaged/heldout.jsonl, the 24 held-out articles' questions), then the default path against the base
+# RAG path through retrieval over all 240 paragraphs; answerability calibration and rates; follow-up retrieval.
+scripts/train_packaged_adapter.sh "$DATA"
+$RAG ingest results/xquad/passages --index results/xquad-default/index
+$RAG eval --dataset adapters/packaged/heldout.jsonl --index results/xquad-default/index --paths rag,finetuned-rag \
+  --limit 200 --seed 0 --max-new-tokens 24 -k 1 --out results/xquad-default
+.venv/bin/python bench/abstention.py --fit
+.venv/bin/python bench/followups.py --limit 100
