@@ -46,21 +46,6 @@ class RetrieverKind(Choice, label="retriever"):
     HYBRID = "hybrid"
 
 
-class AnswerPath(Choice, label="path"):
-    PROMPT = "prompt"
-    RAG = "rag"
-    FINETUNED = "finetuned"
-    FINETUNED_RAG = "finetuned-rag"
-
-    @property
-    def retrieves(self) -> bool:
-        return self in (AnswerPath.RAG, AnswerPath.FINETUNED_RAG)
-
-    @property
-    def finetuned(self) -> bool:
-        return self in (AnswerPath.FINETUNED, AnswerPath.FINETUNED_RAG)
-
-
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A piece of one document, small enough for the embedding model, with where it came from."""

@@ -7,22 +7,16 @@ client and app is real (sockets, uvicorn's HTTP parser, chunked SSE).
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.test_api import AUTH, KEY, api_base_index, build_app  # noqa: F401  (fixture re-exported)
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def server(api_base_index, embedder, generator, tmp_path_factory):  # noqa: F811
     shutil.copytree(api_base_index, index, symlinks=True)
     # Uploads get the app's own embedder, as in production: the query embedder is busy with queries meanwhile.
     app = build_app(index, embedder, generator, ingest_embedder=None, max_queue=64)
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ import pytest
 
 from rag.store import Store
 from rag.store.jobs import JobLog
+from tests.conftest import free_port
 from tests.test_api import api_base_index  # noqa: F401  (fixture re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_server(index: Path, port: int, log: Path) -> subprocess.Popen:
@@ -61,7 +55,7 @@ def _wait_job(base: str, job_id: str, timeout: float = 300) -> dict:
 def test_accepted_uploads_survive_sigkill_of_the_server(tmp_path, api_base_index):  # noqa: F811
     index = tmp_path / "index"
     shutil.copytree(api_base_index, index)
-    port, log = _free_port(), tmp_path / "server.log"
+    port, log = free_port(), tmp_path / "server.log"
     base = f"http://127.0.0.1:{port}"
     server = _start_server(index, port, log)
     try:
@@ -79,7 +73,7 @@ def test_accepted_uploads_survive_sigkill_of_the_server(tmp_path, api_base_index
     assert recorded.get(jobs[1]).status in ("queued", "running")
     recorded.close()
 
-    server = _start_server(index, _free_port(), log)
+    server = _start_server(index, free_port(), log)
     base = f"http://127.0.0.1:{server.args[-1]}"
     try:
         for job_id in jobs:  # answered by the new process, and finished by it

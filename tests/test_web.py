@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CORPUS, ROOT
+from tests.conftest import CORPUS, ROOT, free_port
 from tests.test_api import KEY, api_base_index  # noqa: F401  (session fixture re-exported)
 
 CHROMIUM = Path(os.environ.get("RAG_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -40,12 +39,6 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(api_base_index, embedder, generator, tmp_path_factory):  # noqa: F811
     import uvicorn
@@ -60,7 +53,7 @@ def server(api_base_index, embedder, generator, tmp_path_factory):  # noqa: F811
     settings = Settings(index_dir=index, parse_workers=1, results_dir=ROOT / "results")
     app = create_app(settings, Pipeline(settings, generator=generator),
                      api_settings=ApiSettings(api_keys=KEY, index_poll_s=0), ingest_embedder=embedder)
-    port = _free_port()
+    port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
