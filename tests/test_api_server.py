@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_ready
 from tests.test_api import AUTH, KEY, api_base_index, build_app  # noqa: F401  (fixture re-exported)
 
 pytestmark = pytest.mark.slow
@@ -35,15 +35,7 @@ def server(api_base_index, embedder, generator, tmp_path_factory):  # noqa: F811
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.1)
+    wait_until_ready(base, 60)
     yield base, app
     uv.should_exit = True
     thread.join(30)

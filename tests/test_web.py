@@ -11,13 +11,12 @@ import io
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import CORPUS, ROOT, free_port
+from tests.conftest import CORPUS, ROOT, free_port, wait_until_ready
 from tests.test_api import KEY, api_base_index  # noqa: F401  (session fixture re-exported)
 
 CHROMIUM = Path(os.environ.get("RAG_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -58,15 +57,7 @@ def server(api_base_index, embedder, generator, tmp_path_factory):  # noqa: F811
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.1)
+    wait_until_ready(base, 120)
     yield base
     uv.should_exit = True
     thread.join(30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -89,3 +90,16 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
     if not verbose:
         for noisy in NOISY_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def print_mapping(data: dict, title: str, as_json: bool) -> None:
+    """A flat report (`rag info`, `rag index stats`): JSON, or a two-column table with nested values as JSON."""
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_header=False)
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)

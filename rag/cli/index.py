@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from rag.cli.app import EXIT_FILES_FAILED, EXIT_OK, IndexOption, JsonOption, app, console, display, errors, settings_from
+from rag.cli.app import (EXIT_FILES_FAILED, EXIT_OK, IndexOption, JsonOption, app, console, display, errors,
+                         print_mapping, settings_from)
 from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS, DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
 from rag.types import RetrieverKind
 
@@ -81,20 +82,15 @@ def _print_ingest_report(report, index_dir: Path) -> None:
     if report.stale:
         console.print(f"{report.stale} documents were built by an older parser or with other chunk settings; "
                       "re-ingested them.")
-    if report.skipped:
-        skipped = Table(title="Files skipped (not a supported type)", title_justify="left")
-        skipped.add_column("file", overflow="fold")
-        skipped.add_column("reason", overflow="fold")
-        for result in report.skipped:
-            skipped.add_row(display(result.source), result.error)
-        console.print(skipped)
-    if report.failed:
-        failures = Table(title="Files that failed (everything else was ingested)", title_justify="left")
-        failures.add_column("file", overflow="fold")
-        failures.add_column("reason", overflow="fold")
-        for result in report.failed:
-            failures.add_row(display(result.source), result.error)
-        console.print(failures)
+    for title, results in (("Files skipped (not a supported type)", report.skipped),
+                           ("Files that failed (everything else was ingested)", report.failed)):
+        if results:
+            table = Table(title=title, title_justify="left")
+            table.add_column("file", overflow="fold")
+            table.add_column("reason", overflow="fold")
+            for result in results:
+                table.add_row(display(result.source), result.error)
+            console.print(table)
     counts = report.status_counts
     summary = Table(title=f"Ingest summary → {index_dir}", title_justify="left", show_header=False)
     summary.add_column(justify="left")
@@ -148,10 +144,4 @@ def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
     store = Store.open(settings.index_dir)
     data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.index_dir),
             "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value}
-    if as_json:
-        print(json.dumps(data, indent=2))
-        return
-    table = Table(title=f"Index {settings.index_dir}", title_justify="left", show_header=False)
-    for key, value in data.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-    console.print(table)
+    print_mapping(data, f"Index {settings.index_dir}", as_json)

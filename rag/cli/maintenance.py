@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rag.cli.app import IndexOption, JsonOption, app, console, display, settings_from
+from rag.cli.app import IndexOption, JsonOption, app, console, display, print_mapping, settings_from
 
 documents_app = typer.Typer(help="List and delete the documents in the index.", no_args_is_help=True)
 index_app = typer.Typer(help="Maintain the index: compaction and statistics.", no_args_is_help=True)
@@ -77,10 +77,4 @@ def index_compact(
 def index_stats(index: IndexOption = None, as_json: JsonOption = False) -> None:
     """Counts, segments, deleted vectors awaiting compaction and bytes on disk."""
     data = _open_index(index).stats()
-    if as_json:
-        print(json.dumps(data, indent=2))
-        return
-    table = Table(title=f"Index {data['path']}", title_justify="left", show_header=False)
-    for key, value in data.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-    console.print(table)
+    print_mapping(data, f"Index {data['path']}", as_json)
