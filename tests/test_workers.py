@@ -1,0 +1,144 @@
+"""The durable job queue in a real PostgreSQL (pgserver): leases, retries, attempts, pruning; then `rag worker`
+and `rag serve` processes against it."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from rag.store.jobs import FileOutcome, Job, JobLog, utc_now
+from rag.store.pg_jobs import LeaseLostError, PostgresJobLog
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh, empty database on the session's server."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg_server.psql(f"CREATE DATABASE {name};")
+    return pg_server.get_uri(name)
+
+
+def _upload(n_files: int = 1) -> Job:
+    files = [FileOutcome(f"f{i}.md", f"/uploads/default/f{i}.md") for i in range(n_files)]
+    return Job(uuid.uuid4().hex, files, spec={"filenames": [f.filename for f in files]})
+
+
+def test_racing_workers_take_each_job_once(pg_url):
+    log = PostgresJobLog.connect(pg_url)
+    created = {log.create(_upload()).id for _ in range(30)}
+    taken: dict[str, list[str]] = {}
+
+    def work(name: str) -> None:
+        mine = PostgresJobLog.connect(pg_url, owner=name)
+        while (job := mine.lease(name, lease_s=30)) is not None:
+            taken.setdefault(job.id, []).append(name)
+            job.status = "succeeded"
+            mine.save(job)
+        mine.close()
+
+    workers = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert set(taken) == created
+    assert all(len(names) == 1 for names in taken.values())
+    assert {log.get(job_id).status for job_id in created} == {"succeeded"}
+    log.close()
+
+
+def test_an_expired_lease_passes_the_job_to_another_worker(pg_url):
+    log = PostgresJobLog.connect(pg_url)
+    job = log.create(_upload())
+    first = log.lease("first", lease_s=0.3)
+    assert first.id == job.id and first.attempts == 1 and first.owner == "first"
+    assert log.lease("second", lease_s=30) is None  # held
+    assert log.heartbeat(first, lease_s=0.3)
+    time.sleep(0.5)
+    second = log.lease("second", lease_s=30)
+    assert second.id == job.id and second.attempts == 2
+    assert "first stopped before finishing" in second.error
+    assert not log.heartbeat(first, lease_s=30)  # the first worker learns it lost the job...
+    first.status = "succeeded"
+    with pytest.raises(LeaseLostError):  # ...and cannot overwrite the new owner's record
+        log.save(first)
+    assert log.get(job.id).owner == "second"
+    log.close()
+
+
+def test_a_job_out_of_attempts_fails_with_the_last_error(pg_url):
+    log = PostgresJobLog.connect(pg_url, max_attempts=2)
+    job = log.create(_upload(2))
+    for attempt in (1, 2):
+        leased = log.lease(f"w{attempt}", lease_s=0.2)
+        assert leased.attempts == attempt
+        time.sleep(0.3)
+    assert log.lease("w3", lease_s=30) is None
+    failed = log.get(job.id)
+    assert failed.status == "failed" and failed.finished_at
+    assert failed.error.startswith("gave up after 2 attempts") and "w2 stopped" in failed.error
+    assert {f.status for f in failed.files} == {"failed"}
+
+
+def test_a_released_job_is_taken_again(pg_url):
+    log = PostgresJobLog.connect(pg_url)
+    job = log.create(_upload())
+    leased = log.lease("w1", lease_s=30)
+    leased.error = "RuntimeError: the embedder ran out of memory"
+    log.release(leased)
+    again = log.lease("w2", lease_s=30)
+    assert again.id == job.id and again.attempts == 2 and again.error == leased.error
+
+
+def test_finished_jobs_are_pruned_by_age(pg_url):
+    log = PostgresJobLog.connect(pg_url)
+    old, recent = (log.create(_upload()) for _ in range(2))
+    finished = {old.id: "2020-01-01T00:00:00+00:00", recent.id: utc_now()}
+    for _ in finished:
+        job = log.lease("w", lease_s=30)
+        job.status, job.finished_at = "succeeded", finished[job.id]
+        log.save(job)
+    queued = log.create(_upload())
+    assert log.prune(timedelta(days=1)) == 1
+    assert log.get(old.id) is None
+    assert log.get(recent.id).status == "succeeded" and log.get(queued.id).status == "queued"
+
+
+def test_jobs_are_read_within_their_collection(pg_url, tmp_path):
+    for log in (PostgresJobLog.connect(pg_url), JobLog(tmp_path)):
+        job = _upload()
+        job.collection = "team-a"
+        log.create(job)
+        assert log.get(job.id, collection="team-a").collection == "team-a"
+        assert log.get(job.id, collection="team-b") is None
+        assert log.get(job.id).id == job.id
+        log.close()
+
+
+def test_an_older_embedded_job_log_gains_the_new_columns(tmp_path):
+    from rag.store.embedded import connect
+
+    db = connect(tmp_path)
+    db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, spec TEXT NOT NULL, "
+               "owner TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, snapshot TEXT, error TEXT, "
+               "index_counts TEXT NOT NULL DEFAULT '{}')")
+    db.execute("INSERT INTO jobs (id, kind, status, spec, created_at) VALUES ('old', 'upload', 'succeeded', '{}', "
+               "'2026-01-01T00:00:00+00:00')")
+    db.close()
+    log = JobLog(tmp_path)
+    old = log.get("old")
+    assert (old.collection, old.attempts) == ("default", 0)
+    log.close()
