@@ -10,8 +10,8 @@ from datetime import timedelta
 
 import pytest
 
-from rag.store.jobs import FileOutcome, Job, JobLog, utc_now
-from rag.store.pg_jobs import LeaseLostError, PostgresJobLog
+from rag.store.jobs import FileOutcome, Job, JobLog, LeaseLostError, utc_now
+from rag.store.pg_jobs import PostgresJobLog
 
 
 @pytest.fixture(scope="session")
@@ -141,4 +141,15 @@ def test_an_older_embedded_job_log_gains_the_new_columns(tmp_path):
     log = JobLog(tmp_path)
     old = log.get("old")
     assert (old.collection, old.attempts) == ("default", 0)
+    log.close()
+
+
+def test_an_unreachable_job_database_is_unavailable_without_the_password():
+    from rag.errors import UnavailableError
+    from tests.conftest import free_port
+
+    log = PostgresJobLog.connect(f"postgresql://rag:s3cret@127.0.0.1:{free_port()}/rag", timeout_s=1)
+    with pytest.raises(UnavailableError) as raised:
+        log.get("any")
+    assert "127.0.0.1" in str(raised.value) and "s3cret" not in str(raised.value)
     log.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from rag.errors import ConflictError
 from rag.store.embedded import connect
 
 SCHEMA = """
@@ -50,6 +51,12 @@ CREATE TABLE IF NOT EXISTS job_files (
 # Columns added after the first release: a log written by an older version gains them at open.
 ADDED_COLUMNS = {"collection": "TEXT NOT NULL DEFAULT 'default'", "attempts": "INTEGER NOT NULL DEFAULT 0"}
 FINISHED = ("succeeded", "failed")
+
+
+class LeaseLostError(ConflictError):
+    """Another worker took the job over (this one's lease expired): this one must stop working on it."""
+
+    code = "lease_lost"
 
 
 def utc_now() -> str:
