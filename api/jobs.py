@@ -1,10 +1,12 @@
-"""Ingestion through the API: uploads saved under `<index_dir>/uploads/`, recorded as durable jobs, ingested by
-one background writer.
+"""Ingestion through the API: uploads saved in the upload folder (RAG_UPLOADS_DIR), recorded as durable jobs.
 
-A job is recorded in the index's job log (with its files already on disk) before the 202 is sent, so a restart
-loses nothing: on start the queue runs again every job that was queued or interrupted (`JobRunner.recover`).
-Jobs and document deletions run one at a time on a single thread, since an index has a single writer; after each
-commit the service refreshes its index, and a compaction is started in the background when the policy asks.
+A job is recorded in the job log (with its files already on disk) before the 202 is sent, so a restart loses
+nothing. Who runs it depends on the store:
+- embedded: this process, on one background writer thread (an index has a single writer); on start it runs again
+  every job that was queued or interrupted (`JobRunner.recover`). Jobs and document deletions take turns on that
+  thread; after each commit the service refreshes its index, and compacts it in the background when the policy asks.
+- PostgreSQL (RAG_STORE_URL): `rag worker` processes, from the queue in the database; this replica only records
+  the job, and any replica answers for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from ingest.load import SUPPORTED_SUFFIXES
 from ingest.runner import JobRunner
+from rag.store import open_job_log
 from rag.store.jobs import Job
 
 logger = logging.getLogger("rag.api")
@@ -49,39 +52,39 @@ def supported(name: str) -> bool:
 
 
 class IngestQueue:
-    """Accepts uploads, runs them through the `JobRunner` on one writer thread, and refreshes the index after each."""
+    """Accepts uploads and records them; with the embedded store, also runs them through the `JobRunner` on one
+    writer thread and refreshes the index after each."""
 
     def __init__(self, service, metrics, embedder=None):
         self.service = service
         self.metrics = metrics
-        if embedder is None:  # its own model instance: the query embedder's tokenizer is busy on other threads
+        log = open_job_log(service.settings)
+        self.runs_jobs = not log.shared  # shared: the PostgreSQL queue, which `rag worker` processes run
+        if embedder is None and self.runs_jobs:  # its own model instance: the query embedder's tokenizer is busy
             from rag.embed import Embedder
 
             embedder = Embedder.from_settings(service.settings)  # the model loads on the first upload
         # An upload waits for a `rag ingest` (or another server's job) holding the writer lock, rather than fail.
-        self.runner = JobRunner(service.settings, embedder, writer_wait_s=WRITER_WAIT_S)
+        self.runner = JobRunner(service.settings, embedder, log, writer_wait_s=WRITER_WAIT_S)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-compactor")
-        for job in self.runner.recover():
+        for job in self.runner.recover() if self.runs_jobs else ():
             logger.info("resuming ingest job", extra={"job_id": job.id, "status": job.status})
             self._writer.submit(self._run, job)
-
-    @property
-    def uploads_dir(self) -> Path:
-        return self.runner.uploads_dir
 
     # ------------------------------------------------------------------ jobs
     def incoming_dir(self, job_id: str) -> Path:
         return self.runner.incoming_dir(job_id)
 
-    def submit(self, job_id: str, filenames: list[str]) -> Job:
+    def submit(self, job_id: str, filenames: list[str], collection: str) -> Job:
         """Record the job durably (its files are saved already), then queue it."""
-        job = self.runner.record_upload(job_id, filenames)
-        self._writer.submit(self._run, job)
+        job = self.runner.record_upload(job_id, filenames, collection)
+        if self.runs_jobs:
+            self._writer.submit(self._run, job)
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        return self.runner.get(job_id)
+    def get(self, job_id: str, collection: str | None = None) -> Job | None:
+        return self.runner.get(job_id, collection)
 
     @staticmethod
     def new_id() -> str:
@@ -126,7 +129,7 @@ class IngestQueue:
     def _delete(self, doc_id: str):
         record = self.service.index.delete(doc_id)  # DocumentNotFoundError when there is none
         uploaded = Path(record.source)
-        if uploaded.parent == self.uploads_dir.resolve():
+        if uploaded.parent == self.runner.collection_dir(record.collection).resolve():
             uploaded.unlink(missing_ok=True)  # or a later job over the area could bring it back
         self._committed()
         return record

@@ -3,6 +3,10 @@ and `rag serve` processes against it."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -172,3 +176,150 @@ def test_the_compose_file_describes_the_scale_out_deployment():
     proxy = services["proxy"]
     conf = ROOT / proxy["volumes"][0].split(":")[0]
     assert "server api:8000 resolve" in conf.read_text() and "pgdata" in compose["volumes"]
+
+
+# ---------------------------------------------------------------------- the runner and `rag worker` end to end
+NOTES = {f"note{i}.md": f"# Note {i}\n\nThe wombat-{i} setting keeps {i + 2} connections warm.\n" for i in range(5)}
+
+
+def _settings(url: str, tmp_path, **extra):
+    from rag.config import Settings
+
+    return Settings(store_url=url, index_dir=tmp_path / "index", uploads_dir=tmp_path / "uploads", job_lease_s=2,
+                    parse_workers=1, **extra)
+
+
+def _env(settings) -> dict[str, str]:
+    from tests.conftest import ROOT
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAG_STORE_URL": settings.store_url,
+            "RAG_INDEX_DIR": str(settings.index_dir), "RAG_UPLOADS_DIR": str(settings.uploads_dir),
+            "RAG_JOB_LEASE_S": str(settings.job_lease_s), "RAG_PARSE_WORKERS": "1", "RAG_API_KEYS": ""}
+
+
+def _record(runner, name: str) -> Job:
+    job_id = uuid.uuid4().hex
+    (runner.incoming_dir(job_id) / name).write_text(NOTES[name])
+    return runner.record_upload(job_id, [name], "default")
+
+
+def _worker(settings, *args: str, log, **env: str) -> subprocess.Popen:
+    from tests.conftest import ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "rag.cli", "worker", *args], cwd=ROOT,
+                            env={**_env(settings), **env}, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def _stored(url: str) -> dict[str, int]:
+    """Rows per document source in the database (what 'stored exactly once' counts)."""
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        return dict(db.execute("SELECT source, count(*) FROM documents GROUP BY source").fetchall())
+
+
+@pytest.mark.slow
+def test_a_killed_workers_job_is_run_again_by_another_and_stored_once(new_postgres_database, tmp_path):
+    from ingest.runner import JobRunner
+    from rag.store import open_job_log
+
+    url = new_postgres_database("killed_worker")
+    settings = _settings(url, tmp_path)
+    log = open_job_log(settings)
+    runner = JobRunner(settings, log=log)
+    first = _record(runner, "note0.md")
+    worker_log = tmp_path / "workers.log"
+    # It commits the document, then dies before recording the job as done (as kill -9 would there).
+    crashed = _worker(settings, "--once", log=worker_log, RAG_TEST_CRASH_AT="job:ingested")
+    assert crashed.wait(300) == -signal.SIGKILL, worker_log.read_text()[-3000:]
+    assert (log.get(first.id).status, log.get(first.id).attempts) == ("running", 1)
+    assert list(_stored(url).values()) == [1]
+
+    others = [_record(runner, name) for name in ("note1.md", "note2.md", "note3.md", "note4.md")]
+    racing = [_worker(settings, "--once", log=worker_log) for _ in range(2)]  # the lease expires meanwhile
+    assert [worker.wait(300) for worker in racing] == [0, 0], worker_log.read_text()[-3000:]
+
+    retried, *rest = [log.get(job.id) for job in (first, *others)]
+    assert {job.status for job in (retried, *rest)} == {"succeeded"}
+    assert retried.attempts == 2 and retried.files[0].status == "unchanged"  # found stored, not stored again
+    assert all(job.attempts == 1 and job.files[0].status == "new" for job in rest)  # each job ran once
+    stored = _stored(url)
+    assert len(stored) == 5 and set(stored.values()) == {1}
+    log.close()
+
+
+def test_a_job_whose_runs_fail_is_retried_then_fails_with_the_reason(new_postgres_database, tmp_path):
+    from ingest.runner import JobRunner
+    from rag.store import open_job_log
+
+    settings = _settings(new_postgres_database("max_attempts"), tmp_path, job_max_attempts=2,
+                         embedding_model=str(tmp_path / "no-such-model"))
+    log = open_job_log(settings)
+    job = _record(JobRunner(settings, log=log), "note0.md")
+    runner = JobRunner(settings, log=log)  # no embedder: each run loads the configured (missing) model, and fails
+    for attempt in (1, 2):
+        leased = log.lease(log.owner, settings.job_lease_s)  # as `rag worker` does: its runner claims as log.owner
+        assert leased.id == job.id and leased.attempts == attempt
+        with pytest.raises(Exception, match="no-such-model"):
+            runner.run(leased)
+    assert log.lease(log.owner, settings.job_lease_s) is None
+    failed = log.get(job.id)
+    assert failed.status == "failed" and failed.error.startswith("gave up after 2 attempts; the last:")
+    assert "no-such-model" in failed.error and failed.files[0].status == "failed"
+    log.close()
+
+
+@pytest.mark.slow
+def test_any_replica_answers_for_a_job_that_a_worker_runs(new_postgres_database, tmp_path):
+    import httpx
+
+    from tests.conftest import ROOT, free_port, wait_until_ready
+
+    settings = _settings(new_postgres_database("replicas"), tmp_path)
+    server_log = tmp_path / "servers.log"
+    ports = [free_port(), free_port()]
+    replicas = [subprocess.Popen([sys.executable, "-m", "rag.cli", "serve", "--port", str(port)], cwd=ROOT,
+                                 env=_env(settings), stdout=server_log.open("ab"), stderr=subprocess.STDOUT)
+                for port in ports]
+    first, second = (f"http://127.0.0.1:{port}" for port in ports)
+    worker = None
+    try:
+        for base in (first, second):
+            _wait_healthy(base, replicas)
+        accepted = httpx.post(f"{first}/v1/documents", timeout=60,
+                              files={"files": ("note3.md", NOTES["note3.md"].encode())})
+        assert accepted.status_code == 202, accepted.text
+        job_url = f"/v1/jobs/{accepted.json()['job_id']}"
+        replicas[0].send_signal(signal.SIGKILL)  # the replica that took the upload is gone
+        replicas[0].wait(30)
+        time.sleep(1)
+        queued = httpx.get(second + job_url).json()
+        assert queued["status"] == "queued" and queued["collection"] == "default"  # no replica runs jobs
+
+        worker = _worker(settings, "--max-jobs", "1", log=tmp_path / "worker.log")
+        assert worker.wait(300) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        done = httpx.get(second + job_url).json()
+        assert done["status"] == "succeeded" and done["files"][0]["status"] == "new" and done["attempts"] == 1
+        wait_until_ready(second, 300)
+        hit = httpx.post(f"{second}/v1/search", json={"query": "wombat-3 connections", "k": 1}).json()["results"][0]
+        assert hit["source"].endswith("note3.md")
+    finally:
+        for process in [*replicas, *([worker] if worker else [])]:
+            if process.poll() is None:
+                process.kill()
+                process.wait(30)
+
+
+def _wait_healthy(base: str, processes: list[subprocess.Popen], seconds: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert all(process.poll() is None for process in processes), "a server exited"
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)

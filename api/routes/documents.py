@@ -55,7 +55,7 @@ async def upload(request: Request, service: ServiceDep,
         target = incoming / name
         assert target.resolve().parent == incoming.resolve()  # sanitize_filename guarantees it; belt and braces
         await run_in_threadpool(_save, upload, target)
-    job = await run_in_threadpool(queue.submit, job_id, names)
+    job = await run_in_threadpool(queue.submit, job_id, names, service.settings.collection)
     return JobAccepted(job_id=job.id, status=job.status, files=names, status_url=f"/v1/jobs/{job.id}")
 
 
