@@ -25,18 +25,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import cpu_flags  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "How do I set a timeout on an HTTPX client?"
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-    present = set(flags.split(":", 1)[1].split())
-    return " ".join(f"{flag}={'yes' if flag in present else 'no'}" for flag in wanted)
 
 
 def environment(cache_dir: Path | None) -> dict[str, str]:
