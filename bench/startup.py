@@ -34,12 +34,13 @@ QUESTION = "How do I set a timeout on an HTTPX client?"
 
 def environment(cache_dir: Path | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in ("RAG_DECODER_CACHE", "RAG_CACHE_DIR", "OMP_NUM_THREADS"):
+    for name in ("RAG_DECODER_CACHE", "RAG_CACHE_DIR", "RAG_MODEL_CACHE_DIR", "OMP_NUM_THREADS"):
         env.pop(name, None)
     if cache_dir is None:
         env["RAG_DECODER_CACHE"] = "off"
     else:
         env["RAG_CACHE_DIR"] = str(cache_dir)
+        env["RAG_MODEL_CACHE_DIR"] = str(cache_dir / "onnx")  # the query encoder's export is cold or warm with it
     return env
 
 
