@@ -1,0 +1,141 @@
+"""The PostgreSQL store's schema: ordered migrations, applied at open under an advisory lock.
+
+`MIGRATIONS[i]` is schema version i + 1. Steps are only ever appended (never edited once released); `migrate`
+applies the missing ones in one transaction and records each in `schema_migrations`, so a crash leaves the
+database at the old version or the new one. A database whose version is newer than this list was migrated by a
+newer program, whose tables this one may misread: it is refused.
+
+The embedding column is created untyped (`vector`) and typed (`vector(dim)`) by `initialise` at the first `begin`,
+when the embedding model's dimension is known. pgvector (0.6) builds HNSW only on a column with dimensions; an
+expression index on `embedding::vector(dim)` would work too, but then every query must repeat that exact cast to
+use it, and nothing would stop a vector of another dimension from being stored. Typing the column once (cheap:
+the table is empty then) keeps the queries plain and lets Postgres check every vector's dimension.
+"""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+
+from rag.store.base import IndexMismatchError
+
+# pg_advisory_xact_lock keys (two int4): one namespace for this program, then what is locked.
+LOCK_NAMESPACE = 0x5241_4701  # "RAG" + 1
+MIGRATION_LOCK = 1
+# Per-document write locks use (DOCUMENT_LOCK_NAMESPACE, hashtext(doc_id)): a hash collision only serialises two
+# writers that need not be; it never lets two writers of one document through together.
+DOCUMENT_LOCK_NAMESPACE = 0x5241_4702
+
+MIGRATIONS: list[str] = [
+    # 1: the index (meta, documents, chunks with their vectors and full-text terms) and the API keys.
+    """
+    CREATE EXTENSION IF NOT EXISTS vector;
+    CREATE TABLE meta (
+        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        embedding_model text NOT NULL,
+        dimension integer NOT NULL,
+        chunking jsonb NOT NULL,
+        generation bigint NOT NULL DEFAULT 0,
+        committed_at timestamptz
+    );
+    CREATE TABLE documents (
+        doc_id text PRIMARY KEY,
+        collection text NOT NULL,
+        source text NOT NULL,
+        content_hash text NOT NULL,
+        size bigint NOT NULL,
+        mtime_ns bigint NOT NULL,
+        chunking text NOT NULL,
+        chunk_count integer NOT NULL,
+        ingested_at text NOT NULL,
+        UNIQUE (collection, source)
+    );
+    CREATE TABLE chunks (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- a sequence: ids are never reused
+        doc_id text NOT NULL REFERENCES documents (doc_id) ON DELETE CASCADE,
+        collection text NOT NULL,  -- the document's, repeated so every search filters without a join
+        ordinal integer NOT NULL,
+        text text NOT NULL,
+        source text NOT NULL,
+        page integer,
+        heading text,
+        element_type text,
+        tokens integer NOT NULL,
+        hash text NOT NULL,
+        context text NOT NULL DEFAULT '',
+        embedding vector NOT NULL,  -- typed vector(dim) by initialise(); see the module docstring
+        terms tsvector NOT NULL,  -- to_tsvector('simple', rag.store.terms.indexed_terms(context, text))
+        UNIQUE (doc_id, ordinal)
+    );
+    CREATE INDEX chunks_collection ON chunks (collection);
+    CREATE INDEX chunks_terms ON chunks USING gin (terms);
+    CREATE TABLE api_keys (
+        id text PRIMARY KEY,
+        name text NOT NULL,
+        collection text NOT NULL,  -- '*' = every collection
+        role text NOT NULL CHECK (role IN ('read', 'write', 'admin')),
+        digest bytea NOT NULL UNIQUE,  -- SHA-256 of the secret; the secret itself is never stored
+        created_at text NOT NULL,
+        revoked_at text
+    );
+    """,
+]
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    """The database's schema version; 0 for a database this program never touched."""
+    if conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None:
+        return 0
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Bring the database to the latest schema (a no-op when it is there); returns the version. `conn` must be in
+    autocommit mode: the migration is its own transaction, serialised against other processes by an advisory lock."""
+    known = len(MIGRATIONS)
+    if _check(conn, schema_version(conn)) == known:  # the common case: no lock, no writes
+        return known
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, MIGRATION_LOCK))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        current = _check(conn, schema_version(conn))  # another process may have migrated while we waited
+        for version in range(current + 1, known + 1):
+            conn.execute(MIGRATIONS[version - 1])
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+    return known
+
+
+def _check(conn: psycopg.Connection, version: int) -> int:
+    if version > len(MIGRATIONS):
+        raise IndexMismatchError(
+            f"The database has schema version {version}, but this program knows versions up to {len(MIGRATIONS)}: "
+            "it was migrated by a newer version of rag. Upgrade this program (or use another database).")
+    return version
+
+
+def initialise(conn: psycopg.Connection, embedding_model: str, dimension: int, chunking: dict) -> dict | None:
+    """Record the index's model and dimension and type the vector column, unless an index exists; returns the
+    meta row found (None when this call created it). Serialised with migrations, so two first writers agree."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, MIGRATION_LOCK))
+        found = read_meta(conn)
+        if found is not None:
+            return found
+        conn.execute(f"ALTER TABLE chunks ALTER COLUMN embedding TYPE vector({int(dimension)})")
+        # Inner product on normalised vectors (= cosine), the embedded store's metric; pgvector's default build
+        # parameters (m 16, ef_construction 64).
+        conn.execute("CREATE INDEX chunks_embedding ON chunks USING hnsw (embedding vector_ip_ops)")
+        conn.execute("INSERT INTO meta (embedding_model, dimension, chunking) VALUES (%s, %s, %s)",
+                     (embedding_model, dimension, json.dumps(chunking, sort_keys=True)))
+    return None
+
+
+def read_meta(conn: psycopg.Connection) -> dict | None:
+    row = conn.execute("SELECT embedding_model, dimension, chunking, generation, committed_at FROM meta").fetchone()
+    if row is None:
+        return None
+    model, dimension, chunking, generation, committed_at = row
+    return {"embedding_model": model, "dimension": dimension, "chunking": chunking, "generation": generation,
+            "committed_at": committed_at.isoformat(timespec="seconds") if committed_at else ""}
