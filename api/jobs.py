@@ -119,12 +119,13 @@ class IngestQueue:
                                                   "tombstones_dropped": info.tombstones_dropped})
 
     # ------------------------------------------------------------------ deletion
-    def delete(self, doc_id: str) -> Future:
-        """Remove one document on the writer thread (after any queued jobs). The future gives its record."""
-        return self._writer.submit(self._delete, doc_id)
+    def delete(self, doc_id: str, collection: str) -> Future:
+        """Remove one document of a collection on the writer thread (after any queued jobs); the future gives its
+        record."""
+        return self._writer.submit(self._delete, doc_id, collection)
 
-    def _delete(self, doc_id: str):
-        record = self.service.index.delete(doc_id)  # DocumentNotFoundError when there is none
+    def _delete(self, doc_id: str, collection: str):
+        record = self.service.index.delete(doc_id, collection)  # DocumentNotFoundError when there is none
         uploaded = Path(record.source)
         if uploaded.parent == self.uploads_dir.resolve():
             uploaded.unlink(missing_ok=True)  # or a later job over the area could bring it back

@@ -80,11 +80,12 @@ async def job_status(job_id: str, request: Request) -> dict:
 async def list_documents(service: ServiceDep) -> DocumentList:
     service.retriever  # noqa: B018  (503 when there is no index at all)
     index = service.index
-    records = await run_in_threadpool(index.documents)
+    collection = service.settings.collection
+    records = await run_in_threadpool(index.documents, collection)
     return DocumentList(
         documents=[DocumentOut(doc_id=r.doc_id, source=r.source, content_hash=r.content_hash, size=r.size,
                                chunk_count=r.chunk_count, ingested_at=r.ingested_at) for r in records],
-        counts=index.store.counts(), snapshot=service.snapshot)
+        counts=index.store.counts(collection), snapshot=service.snapshot)
 
 
 @router.delete("/documents/{doc_id}", response_model=DeletedDocument, summary="Remove a document from the index",
@@ -93,5 +94,5 @@ async def delete_document(doc_id: str, request: Request, service: ServiceDep) ->
     service.retriever  # noqa: B018  (503 when there is no index at all)
     # Errors map once (api/errors.py): IndexBusyError (`rag ingest` holds the writer lock) is a 409 "index_busy",
     # DocumentNotFoundError a 404 "document_not_found".
-    record = await asyncio.wrap_future(_queue(request).delete(doc_id))
+    record = await asyncio.wrap_future(_queue(request).delete(doc_id, service.settings.collection))
     return DeletedDocument(doc_id=record.doc_id, source=record.source)

@@ -17,7 +17,8 @@ router = APIRouter(tags=["search"])
 async def search(body: SearchRequest, service: ServiceDep) -> SearchResponse:
     retriever = service.retriever  # one snapshot for the whole request, even if a new one is swapped in
     started = time.perf_counter()
-    hits = await run_blocking(retriever.retrieve, body.query, body.k, body.retriever, body.source)
+    hits = await run_blocking(retriever.retrieve, body.query, body.k, body.retriever, body.source,
+                              service.settings.collection)
     seconds = time.perf_counter() - started
     service.metrics.retrieval_seconds.observe(seconds)
     results = [SearchHit(**hit.to_dict()) for hit in hits]

@@ -26,7 +26,7 @@ router = APIRouter(tags=["sources"])
             responses={404: {"description": "No such chunk in the current index."}})
 async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: ServiceDep) -> PassageOut:
     store = service.retriever.store
-    found = await run_in_threadpool(store.get, [chunk_id])
+    found = await run_in_threadpool(store.get, [chunk_id], service.settings.collection)
     if not found:
         raise ApiError(404, "chunk_not_found", f"No chunk {chunk_id} in the current index (a later ingestion may "
                        "have replaced it: ask again).")
@@ -41,8 +41,7 @@ async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: 
                        409: {"description": "The file changed since it was ingested."}})
 async def original_file(doc_id: Annotated[str, PathParam(max_length=64)], service: ServiceDep):
     store = service.retriever.store
-    records = await run_in_threadpool(store.documents)
-    record = next((r for r in records.values() if r.doc_id == doc_id), None)
+    record = await run_in_threadpool(store.document, doc_id, service.settings.collection)
     if record is None:
         raise ApiError(404, "document_not_found", f"No document '{doc_id}' in the index.")
     path = Path(record.source)

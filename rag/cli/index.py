@@ -118,7 +118,8 @@ def search(
     POST /v1/search, without generation."""
     from rag.pipeline import Pipeline
 
-    hits = Pipeline(settings_from(index_dir=index)).retriever.retrieve(query, k, retriever, source)
+    settings = settings_from(index_dir=index)
+    hits = Pipeline(settings).retriever.retrieve(query, k, retriever, source, settings.collection)
     if as_json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2))
         return
@@ -138,10 +139,11 @@ def search(
 @app.command()
 def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
     """Print the index manifest and its counts (documents, chunks, vectors)."""
-    from rag.store import Store
+    from rag.store import open_store
 
     settings = settings_from(index_dir=index)
-    store = Store.open(settings.index_dir)
-    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.index_dir),
+    store = open_store(settings)
+    data = {**store.manifest.to_dict(), "counts": store.counts(), "collections": store.collections(),
+            "path": str(settings.index_dir) if not settings.store_url else "postgresql",
             "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value}
     print_mapping(data, f"Index {settings.index_dir}", as_json)

@@ -28,10 +28,11 @@ def _open_index(index_dir):
 def documents_list(index: IndexOption = None, as_json: JsonOption = False) -> None:
     """The documents in the index, with their ids (for `rag documents delete`). Same fields as GET /v1/documents."""
     opened = _open_index(index)
-    records = opened.documents()
+    collection = opened.settings.collection
+    records = opened.documents(collection)
     data = {"documents": [{"doc_id": r.doc_id, "source": r.source, "content_hash": r.content_hash, "size": r.size,
                            "chunk_count": r.chunk_count, "ingested_at": r.ingested_at} for r in records],
-            "counts": opened.store.counts(), "snapshot": opened.store.manifest.snapshot}
+            "counts": opened.store.counts(collection), "snapshot": opened.store.manifest.snapshot}
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -47,7 +48,8 @@ def documents_list(index: IndexOption = None, as_json: JsonOption = False) -> No
 def documents_delete(doc_id: Annotated[str, typer.Argument(help="The document's id (see `rag documents list`).")],
                      index: IndexOption = None, as_json: JsonOption = False) -> None:
     """Remove a document from the index. Same fields as DELETE /v1/documents/{doc_id}. Exit 3 when there is none."""
-    record = _open_index(index).delete(doc_id)
+    opened = _open_index(index)
+    record = opened.delete(doc_id, opened.settings.collection)
     if as_json:
         print(json.dumps({"doc_id": record.doc_id, "source": record.source, "deleted": True}, indent=2))
     else:
