@@ -37,7 +37,9 @@ MIGRATIONS: list[str] = [
         dimension integer NOT NULL,
         chunking jsonb NOT NULL,
         generation bigint NOT NULL DEFAULT 0,
-        committed_at timestamptz
+        committed_at timestamptz,
+        chunks bigint NOT NULL DEFAULT 0,  -- BM25's corpus statistics (rows, analysed terms in them), kept by
+        terms bigint NOT NULL DEFAULT 0  -- every commit so a query need not count the whole table
     );
     CREATE TABLE documents (
         doc_id text PRIMARY KEY,
@@ -65,8 +67,9 @@ MIGRATIONS: list[str] = [
         hash text NOT NULL,
         context text NOT NULL DEFAULT '',
         embedding vector NOT NULL,  -- typed vector(dim) by initialise(); see the module docstring
-        terms tsvector NOT NULL,  -- to_tsvector('simple', rag.store.terms.indexed_terms(context, text))
-        UNIQUE (doc_id, ordinal)
+        terms tsvector NOT NULL,  -- the analysed terms (rag.store.terms) as lexemes with their positions
+        term_count integer NOT NULL,  -- BM25's document length
+        UNIQUE (doc_id, ordinal)  -- also the index for lookups by doc_id
     );
     CREATE INDEX chunks_collection ON chunks (collection);
     CREATE INDEX chunks_terms ON chunks USING gin (terms);
@@ -133,9 +136,11 @@ def initialise(conn: psycopg.Connection, embedding_model: str, dimension: int, c
 
 
 def read_meta(conn: psycopg.Connection) -> dict | None:
-    row = conn.execute("SELECT embedding_model, dimension, chunking, generation, committed_at FROM meta").fetchone()
+    row = conn.execute("SELECT embedding_model, dimension, chunking, generation, committed_at, chunks, terms "
+                       "FROM meta").fetchone()
     if row is None:
         return None
-    model, dimension, chunking, generation, committed_at = row
+    model, dimension, chunking, generation, committed_at, chunks, terms = row
     return {"embedding_model": model, "dimension": dimension, "chunking": chunking, "generation": generation,
-            "committed_at": committed_at.isoformat(timespec="seconds") if committed_at else ""}
+            "committed_at": committed_at.isoformat(timespec="seconds") if committed_at else "", "chunks": chunks,
+            "terms": terms}
