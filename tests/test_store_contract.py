@@ -307,3 +307,36 @@ def test_an_unreachable_database_is_unavailable_and_the_message_keeps_the_passwo
         message = str(raised.value)
         assert f"127.0.0.1:{port}/ragdb" in message and "s3cret-pw" not in message
         assert raised.value.http_status == 503 and raised.value.__cause__ is None
+
+
+@pytest.mark.parametrize("kind", ["embedded", "postgres"])
+def test_key_stores_keep_digests_and_scope_keys_by_collection(kind, tmp_path, new_postgres_database):
+    keys = pytest.importorskip("rag.keys")  # rag/keys.py comes with the collections work
+    if kind == "embedded":
+        store = keys.EmbeddedKeyStore(tmp_path / "index")
+    else:
+        from rag.store.postgres import PostgresKeyStore
+        from rag.store.pg_schema import Database
+
+        url = new_postgres_database("keys")
+        store = PostgresKeyStore(Database(url, pool_size=2, timeout_s=5))
+    try:
+        reader, secret = store.create("ci bot", "handbook", "read")
+        admin, _ = store.create("ops", "*", "admin")
+        assert secret.startswith("rag_") and store.lookup(keys.digest(secret)) == reader
+        assert store.lookup(keys.digest(secret + "x")) is None
+        assert [key.id for key in store.list()] == [reader.id, admin.id]
+        assert store.list("handbook") == [reader] and store.list("other") == []
+        with pytest.raises(keys.KeyNotFoundError):
+            store.revoke(reader.id, collection="other")  # outside the caller's scope: as if unknown
+        revoked = store.revoke(reader.id, collection="handbook")
+        assert revoked.revoked and store.lookup(keys.digest(secret)).revoked_at == revoked.revoked_at
+        assert store.revoke(reader.id).revoked_at == revoked.revoked_at  # revoked once
+    finally:
+        store.close()
+    if kind == "postgres":  # the digest is stored, the secret in no column
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM api_keys WHERE digest = %s",
+                                (keys.digest(secret),)).fetchone()[0] == 1
+            assert conn.execute("SELECT count(*) FROM api_keys AS k WHERE k::text LIKE %s",
+                                (f"%{secret[4:]}%",)).fetchone()[0] == 0

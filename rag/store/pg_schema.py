@@ -1,4 +1,5 @@
-"""The PostgreSQL store's schema: ordered migrations, applied at open under an advisory lock.
+"""The PostgreSQL database of the store, the key store and the job queue: its connection pool (`Database`) and
+its schema (ordered migrations, applied when a `Database` opens, under an advisory lock).
 
 `MIGRATIONS[i]` is schema version i + 1. Steps are only ever appended (never edited once released); `migrate`
 applies the missing ones in one transaction and records each in `schema_migrations`, so a crash leaves the
@@ -15,9 +16,17 @@ the table is empty then) keeps the queries plain and lets Postgres check every v
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
+from pgvector.psycopg import register_vector
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from rag.config import Settings
+from rag.errors import UnavailableError, UserError
 from rag.store.base import IndexMismatchError
 
 # pg_advisory_xact_lock keys (two int4): one namespace for this program, then what is locked.
@@ -78,8 +87,8 @@ MIGRATIONS: list[str] = [
         name text NOT NULL,
         collection text NOT NULL,  -- '*' = every collection
         role text NOT NULL CHECK (role IN ('read', 'write', 'admin')),
-        digest bytea NOT NULL UNIQUE,  -- SHA-256 of the secret; the secret itself is never stored
-        created_at text NOT NULL,
+        digest text NOT NULL UNIQUE,  -- hex SHA-256 of the secret (rag.keys.digest); the secret is never stored
+        created_at text NOT NULL,  -- ISO 8601, as rag.keys and the embedded store's table keep them
         revoked_at text
     );
     """,
@@ -144,3 +153,62 @@ def read_meta(conn: psycopg.Connection) -> dict | None:
     return {"embedding_model": model, "dimension": dimension, "chunking": chunking, "generation": generation,
             "committed_at": committed_at.isoformat(timespec="seconds") if committed_at else "", "chunks": chunks,
             "terms": terms}
+
+
+class Database:
+    """A connection pool to one PostgreSQL database, migrated to this program's schema when opened.
+
+    Connection failures become `UnavailableError` naming host:port/database, never the password. Shared by the
+    store, the key store and the job queue (`rag.store.pg_jobs`).
+    """
+
+    def __init__(self, url: str, pool_size: int, timeout_s: float):
+        self.url = url
+        try:
+            info = conninfo_to_dict(url)
+        except psycopg.ProgrammingError as error:
+            raise UserError(f"Invalid database URL: {_first_line(error)}") from None
+        self._password = info.get("password") or ""
+        self.label = f"{info.get('host') or 'localhost'}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
+        connect_timeout = max(2, math.ceil(timeout_s))  # libpq's minimum; whole seconds
+        try:  # one direct connection first: a clear error at once (a pool would retry until its timeout)
+            with psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
+                migrate(conn)
+        except psycopg.OperationalError as error:
+            raise self.unavailable(error) from None
+        # Every connection sends and reads vectors as numpy arrays in pgvector's binary format.
+        self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=True,
+                                   kwargs={"autocommit": True, "connect_timeout": connect_timeout},
+                                   configure=register_vector, check=ConnectionPool.check_connection,
+                                   name=f"rag-{self.label}")
+
+    @classmethod
+    def from_settings(cls, url: str, settings: Settings | None = None) -> "Database":
+        """Pool size and timeouts from `settings` (`db_pool_size`, `db_timeout_s`), or their defaults."""
+        defaults = Settings.model_fields
+        pool_size = settings.db_pool_size if settings else defaults["db_pool_size"].default
+        timeout_s = settings.db_timeout_s if settings else defaults["db_timeout_s"].default
+        return cls(url, pool_size, timeout_s)
+
+    def unavailable(self, error: Exception) -> UnavailableError:
+        reason = _first_line(error) if not isinstance(error, PoolTimeout) else "no connection became free in time"
+        if self._password:
+            reason = reason.replace(self._password, "***")
+        return UnavailableError(f"The database at {self.label} is unavailable ({reason}). Check that PostgreSQL "
+                                "is running and reachable, then retry.")
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in autocommit mode (use `conn.transaction()` for more than one statement)."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as error:
+            raise self.unavailable(error) from None
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -20,15 +20,11 @@ from contextlib import contextmanager
 from dataclasses import astuple, fields
 
 import numpy as np
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
-
-from rag.errors import UnavailableError, UserError
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
                             Manifest, StoreError)
 from rag.store.embedded import LEXICAL_POSTINGS_BUDGET, generation_name
-from rag.store.pg_schema import DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, initialise, migrate, read_meta, schema_version
+from rag.store.jobs import utc_now
+from rag.store.pg_schema import DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, Database, initialise, read_meta, schema_version
 from rag.store.terms import indexed_terms, rarest_within, terms
 from rag.types import Chunk
 
@@ -48,71 +44,6 @@ MIN_EF_SEARCH, MAX_EF_SEARCH = 100, 1000
 BM25_K1, BM25_B, BM25_MIN_IDF = 1.2, 0.75, 1e-6
 MAX_LEXEME_BYTES = 2046  # Postgres refuses longer lexemes (2 KiB); such "words" are blobs, not text
 MAX_POSITIONS = 256  # positions a tsvector keeps per lexeme: BM25's term frequency saturates long before
-
-
-class Database:
-    """A connection pool to one PostgreSQL database, migrated to this program's schema when opened.
-
-    Connection failures become `UnavailableError` naming host:port/database, never the password. Shared by the
-    store, the key store and the job queue (`rag.store.pg_jobs`).
-    """
-
-    def __init__(self, url: str, pool_size: int, timeout_s: float):
-        self.url = url
-        try:
-            info = conninfo_to_dict(url)
-        except psycopg.ProgrammingError as error:
-            raise UserError(f"Invalid database URL: {_first_line(error)}") from None
-        self._password = info.get("password") or ""
-        self.label = f"{info.get('host') or 'localhost'}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
-        connect_timeout = max(2, int(np.ceil(timeout_s)))  # libpq's minimum; whole seconds
-        try:  # one direct connection first: a clear error at once (a pool would retry until its timeout)
-            with psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
-                migrate(conn)
-        except psycopg.OperationalError as error:
-            raise self.unavailable(error) from None
-        self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=True,
-                                   kwargs={"autocommit": True, "connect_timeout": connect_timeout},
-                                   configure=_register_vector, check=ConnectionPool.check_connection,
-                                   name=f"rag-{self.label}")
-
-    @classmethod
-    def from_settings(cls, url: str, settings=None) -> "Database":
-        from rag.config import Settings
-
-        defaults = Settings.model_fields
-        pool_size = settings.db_pool_size if settings else defaults["db_pool_size"].default
-        timeout_s = settings.db_timeout_s if settings else defaults["db_timeout_s"].default
-        return cls(url, pool_size, timeout_s)
-
-    def unavailable(self, error: Exception) -> UnavailableError:
-        reason = _first_line(error) if not isinstance(error, PoolTimeout) else "no connection became free in time"
-        if self._password:
-            reason = reason.replace(self._password, "***")
-        return UnavailableError(f"The database at {self.label} is unavailable ({reason}). Check that PostgreSQL "
-                                "is running and reachable, then retry.")
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection in autocommit mode (use `conn.transaction()` for more than one statement)."""
-        try:
-            with self.pool.connection() as conn:
-                yield conn
-        except (PoolTimeout, psycopg.OperationalError) as error:
-            raise self.unavailable(error) from None
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-def _register_vector(conn: psycopg.Connection) -> None:
-    from pgvector.psycopg import register_vector  # numpy arrays <-> vector, in binary
-
-    register_vector(conn)
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def source_matches(source: str, pattern: str) -> bool:
@@ -455,4 +386,62 @@ class PostgresStore:
 
     def close(self) -> None:
         self.abort()
+        self._db.close()
+
+
+def _keys():
+    """`rag.keys` (records, digests, validation), imported on first use. (It arrives with the collections work; a
+    module-level import is as good once both are merged.)"""
+    import rag.keys
+
+    return rag.keys
+
+
+class PostgresKeyStore:
+    """API keys in the database's `api_keys` table: the `rag.keys.KeyStore` protocol, SQL in, `ApiKeyRecord` out."""
+
+    def __init__(self, database: Database):
+        self._db = database
+
+    @classmethod
+    def from_settings(cls, settings) -> "PostgresKeyStore":
+        return cls(Database.from_settings(settings.store_url, settings))
+
+    def create(self, name: str, collection: str, role) -> tuple:
+        keys = _keys()
+        record, secret = keys.new_key(name, collection, role)
+        with self._db.connection() as conn:
+            conn.execute(f"INSERT INTO api_keys ({keys.KEY_COLUMNS}, digest) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                         (record.id, record.name, record.collection, record.role.value, record.created_at, None,
+                          keys.digest(secret)))
+        return record, secret
+
+    def list(self, collection: str | None = None) -> list:
+        keys = _keys()
+        with self._db.connection() as conn:
+            rows = conn.execute(f"SELECT {keys.KEY_COLUMNS} FROM api_keys WHERE %(scope)s::text IS NULL "
+                                "OR collection = %(scope)s ORDER BY created_at, id", {"scope": collection}).fetchall()
+        return [keys.record_from_row(row) for row in rows]
+
+    def revoke(self, key_id: str, collection: str | None = None):
+        """Revoke a key (once: a revoked key keeps its first revocation time); outside `collection` it is not
+        found, like an unknown key."""
+        keys = _keys()
+        scope = {"id": key_id, "scope": collection, "now": utc_now()}
+        with self._db.connection() as conn, conn.transaction():
+            conn.execute("UPDATE api_keys SET revoked_at = %(now)s WHERE id = %(id)s AND revoked_at IS NULL "
+                         "AND (%(scope)s::text IS NULL OR collection = %(scope)s)", scope)
+            row = conn.execute(f"SELECT {keys.KEY_COLUMNS} FROM api_keys WHERE id = %(id)s "
+                               "AND (%(scope)s::text IS NULL OR collection = %(scope)s)", scope).fetchone()
+        if row is None:
+            raise keys.KeyNotFoundError(f"No API key '{key_id[:64]}'.")
+        return keys.record_from_row(row)
+
+    def lookup(self, key_digest: str):
+        keys = _keys()
+        with self._db.connection() as conn:
+            row = conn.execute(f"SELECT {keys.KEY_COLUMNS} FROM api_keys WHERE digest = %s", (key_digest,)).fetchone()
+        return keys.record_from_row(row) if row else None
+
+    def close(self) -> None:
         self._db.close()
