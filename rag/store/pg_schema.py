@@ -89,7 +89,8 @@ MIGRATIONS: list[str] = [
         role text NOT NULL CHECK (role IN ('read', 'write', 'admin')),
         digest text NOT NULL UNIQUE,  -- hex SHA-256 of the secret (rag.keys.digest); the secret is never stored
         created_at text NOT NULL,  -- ISO 8601, as rag.keys and the embedded store's table keep them
-        revoked_at text
+        revoked_at text,
+        position bigint GENERATED ALWAYS AS IDENTITY  -- creation order (created_at has whole seconds)
     );
     """,
 ]

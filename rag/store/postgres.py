@@ -420,7 +420,7 @@ class PostgresKeyStore:
         keys = _keys()
         with self._db.connection() as conn:
             rows = conn.execute(f"SELECT {keys.KEY_COLUMNS} FROM api_keys WHERE %(scope)s::text IS NULL "
-                                "OR collection = %(scope)s ORDER BY created_at, id", {"scope": collection}).fetchall()
+                                "OR collection = %(scope)s ORDER BY position", {"scope": collection}).fetchall()
         return [keys.record_from_row(row) for row in rows]
 
     def revoke(self, key_id: str, collection: str | None = None):
