@@ -13,6 +13,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from rag.config import Settings
 from rag.errors import UnavailableError
 from rag.store.base import DocumentRecord, IndexMismatchError, IndexNotFoundError
 from rag.store.embedded import EmbeddedStore
@@ -274,6 +275,28 @@ def test_dense_returns_k_hits_of_a_collection_although_hnsw_filters_after_its_sc
         assert found / 200 >= 0.9  # approximate, but close to exact
     finally:
         store.close()
+
+
+def test_the_stores_of_a_process_share_one_pool_released_by_the_last_close(database_url):
+    def connections() -> int:
+        with psycopg.connect(database_url) as conn:
+            return conn.execute("SELECT count(*) - 1 FROM pg_stat_activity WHERE datname = current_database()"
+                                ).fetchone()[0]
+
+    writer = PostgresStore.begin(database_url, MODEL, DIMENSION, CHUNKING)
+    writer.add_document(*document("timeouts.md", TIMEOUTS, seed=1))
+    writer.commit()
+    readers = [PostgresStore.open(database_url) for _ in range(6)]
+    threads = [threading.Thread(target=lambda store=store: [store.counts() for _ in range(20)]) for store in readers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= connections() <= Settings().db_pool_size
+    for store in [writer, *readers]:
+        store.close()
+    writer.close()  # a second close changes nothing
+    assert connections() == 0
 
 
 def test_migrations_apply_to_an_empty_database_and_rerun_as_no_ops(database_url):

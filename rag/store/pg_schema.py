@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -159,12 +160,18 @@ def read_meta(conn: psycopg.Connection) -> dict | None:
 class Database:
     """A connection pool to one PostgreSQL database, migrated to this program's schema when opened.
 
-    Connection failures become `UnavailableError` naming host:port/database, never the password. Shared by the
-    store, the key store and the job queue (`rag.store.pg_jobs`).
+    Connection failures become `UnavailableError` naming host:port/database, never the password. `from_settings`
+    shares one pool per process among the stores, the key store and the job queue (`db_pool_size` connections per
+    process), counting its users: the last `close` closes it.
     """
+
+    _shared: dict[tuple, "Database"] = {}
+    _shared_lock = threading.Lock()
 
     def __init__(self, url: str, pool_size: int, timeout_s: float):
         self.url = url
+        self._key = (url, pool_size, timeout_s)
+        self._users = 1
         try:
             info = conninfo_to_dict(url)
         except psycopg.ProgrammingError as error:
@@ -189,7 +196,13 @@ class Database:
         defaults = Settings.model_fields
         pool_size = settings.db_pool_size if settings else defaults["db_pool_size"].default
         timeout_s = settings.db_timeout_s if settings else defaults["db_timeout_s"].default
-        return cls(url, pool_size, timeout_s)
+        with cls._shared_lock:
+            database = cls._shared.get((url, pool_size, timeout_s))
+            if database is not None:
+                database._users += 1
+                return database
+            database = cls._shared[url, pool_size, timeout_s] = cls(url, pool_size, timeout_s)
+            return database
 
     def unavailable(self, error: Exception) -> UnavailableError:
         reason = _first_line(error) if not isinstance(error, PoolTimeout) else "no connection became free in time"
@@ -208,6 +221,12 @@ class Database:
             raise self.unavailable(error) from None
 
     def close(self) -> None:
+        with self._shared_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if self._shared.get(self._key) is self:
+                del self._shared[self._key]
         self.pool.close()
 
 

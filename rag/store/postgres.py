@@ -98,6 +98,7 @@ class PostgresStore:
 
     def __init__(self, database: Database, writer_config: tuple[str, int, dict] | None = None):
         self._db = database
+        self._closed = False
         self.location = database.label  # what messages and `rag index stats` show (no password)
         self._writer_config = writer_config
         self._generation = self._meta()["generation"] if writer_config is None else 0
@@ -385,8 +386,11 @@ class PostgresStore:
         self._writer_config = None
 
     def close(self) -> None:
+        """Idempotent: the pool is shared (counted per user) and must be released once."""
         self.abort()
-        self._db.close()
+        if not self._closed:
+            self._closed = True
+            self._db.close()
 
 
 def _keys():
@@ -402,6 +406,7 @@ class PostgresKeyStore:
 
     def __init__(self, database: Database):
         self._db = database
+        self._closed = False
 
     @classmethod
     def from_settings(cls, settings) -> "PostgresKeyStore":
@@ -444,4 +449,6 @@ class PostgresKeyStore:
         return keys.record_from_row(row) if row else None
 
     def close(self) -> None:
-        self._db.close()
+        if not self._closed:
+            self._closed = True
+            self._db.close()
