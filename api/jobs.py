@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import unicodedata
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,19 +59,31 @@ class IngestQueue:
     def __init__(self, service, metrics, embedder=None):
         self.service = service
         self.metrics = metrics
-        log = open_job_log(service.settings)
-        self.runs_jobs = not log.shared  # shared: the PostgreSQL queue, which `rag worker` processes run
-        if embedder is None and self.runs_jobs:  # its own model instance: the query embedder's tokenizer is busy
-            from rag.embed import Embedder
-
-            embedder = Embedder.from_settings(service.settings)  # the model loads on the first upload
-        # An upload waits for a `rag ingest` (or another server's job) holding the writer lock, rather than fail.
-        self.runner = JobRunner(service.settings, embedder, log, writer_wait_s=WRITER_WAIT_S)
+        self.runs_jobs = not service.settings.store_url  # else `rag worker` processes run them, from the database
+        self._embedder = embedder
+        self._runner: JobRunner | None = None
+        self._runner_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-compactor")
         for job in self.runner.recover() if self.runs_jobs else ():
             logger.info("resuming ingest job", extra={"job_id": job.id, "status": job.status})
             self._writer.submit(self._run, job)
+
+    @property
+    def runner(self) -> JobRunner:
+        """Opened on first use, so that a replica whose database is down still starts: the job routes answer 503
+        (UnavailableError) until the database is back."""
+        with self._runner_lock:
+            if self._runner is None:
+                log = open_job_log(self.service.settings)
+                embedder = self._embedder
+                if embedder is None and self.runs_jobs:  # its own instance: the query embedder's tokenizer is busy
+                    from rag.embed import Embedder
+
+                    embedder = Embedder.from_settings(self.service.settings)  # the model loads on the first upload
+                # An upload waits for a `rag ingest` (or another server's job) holding the writer lock, not fail.
+                self._runner = JobRunner(self.service.settings, embedder, log, writer_wait_s=WRITER_WAIT_S)
+            return self._runner
 
     # ------------------------------------------------------------------ jobs
     def incoming_dir(self, job_id: str) -> Path:

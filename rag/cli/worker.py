@@ -23,6 +23,6 @@ def worker(
     from ingest.worker import Worker
 
     configure_logging(log_level.upper())
-    runner = Worker(settings_from(job_lease_s=lease_s))
-    runner.handle_signals()
-    runner.run(max_jobs=max_jobs, drain=once)
+    queue_worker = Worker(settings_from(job_lease_s=lease_s))
+    queue_worker.handle_signals()
+    queue_worker.run(max_jobs=max_jobs, drain=once)

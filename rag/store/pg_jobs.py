@@ -22,52 +22,14 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from rag.errors import UnavailableError
+from rag.config import Settings
 from rag.store.jobs import FileOutcome, Job, LeaseLostError
-
-# Appended to rag/store/pg_schema.py's MIGRATIONS once that lands; applied here until then.
-JOBS_DDL = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id text PRIMARY KEY,
-    kind text NOT NULL,                  -- 'upload' (API, run by workers) or 'path' (rag ingest, run by itself)
-    collection text NOT NULL,
-    status text NOT NULL,                -- queued | running | succeeded | failed
-    spec jsonb NOT NULL,
-    owner text,                          -- the worker holding the lease (or that ran it)
-    lease_until timestamptz,
-    attempts integer NOT NULL DEFAULT 0,
-    created_at timestamptz NOT NULL,
-    started_at timestamptz,
-    finished_at timestamptz,
-    snapshot text,
-    error text,
-    index_counts jsonb NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created_at) WHERE status IN ('queued', 'running');
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE status IN ('succeeded', 'failed');
-CREATE TABLE IF NOT EXISTS job_files (
-    job_id text NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    position integer NOT NULL,
-    filename text NOT NULL,
-    source text NOT NULL,
-    status text NOT NULL DEFAULT 'pending',
-    chunks integer NOT NULL DEFAULT 0,
-    error text,
-    doc_id text,
-    PRIMARY KEY (job_id, position)
-);
-"""
+from rag.store.pg_schema import Database
 
 JOB_COLUMNS = ("id, kind, collection, status, spec, owner, attempts, created_at, started_at, finished_at, snapshot, "
                "error, index_counts")
@@ -101,51 +63,30 @@ def worker_name() -> str:
 class PostgresJobLog:
     """Jobs and their per-file outcomes in PostgreSQL. Safe to use from several threads (a connection pool).
 
-    >>> log = PostgresJobLog(pool, max_attempts=3)  # doctest: +SKIP
+    >>> log = PostgresJobLog.from_settings(Settings(store_url="postgresql://rag@db/rag"))  # doctest: +SKIP
     >>> job = log.lease(log.owner, lease_s=60)  # doctest: +SKIP  (None when there is nothing to do)
+
+    A `JobRunner` over this log claims jobs as `log.owner`: a worker leases under that name, so that the run it
+    hands to the runner is the one it leased (claiming under another name would count one more attempt).
     """
 
     shared = True  # jobs are run by workers anywhere: leases are kept and a failed run goes back to the queue
 
-    def __init__(self, pool: ConnectionPool, max_attempts: int, lease_s: float, owner: str | None = None):
-        self.pool = pool
+    def __init__(self, database: Database, max_attempts: int, lease_s: float, owner: str | None = None):
+        self.database = database
         self.max_attempts = max_attempts
         self.lease_s = lease_s  # of a job claimed by `claim` (a `rag ingest` run); workers pass theirs to `lease`
         self.owner = owner or worker_name()
-        info = conninfo_to_dict(pool.conninfo)
-        self.where = f"{info.get('host') or 'localhost'}:{info.get('port') or 5432}"  # never the password
-        self._schema_ready = False
-        self._schema_lock = threading.Lock()
 
     @classmethod
-    def connect(cls, url: str, max_attempts: int = 3, lease_s: float = 60.0, pool_size: int = 4,
-                timeout_s: float = 10.0, owner: str | None = None) -> PostgresJobLog:
-        """A log over a pool that connects in the background: an unreachable database makes each call raise
-        UnavailableError (503, exit 3) until it is back, rather than failing the process that opens the log."""
-        pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=True,
-                              kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))})
-        return cls(pool, max_attempts, lease_s, owner)
-
-    @contextmanager
-    def _db(self) -> Iterator[psycopg.Connection]:
-        try:
-            with self.pool.connection() as db:
-                if not self._schema_ready:
-                    self._ensure_schema(db)
-                yield db
-        except (PoolTimeout, psycopg.OperationalError) as error:
-            raise UnavailableError(f"The job database at {self.where} cannot be reached "
-                                   f"({type(error).__name__}); retry shortly.") from None
-
-    def _ensure_schema(self, db: psycopg.Connection) -> None:
-        with self._schema_lock, db.transaction():
-            db.execute("SELECT pg_advisory_xact_lock(hashtext('rag jobs schema'))")
-            db.execute(JOBS_DDL)
-            self._schema_ready = True
+    def from_settings(cls, settings: Settings, owner: str | None = None) -> PostgresJobLog:
+        """The queue in `settings.store_url`'s database (the process's shared pool; migrated when opened)."""
+        return cls(Database.from_settings(settings.store_url, settings), settings.job_max_attempts,
+                   settings.job_lease_s, owner)
 
     # ------------------------------------------------------------------ the embedded log's methods
     def create(self, job: Job) -> Job:
-        with self._db() as db, db.transaction():
+        with self.database.connection() as db, db.transaction():
             db.execute("INSERT INTO jobs (id, kind, collection, status, spec, owner, attempts, created_at) "
                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                        (job.id, job.kind, job.collection, job.status, Jsonb(job.spec), job.owner, job.attempts,
@@ -157,7 +98,7 @@ class PostgresJobLog:
 
     def save(self, job: Job) -> None:
         """Write the job's status and its files' outcomes, if `job.owner` still holds it (else LeaseLostError)."""
-        with self._db() as db, db.transaction():
+        with self.database.connection() as db, db.transaction():
             updated = db.execute(
                 "UPDATE jobs SET status = %s, started_at = %s, finished_at = %s, snapshot = %s, error = %s, "
                 "index_counts = %s, spec = %s, lease_until = CASE WHEN %s THEN NULL ELSE lease_until END "
@@ -175,7 +116,7 @@ class PostgresJobLog:
     def claim(self, job: Job) -> bool:
         """Make this log's owner the job's, unless another took it since `job` was read (for `rag ingest` runs and
         for a job this owner leased already, which it keeps)."""
-        with self._db() as db:
+        with self.database.connection() as db:
             row = db.execute(
                 "UPDATE jobs SET status = 'running', owner = %(me)s, started_at = now(), "
                 "       attempts = attempts + (owner IS DISTINCT FROM %(me)s)::int, "
@@ -190,7 +131,7 @@ class PostgresJobLog:
 
     def release(self, job: Job) -> None:
         """Give a job this owner holds back to the queue (its `error` and `attempts` as they are in `job`)."""
-        with self._db() as db:
+        with self.database.connection() as db:
             updated = db.execute(
                 "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL, error = %s, attempts = %s "
                 "WHERE id = %s AND owner = %s AND status = 'running'",
@@ -201,7 +142,7 @@ class PostgresJobLog:
 
     def get(self, job_id: str, collection: str | None = None) -> Job | None:
         """The job, or None; with `collection`, only a job of that collection (a scoped caller's)."""
-        with self._db() as db:
+        with self.database.connection() as db:
             row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s AND (%s::text IS NULL OR collection = %s)",
                              (job_id, collection, collection)).fetchone()
             if row is None:
@@ -212,7 +153,7 @@ class PostgresJobLog:
 
     def unfinished(self, kind: str | None = None) -> list[Job]:
         """Queued jobs and running ones whose lease expired, oldest first."""
-        with self._db() as db:
+        with self.database.connection() as db:
             ids = [row[0] for row in db.execute(
                 "SELECT id FROM jobs WHERE (status = 'queued' OR (status = 'running' AND lease_until < now())) "
                 "AND (%s::text IS NULL OR kind = %s) ORDER BY created_at, id", (kind, kind))]
@@ -220,18 +161,18 @@ class PostgresJobLog:
 
     def prune(self, max_age: timedelta) -> int:
         """Forget finished jobs older than `max_age`; returns how many."""
-        with self._db() as db:
+        with self.database.connection() as db:
             return db.execute("DELETE FROM jobs WHERE status IN ('succeeded', 'failed') "
                               "AND finished_at < now() - %s", (max_age,)).rowcount
 
     def close(self) -> None:
-        self.pool.close()
+        self.database.close()
 
     # ------------------------------------------------------------------ the workers'
     def lease(self, worker: str, lease_s: float) -> Job | None:
         """Take the next job to run, for `lease_s` seconds (extend with `heartbeat`); None when there is none.
         Jobs out of attempts are failed on the way."""
-        with self._db() as db:
+        with self.database.connection() as db:
             with db.transaction():
                 db.execute(GIVE_UP, {"max_attempts": self.max_attempts})
             row = db.execute(LEASE, {"worker": worker, "lease_s": lease_s,
@@ -240,7 +181,7 @@ class PostgresJobLog:
 
     def heartbeat(self, job: Job, lease_s: float) -> bool:
         """Extend the job's lease; False when its owner lost it (the worker must stop)."""
-        with self._db() as db:
+        with self.database.connection() as db:
             return db.execute("UPDATE jobs SET lease_until = now() + make_interval(secs => %s) "
                               "WHERE id = %s AND owner = %s AND status = 'running'",
                               (lease_s, job.id, job.owner)).rowcount == 1

@@ -94,6 +94,38 @@ MIGRATIONS: list[str] = [
         position bigint GENERATED ALWAYS AS IDENTITY  -- creation order (created_at has whole seconds)
     );
     """,
+    # 2: the ingestion job queue (rag.store.pg_jobs): jobs with their lease, attempts and per-file outcomes.
+    """
+    CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        kind text NOT NULL,  -- 'upload' (API; run by `rag worker`s) or 'path' (`rag ingest`; run by itself)
+        collection text NOT NULL,
+        status text NOT NULL,  -- queued | running | succeeded | failed
+        spec jsonb NOT NULL,
+        owner text,  -- the worker holding the lease (or that ran the job)
+        lease_until timestamptz,
+        attempts integer NOT NULL DEFAULT 0,
+        created_at timestamptz NOT NULL,
+        started_at timestamptz,
+        finished_at timestamptz,
+        snapshot text,
+        error text,
+        index_counts jsonb NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX jobs_unfinished ON jobs (created_at) WHERE status IN ('queued', 'running');
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE status IN ('succeeded', 'failed');
+    CREATE TABLE job_files (
+        job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        position integer NOT NULL,
+        filename text NOT NULL,
+        source text NOT NULL,
+        status text NOT NULL DEFAULT 'pending',
+        chunks integer NOT NULL DEFAULT 0,
+        error text,
+        doc_id text,
+        PRIMARY KEY (job_id, position)
+    );
+    """,
 ]
 
 
