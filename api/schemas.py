@@ -156,6 +156,7 @@ class FileOutcomeOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    collection: str
     status: Literal["queued", "running", "succeeded", "failed"]
     files: list[FileOutcomeOut]
     progress: dict[str, int]
@@ -165,6 +166,8 @@ class JobOut(BaseModel):
     snapshot: str | None
     error: str | None
     index: dict[str, int]
+    attempts: int = Field(description="Runs started; with RAG_STORE_URL a failed or abandoned run is retried by "
+                          "a worker until RAG_JOB_MAX_ATTEMPTS.")
 
 
 class JobAccepted(BaseModel):
