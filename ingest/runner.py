@@ -159,12 +159,12 @@ class JobRunner:
             Path(spec["root"]), spec["include"], spec["exclude"], spec["prune"], on_file=on_file, on_plan=on_plan))
 
     def _failed(self, job: Job, error: BaseException) -> None:
+        if self.log.shared and job.kind == "upload" and not isinstance(error, Exception):
+            job.attempts -= 1  # this worker is being stopped (Ctrl-C, a second SIGTERM): not the job's failure
+            self.log.release(job)
+            return
         job.error = f"{type(error).__name__}: {error}"
         if self.log.shared and job.kind == "upload":  # any worker may run it again
-            if not isinstance(error, Exception):  # this worker is being stopped: not an attempt of the job's
-                job.attempts -= 1
-                self.log.release(job)
-                return
             if job.attempts < self.settings.job_max_attempts:
                 self.log.release(job)
                 return

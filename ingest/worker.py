@@ -72,6 +72,9 @@ class Worker:
                                          "files": len(job.files)})
         try:
             report = self.runner.run(job)
+        except KeyboardInterrupt:  # a second signal: the runner gave the job back to the queue
+            logger.info("job given back to the queue", extra={"job_id": job.id})
+            raise
         except Exception as error:  # recorded in the job log by the runner (queued again, or failed)
             logger.error("job did not finish", extra={"job_id": job.id, "status": job.status,
                                                       "error": f"{type(error).__name__}: {error}"})

@@ -280,8 +280,15 @@ def test_any_replica_answers_for_a_job_that_a_worker_runs(new_postgres_database,
         queued = httpx.get(second + job_url).json()
         assert queued["status"] == "queued" and queued["collection"] == "default"  # no replica runs jobs
 
-        worker = _worker(settings, "--max-jobs", "1", log=tmp_path / "worker.log")
-        assert worker.wait(300) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        worker_log = tmp_path / "worker.log"
+        worker = _worker(settings, log=worker_log)
+        deadline = time.monotonic() + 300
+        while '"job leased"' not in worker_log.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, worker_log.read_text()[-3000:]
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)  # mid-job: it finishes the job, then exits
+        assert worker.wait(300) == 0, worker_log.read_text()[-3000:]
+        assert '"worker stopped"' in worker_log.read_text()
         done = httpx.get(second + job_url).json()
         assert done["status"] == "succeeded" and done["files"][0]["status"] == "new" and done["attempts"] == 1
         wait_until_ready(second, 300)
