@@ -314,3 +314,28 @@ def _wait_healthy(base: str, processes: list[subprocess.Popen], seconds: float =
         assert all(process.poll() is None for process in processes), "a server exited"
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.2)
+
+
+def test_an_unreachable_queue_is_exit_3_for_a_worker_and_503_for_the_job_routes(tmp_path, embedder, generator):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.config import ApiSettings
+    from rag.pipeline import Pipeline
+    from tests.conftest import ROOT, free_port
+
+    settings = _settings(f"postgresql://rag:s3cret@127.0.0.1:{free_port()}/rag", tmp_path, db_timeout_s=2)
+    result = subprocess.run([sys.executable, "-m", "rag.cli", "worker", "--once"], cwd=ROOT, env=_env(settings),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3 and "127.0.0.1" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+    app = create_app(settings, Pipeline(settings, generator=generator), ingest_embedder=embedder,
+                     api_settings=ApiSettings(api_keys="", index_poll_s=0))
+    with TestClient(app) as client:  # the replica starts although its database is down
+        upload = client.post("/v1/documents", files={"files": ("note.md", b"# Note\n\nText.\n")})
+        job = client.get(f"/v1/jobs/{'0' * 32}")
+    for response in (upload, job):
+        assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
+        assert "127.0.0.1" in response.json()["error"]["message"] and "s3cret" not in response.text
+    assert not list((settings.upload_root / ".incoming").glob("*/*"))  # nothing kept of the refused upload
