@@ -172,8 +172,8 @@ def main() -> None:
     files = [path for pair in zip(markdown, pdfs) for path in pair] + markdown[len(pdfs):] + pdfs[len(markdown):]
     work = Path(tempfile.mkdtemp(prefix="bench-scale-out-"))
     server = pgserver.get_server(work / "pg", cleanup_mode="stop")
-    print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} cores; load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} "
+          f"(inherited by every process); load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{len(markdown)} Markdown + {len(pdfs)} PDF files; 2 API replicas; {args.clients} searching clients "
           f"(think {args.think_s} s); logs in {work}\n")
     results = []
