@@ -64,7 +64,8 @@ def search_loop(url: str, number: int, stop: threading.Event, think_s: float, re
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                status = str(http.post("/v1/search", json={"query": QUERIES[turn % len(QUERIES)], "k": 5}).status_code)
+                response = http.post("/v1/search", json={"query": QUERIES[turn % len(QUERIES)], "k": 5})
+                status = str(response.status_code)
             except httpx.TransportError as error:
                 status = type(error).__name__
             records.append((url, status, time.perf_counter() - started))
@@ -98,8 +99,10 @@ def database_counts(url: str) -> dict[str, int]:
     import psycopg
 
     with psycopg.connect(url) as db:
-        documents, sources = db.execute("SELECT count(*), count(DISTINCT (collection, source)) FROM documents").fetchone()
-        chunks, distinct_chunks = db.execute("SELECT count(*), count(DISTINCT (doc_id, ordinal)) FROM chunks").fetchone()
+        documents, sources = db.execute(
+            "SELECT count(*), count(DISTINCT (collection, source)) FROM documents").fetchone()
+        chunks, distinct_chunks = db.execute(
+            "SELECT count(*), count(DISTINCT (doc_id, ordinal)) FROM chunks").fetchone()
     return {"documents": documents, "distinct_sources": sources, "chunks": chunks, "distinct_chunks": distinct_chunks}
 
 
@@ -108,9 +111,9 @@ def run_phase(server, workers: int, files: list[Path], clients: int, think_s: fl
     server.psql(f"DROP DATABASE IF EXISTS {name};")
     server.psql(f"CREATE DATABASE {name};")
     url = server.get_uri(name)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAG_STORE_URL": url, "RAG_UPLOADS_DIR": str(work / name / "uploads"),
-           "RAG_INDEX_DIR": str(work / name / "index"), "RAG_API_KEYS": BENCH_KEY, "RAG_PARSE_WORKERS": "1",
-           "RAG_PACKAGED_ADAPTER": "false"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAG_STORE_URL": url,
+           "RAG_UPLOADS_DIR": str(work / name / "uploads"), "RAG_INDEX_DIR": str(work / name / "index"),
+           "RAG_API_KEYS": BENCH_KEY, "RAG_PARSE_WORKERS": "1", "RAG_PACKAGED_ADAPTER": "false"}
     log = work / f"{name}.log"
     ports = [_free_port(), _free_port()]
     urls = [f"http://127.0.0.1:{port}" for port in ports]

@@ -131,9 +131,9 @@ def test_an_older_embedded_job_log_gains_the_new_columns(tmp_path):
     from rag.store.embedded import connect
 
     db = connect(tmp_path)
-    db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, spec TEXT NOT NULL, "
-               "owner TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, snapshot TEXT, error TEXT, "
-               "index_counts TEXT NOT NULL DEFAULT '{}')")
+    db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, "
+               "spec TEXT NOT NULL, owner TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, "
+               "snapshot TEXT, error TEXT, index_counts TEXT NOT NULL DEFAULT '{}')")
     db.execute("INSERT INTO jobs (id, kind, status, spec, created_at) VALUES ('old', 'upload', 'succeeded', '{}', "
                "'2026-01-01T00:00:00+00:00')")
     db.close()

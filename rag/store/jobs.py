@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from rag.errors import ConflictError
+from rag.store.base import DEFAULT_COLLECTION
 from rag.store.embedded import connect
 
 SCHEMA = """
@@ -31,9 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at TEXT,
     snapshot TEXT,
     error TEXT,
-    index_counts TEXT NOT NULL DEFAULT '{}',
-    collection TEXT NOT NULL DEFAULT 'default',
-    attempts INTEGER NOT NULL DEFAULT 0
+    index_counts TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS job_files (
@@ -48,8 +47,9 @@ CREATE TABLE IF NOT EXISTS job_files (
     PRIMARY KEY (job_id, position)
 );
 """
-# Columns added after the first release: a log written by an older version gains them at open.
-ADDED_COLUMNS = {"collection": "TEXT NOT NULL DEFAULT 'default'", "attempts": "INTEGER NOT NULL DEFAULT 0"}
+# Columns added after the first release, to new logs and to those of older versions alike, at open.
+ADDED_COLUMNS = {"collection": f"TEXT NOT NULL DEFAULT '{DEFAULT_COLLECTION}'",
+                 "attempts": "INTEGER NOT NULL DEFAULT 0"}
 FINISHED = ("succeeded", "failed")
 
 
@@ -102,7 +102,7 @@ class Job:
     error: str | None = None
     index: dict = field(default_factory=dict)
     owner: str | None = None
-    collection: str = "default"
+    collection: str = DEFAULT_COLLECTION
     attempts: int = 0  # runs started (a worker's lease or a claim); see PostgresJobLog for retries
 
     def to_dict(self) -> dict:
@@ -133,10 +133,10 @@ class JobLog:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.execute("INSERT INTO jobs (id, kind, status, spec, owner, created_at, collection, attempts) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job.id, job.kind, job.status, json.dumps(job.spec),
-                                                                    job.owner, job.created_at, job.collection,
-                                                                    job.attempts))
+                self.db.execute(
+                    "INSERT INTO jobs (id, kind, status, spec, owner, created_at, collection, attempts) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job.id, job.kind, job.status, json.dumps(job.spec), job.owner,
+                                                        job.created_at, job.collection, job.attempts))
                 self.db.executemany(
                     "INSERT INTO job_files (job_id, position, filename, source) VALUES (?, ?, ?, ?)",
                     [(job.id, position, f.filename, f.source) for position, f in enumerate(job.files)])
@@ -176,13 +176,6 @@ class JobLog:
             job.status, job.owner, job.attempts = "running", owner, job.attempts + 1
         return claimed
 
-    def release(self, job: Job) -> None:
-        """Give a job this process runs back to the queue (its `error` and `attempts` as they are in `job`)."""
-        with self._lock:
-            self.db.execute("UPDATE jobs SET status = 'queued', owner = NULL, error = ?, attempts = ? WHERE id = ?",
-                            (job.error, job.attempts, job.id))
-        job.status, job.owner = "queued", None
-
     def get(self, job_id: str, collection: str | None = None) -> Job | None:
         """The job, or None; with `collection`, only a job of that collection (a scoped caller's)."""
         with self._lock:
@@ -194,7 +187,8 @@ class JobLog:
             files = [FileOutcome(*f) for f in self.db.execute(
                 "SELECT filename, source, status, chunks, error, doc_id FROM job_files WHERE job_id = ? "
                 "ORDER BY position", (job_id,))]
-        id_, kind, status, spec, owner, created, started, finished, snapshot, error, counts, collection, attempts = row
+        (id_, kind, status, spec, owner, created, started, finished, snapshot, error, counts, collection,
+         attempts) = row
         return Job(id_, files, kind, json.loads(spec), status, created, started, finished, snapshot, error,
                    json.loads(counts), owner, collection, attempts)
 

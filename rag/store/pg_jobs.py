@@ -84,7 +84,7 @@ class PostgresJobLog:
         return cls(Database.from_settings(settings.store_url, settings), settings.job_max_attempts,
                    settings.job_lease_s, owner)
 
-    # ------------------------------------------------------------------ the embedded log's methods
+    # ------------------------------------------------------------------ the methods of the embedded log
     def create(self, job: Job) -> Job:
         with self.database.connection() as db, db.transaction():
             db.execute("INSERT INTO jobs (id, kind, collection, status, spec, owner, attempts, created_at) "
@@ -92,8 +92,9 @@ class PostgresJobLog:
                        (job.id, job.kind, job.collection, job.status, Jsonb(job.spec), job.owner, job.attempts,
                         job.created_at))
             with db.cursor() as cursor:
-                cursor.executemany("INSERT INTO job_files (job_id, position, filename, source) VALUES (%s, %s, %s, %s)",
-                                   [(job.id, position, f.filename, f.source) for position, f in enumerate(job.files)])
+                cursor.executemany(
+                    "INSERT INTO job_files (job_id, position, filename, source) VALUES (%s, %s, %s, %s)",
+                    [(job.id, position, f.filename, f.source) for position, f in enumerate(job.files)])
         return job
 
     def save(self, job: Job) -> None:
@@ -111,7 +112,8 @@ class PostgresJobLog:
                 cursor.executemany(
                     "UPDATE job_files SET status = %s, chunks = %s, error = %s, doc_id = %s "
                     "WHERE job_id = %s AND position = %s",
-                    [(f.status, f.chunks, f.error, f.doc_id, job.id, position) for position, f in enumerate(job.files)])
+                    [(f.status, f.chunks, f.error, f.doc_id, job.id, position)
+                     for position, f in enumerate(job.files)])
 
     def claim(self, job: Job) -> bool:
         """Make this log's owner the job's, unless another took it since `job` was read (for `rag ingest` runs and
@@ -129,22 +131,12 @@ class PostgresJobLog:
         job.status, job.owner, job.attempts = "running", self.owner, row[0]
         return True
 
-    def release(self, job: Job) -> None:
-        """Give a job this owner holds back to the queue (its `error` and `attempts` as they are in `job`)."""
-        with self.database.connection() as db:
-            updated = db.execute(
-                "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL, error = %s, attempts = %s "
-                "WHERE id = %s AND owner = %s AND status = 'running'",
-                (job.error, job.attempts, job.id, job.owner)).rowcount
-        if not updated:
-            raise LeaseLostError(f"Ingestion job {job.id} was taken over by another worker.")
-        job.status, job.owner = "queued", None
-
     def get(self, job_id: str, collection: str | None = None) -> Job | None:
         """The job, or None; with `collection`, only a job of that collection (a scoped caller's)."""
         with self.database.connection() as db:
-            row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s AND (%s::text IS NULL OR collection = %s)",
-                             (job_id, collection, collection)).fetchone()
+            row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs "
+                             "WHERE id = %(id)s AND (%(scope)s::text IS NULL OR collection = %(scope)s)",
+                             {"id": job_id, "scope": collection}).fetchone()
             if row is None:
                 return None
             files = db.execute("SELECT filename, source, status, chunks, error, doc_id FROM job_files "
@@ -168,16 +160,27 @@ class PostgresJobLog:
     def close(self) -> None:
         self.database.close()
 
-    # ------------------------------------------------------------------ the workers'
+    # ------------------------------------------------------------------ for workers: leases and retries
     def lease(self, worker: str, lease_s: float) -> Job | None:
         """Take the next job to run, for `lease_s` seconds (extend with `heartbeat`); None when there is none.
         Jobs out of attempts are failed on the way."""
         with self.database.connection() as db:
             with db.transaction():
                 db.execute(GIVE_UP, {"max_attempts": self.max_attempts})
-            row = db.execute(LEASE, {"worker": worker, "lease_s": lease_s,
-                                                      "max_attempts": self.max_attempts}).fetchone()
+            row = db.execute(LEASE, {"worker": worker, "lease_s": lease_s, "max_attempts": self.max_attempts}
+                             ).fetchone()
         return self.get(row[0]) if row else None
+
+    def release(self, job: Job) -> None:
+        """Give a job this owner holds back to the queue (its `error` and `attempts` as they are in `job`)."""
+        with self.database.connection() as db:
+            updated = db.execute(
+                "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL, error = %s, attempts = %s "
+                "WHERE id = %s AND owner = %s AND status = 'running'",
+                (job.error, job.attempts, job.id, job.owner)).rowcount
+        if not updated:
+            raise LeaseLostError(f"Ingestion job {job.id} was taken over by another worker.")
+        job.status, job.owner = "queued", None
 
     def heartbeat(self, job: Job, lease_s: float) -> bool:
         """Extend the job's lease; False when its owner lost it (the worker must stop)."""
