@@ -140,7 +140,7 @@ class JobRunner:
                         on_file(result)
 
                 report = self._ingest(job, checked, on_plan)
-            crash_point("job:ingested")
+            crash_point("job-ingested-before-recorded")
         except LeaseLostError:
             raise  # the job is another worker's now: nothing here is ours to record
         except BaseException as error:

@@ -214,7 +214,7 @@ def test_a_killed_workers_job_is_run_again_by_another_and_stored_once(new_postgr
     first = _record(runner, "note0.md")
     worker_log = tmp_path / "workers.log"
     # It commits the document, then dies before recording the job as done (as kill -9 would there).
-    crashed = _worker(settings, "--once", log=worker_log, RAG_TEST_CRASH_AT="job:ingested")
+    crashed = _worker(settings, "--once", log=worker_log, RAG_TEST_CRASH_AT="job-ingested-before-recorded")
     assert crashed.wait(300) == -signal.SIGKILL, worker_log.read_text()[-3000:]
     assert (log.get(first.id).status, log.get(first.id).attempts) == ("running", 1)
     assert list(_stored(url).values()) == [1]
@@ -339,3 +339,20 @@ def test_an_unreachable_queue_is_exit_3_for_a_worker_and_503_for_the_job_routes(
         assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
         assert "127.0.0.1" in response.json()["error"]["message"] and "s3cret" not in response.text
     assert not list((settings.upload_root / ".incoming").glob("*/*"))  # nothing kept of the refused upload
+
+
+def test_rag_ingest_with_the_queue_runs_its_own_job_which_no_worker_takes(new_postgres_database, tmp_path, embedder):
+    from ingest.runner import JobRunner
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "note1.md").write_text(NOTES["note1.md"])
+    settings = _settings(new_postgres_database("rag_ingest"), tmp_path)
+    runner = JobRunner(settings, embedder)  # as `rag ingest` builds it
+    job = runner.start_path(docs)
+    assert runner.log.lease("a-worker", settings.job_lease_s) is None  # its path is on this machine only
+    report = runner.run(job)
+    done = runner.get(job.id)
+    assert (done.kind, done.status, done.attempts, done.error) == ("path", "succeeded", 1, None)
+    assert report.status_counts["new"] == 1 and list(_stored(settings.store_url).values()) == [1]
+    runner.log.close()
