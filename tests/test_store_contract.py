@@ -363,3 +363,24 @@ def test_key_stores_keep_digests_and_scope_keys_by_collection(kind, tmp_path, ne
                                 (keys.digest(secret),)).fetchone()[0] == 1
             assert conn.execute("SELECT count(*) FROM api_keys AS k WHERE k::text LIKE %s",
                                 (f"%{secret[4:]}%",)).fetchone()[0] == 0
+
+
+def test_a_database_that_goes_away_makes_reads_unavailable_not_crash(tmp_path):
+    import pgserver
+
+    server = pgserver.get_server(tmp_path / "short-lived", cleanup_mode="stop")  # a server of its own, to stop
+    url = server.get_uri()
+    settings = Settings(db_pool_size=1, db_timeout_s=1)
+    writer = PostgresStore.begin(url, MODEL, DIMENSION, CHUNKING, settings=settings)
+    writer.add_document(*document("timeouts.md", TIMEOUTS, seed=1))
+    writer.commit()
+    store = PostgresStore.open(url, settings=settings)
+    try:
+        assert store.counts()["documents"] == 1
+        server.cleanup()  # the database stops
+        for read in (store.counts, store.refresh, lambda: store.lexical("timeout", 3)):
+            with pytest.raises(UnavailableError, match="unavailable"):
+                read()
+    finally:
+        store.close()
+        writer.close()
