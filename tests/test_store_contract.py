@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from rag.config import Settings
 from rag.errors import UnavailableError
@@ -365,19 +366,18 @@ def test_key_stores_keep_digests_and_scope_keys_by_collection(kind, tmp_path, ne
                                 (f"%{secret[4:]}%",)).fetchone()[0] == 0
 
 
-def test_a_database_that_goes_away_makes_reads_unavailable_not_crash(tmp_path):
-    import pgserver
-
-    server = pgserver.get_server(tmp_path / "short-lived", cleanup_mode="stop")  # a server of its own, to stop
-    url = server.get_uri()
+def test_a_database_that_goes_away_makes_reads_unavailable_not_crash(database_url, postgres_server):
     settings = Settings(db_pool_size=1, db_timeout_s=1)
-    writer = PostgresStore.begin(url, MODEL, DIMENSION, CHUNKING, settings=settings)
+    writer = PostgresStore.begin(database_url, MODEL, DIMENSION, CHUNKING, settings=settings)
     writer.add_document(*document("timeouts.md", TIMEOUTS, seed=1))
     writer.commit()
-    store = PostgresStore.open(url, settings=settings)
+    store = PostgresStore.open(database_url, settings=settings)
+    name = conninfo_to_dict(database_url)["dbname"]
     try:
         assert store.counts()["documents"] == 1
-        server.cleanup()  # the database stops
+        with psycopg.connect(postgres_server.get_uri(), autocommit=True) as admin:  # the database goes away
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
         for read in (store.counts, store.refresh, lambda: store.lexical("timeout", 3)):
             with pytest.raises(UnavailableError, match="unavailable"):
                 read()
