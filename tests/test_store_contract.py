@@ -304,10 +304,11 @@ def test_migrations_apply_to_an_empty_database_and_rerun_as_no_ops(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert schema_version(conn) == 0
         assert migrate(conn) == len(MIGRATIONS)
-        applied = conn.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version").fetchall()
+        history = "SELECT version, applied_at FROM schema_migrations ORDER BY version"
+        applied = conn.execute(history).fetchall()
         assert [version for version, _ in applied] == list(range(1, len(MIGRATIONS) + 1))
         assert migrate(conn) == len(MIGRATIONS)
-        assert conn.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version").fetchall() == applied
+        assert conn.execute(history).fetchall() == applied
         tables = {name for (name,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert {"meta", "documents", "chunks", "api_keys", "schema_migrations"} <= tables
 
