@@ -200,8 +200,8 @@ class PostgresStore:
         with self._db.connection() as conn:
             # Each word's document frequency (a GIN lookup) and the index's totals, in one statement.
             rows = conn.execute(
-                "SELECT word, (SELECT count(*) FROM chunks WHERE terms @@ quote_literal(word)::tsquery), meta.chunks, "
-                "meta.terms FROM unnest(%s::text[]) AS word, meta", [words]).fetchall()
+                "SELECT word, (SELECT count(*) FROM chunks WHERE terms @@ quote_literal(word)::tsquery), meta.chunks,"
+                " meta.terms FROM unnest(%s::text[]) AS word, meta", [words]).fetchall()
             if not rows or not rows[0][2]:
                 return []
             frequency = {word: df for word, df, _, _ in rows}
