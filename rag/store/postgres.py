@@ -283,7 +283,8 @@ class PostgresStore:
             return {name: count for name, count in rows}
 
     def stats(self) -> dict:
-        """What `rag index stats` shows for this backend: the database, versions and sizes on disk."""
+        """What `rag index stats` shows for this backend: where the index is (`path`, as the embedded store says it:
+        host:port/database here), the versions and the sizes on disk."""
         with self._db.connection() as conn:
             server, pgvector, size, chunk_bytes, vector_bytes, dead = conn.execute(
                 "SELECT current_setting('server_version'), "
@@ -292,7 +293,7 @@ class PostgresStore:
                 "COALESCE(pg_relation_size(to_regclass('chunks_embedding')), 0), "
                 "(SELECT COALESCE(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relname = 'chunks')").fetchone()
             version = schema_version(conn)
-        return {"backend": "postgres", "database": self.location, "server_version": server, "pgvector": pgvector,
+        return {"backend": "postgres", "path": self.location, "server_version": server, "pgvector": pgvector,
                 "schema_version": version, "database_bytes": size, "chunks_bytes": chunk_bytes,
                 "hnsw_index_bytes": vector_bytes, "dead_chunk_rows": dead}
 
