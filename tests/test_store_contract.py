@@ -149,6 +149,19 @@ def test_adding_a_document_again_replaces_it_with_new_chunk_ids(backend):
     assert store.lexical("gusting crosswind", k=3)[0][0] in new_ids
 
 
+def test_touching_a_document_changes_only_its_size_and_time(backend):
+    record, chunks, vectors = document("timeouts.md", TIMEOUTS, seed=1)
+    backend.write((record, chunks, vectors))
+    ids = {chunk.id for chunk in backend.open().iter_chunks()}
+    writer = backend.begin()
+    writer.touch_document(record.doc_id, 4321, record.mtime_ns + 5)
+    writer.commit()
+    store = backend.open()
+    touched = store.document(record.doc_id)
+    assert (touched.size, touched.mtime_ns) == (4321, record.mtime_ns + 5)
+    assert touched.content_hash == record.content_hash and {chunk.id for chunk in store.iter_chunks()} == ids
+
+
 def test_refresh_sees_another_writers_commit(backend):
     backend.write(document("timeouts.md", TIMEOUTS, seed=1))
     reader = backend.open()
