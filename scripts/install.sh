@@ -18,4 +18,19 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { [ -x /usr/bin/chro
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null \
         || echo "chromium not installed: the browser tests (tests/test_web.py) will be skipped" >&2
 fi
+# The tests start a real PostgreSQL with pgvector from the pgserver package (as root it runs the server as a
+# system user "pgserver" it creates): prove here, once, that it starts on this machine.
+.venv/bin/python - <<'PYTHON'
+import tempfile, warnings
+warnings.simplefilter("ignore")  # platformdirs: no XDG_RUNTIME_DIR in CI
+import pgserver, psycopg
+with tempfile.TemporaryDirectory() as folder:
+    server = pgserver.get_server(f"{folder}/data", cleanup_mode="stop")
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        versions = conn.execute("SELECT current_setting('server_version'), extversion FROM pg_extension "
+                                "WHERE extname = 'vector'").fetchone()
+    server.cleanup()
+print("PostgreSQL %s with pgvector %s starts (pgserver)" % versions)
+PYTHON
 echo "installed into .venv: activate with 'source .venv/bin/activate'"

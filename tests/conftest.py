@@ -86,3 +86,46 @@ def generator():
 def decoder_cache(tmp_path_factory) -> Path:
     """A decoder cache folder shared by the tests that start the decoder through settings (one dequantisation)."""
     return tmp_path_factory.mktemp("decoder-cache")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL 16 server with pgvector (the `pgserver` package), started once per test session.
+
+    It listens on a Unix socket in its data folder only; `new_database()` gives each user a database of its own.
+    """
+    import pgserver
+
+    import psycopg
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="stop")
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:  # a throwaway server: no durability needed
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            conn.execute(f"ALTER SYSTEM SET {setting} = off")
+        conn.execute("SELECT pg_reload_conf()")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def new_postgres_database(postgres_server):
+    """Makes an empty database on the session's server and returns its URL (CREATE DATABASE takes ~0.1 s)."""
+    import itertools
+
+    import psycopg
+
+    numbers = itertools.count(1)
+
+    def new_database(prefix: str = "test") -> str:
+        name = f"{prefix}_{next(numbers)}"
+        with psycopg.connect(postgres_server.get_uri(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return postgres_server.get_uri(name)
+
+    return new_database
+
+
+@pytest.fixture(scope="module")
+def postgres_url(new_postgres_database, request) -> str:
+    """A fresh database for one test module."""
+    return new_postgres_database(request.module.__name__.rsplit(".", 1)[-1])

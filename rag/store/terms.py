@@ -35,3 +35,15 @@ def indexed_terms(context: str, text: str) -> str:
 def match_query(query: str) -> str | None:
     """An FTS5 query matching any term of `query`; each term quoted, so no user text is FTS5 syntax."""
     return " OR ".join(f'"{term}"' for term in dict.fromkeys(terms(query))) or None
+
+
+def rarest_within(words: list[str], frequency: dict[str, int], budget: int) -> list[str]:
+    """The rarest of `words` whose postings (`frequency`: chunks holding each word) add up to at most `budget`,
+    and at least the rarest one: a query ranks with its most discriminating terms at a bounded cost."""
+    kept, postings = [], 0
+    for word in sorted(words, key=lambda word: frequency.get(word, 0)):
+        postings += frequency.get(word, 0)
+        if kept and postings > budget:
+            break
+        kept.append(word)
+    return kept
