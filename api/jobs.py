@@ -74,14 +74,15 @@ class IngestQueue:
     def incoming_dir(self, job_id: str) -> Path:
         return self.runner.incoming_dir(job_id)
 
-    def submit(self, job_id: str, filenames: list[str]) -> Job:
+    def submit(self, job_id: str, filenames: list[str], collection: str) -> Job:
         """Record the job durably (its files are saved already), then queue it."""
-        job = self.runner.record_upload(job_id, filenames)
+        job = self.runner.record_upload(job_id, filenames, collection)
         self._writer.submit(self._run, job)
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        return self.runner.get(job_id)
+    def get(self, job_id: str, collection: str) -> Job | None:
+        """The job, if it is one of `collection`'s."""
+        return self.runner.get(job_id, collection)
 
     @staticmethod
     def new_id() -> str:
@@ -119,12 +120,13 @@ class IngestQueue:
                                                   "tombstones_dropped": info.tombstones_dropped})
 
     # ------------------------------------------------------------------ deletion
-    def delete(self, doc_id: str) -> Future:
-        """Remove one document on the writer thread (after any queued jobs). The future gives its record."""
-        return self._writer.submit(self._delete, doc_id)
+    def delete(self, doc_id: str, collection: str) -> Future:
+        """Remove one document of `collection` on the writer thread (after any queued jobs). The future gives its
+        record."""
+        return self._writer.submit(self._delete, doc_id, collection)
 
-    def _delete(self, doc_id: str):
-        record = self.service.index.delete(doc_id)  # DocumentNotFoundError when there is none
+    def _delete(self, doc_id: str, collection: str):
+        record = self.service.index.delete(doc_id, collection)  # DocumentNotFoundError when it has none
         uploaded = Path(record.source)
         if uploaded.parent == self.uploads_dir.resolve():
             uploaded.unlink(missing_ok=True)  # or a later job over the area could bring it back
