@@ -29,7 +29,7 @@ from ingest.load import SUPPORTED_SUFFIXES, LoadError, load, unsupported_type
 from rag.config import Settings
 from rag.embed import Embedder
 from rag.models import sha256_files
-from rag.store import DocumentRecord, Store
+from rag.store import DEFAULT_COLLECTION, DocumentRecord, Store, begin_store
 from rag.types import Chunk
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,11 @@ def _matches(relative: str, pattern: str) -> bool:
     return fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(Path(relative).name, pattern)
 
 
-def doc_id_for(source: str) -> str:
-    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+def doc_id_for(source: str, collection: str = DEFAULT_COLLECTION) -> str:
+    """A document's id: its source path's hash (in the default collection, as before collections existed), or
+    of the collection and the path, so that one file can be in several collections."""
+    key = source if collection == DEFAULT_COLLECTION else f"{collection}\0{source}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -139,7 +142,7 @@ def _worker_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, 
 
 
 def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, chunk_overlap: int,
-               max_tokens: int) -> tuple[list[Chunk] | str, float, float]:
+               max_tokens: int, collection: str = DEFAULT_COLLECTION) -> tuple[list[Chunk] | str, float, float]:
     """Load and chunk one file. Returns (chunks, or the error message), parse seconds, chunk seconds."""
     started = time.perf_counter()
     try:
@@ -148,7 +151,7 @@ def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, c
         return str(error), time.perf_counter() - started, 0.0
     parsed = time.perf_counter()
     chunker = _worker_chunker(tokenizer_path, chunk_tokens, chunk_overlap, max_tokens)
-    chunks = chunker.chunk(document, doc_id_for(source), source)
+    chunks = chunker.chunk(document, doc_id_for(source, collection), source)
     return chunks, parsed - started, time.perf_counter() - parsed
 
 
@@ -163,7 +166,7 @@ class _Pending:
 
 
 class IngestJob:
-    """Brings the index at `settings.index_dir` in line with the files under a path.
+    """Brings one collection (`settings.collection`) of the configured index in line with the files under a path.
 
     >>> report = IngestJob(Settings(index_dir="idx")).run(Path("corpus"))  # doctest: +SKIP
     >>> report.status_counts["failed"]  # doctest: +SKIP
@@ -174,6 +177,7 @@ class IngestJob:
         self.settings = settings
         self.embedder = embedder or Embedder.from_settings(settings)
         self.chunk_settings = ChunkSettings(settings.chunk_tokens, settings.chunk_overlap)
+        self.collection = settings.collection
         self.chunking_key = json.dumps(
             {**asdict(self.chunk_settings), "tokenizer": self.embedder.name, "chunker": CHUNKER_VERSION}, sort_keys=True
         )
@@ -188,10 +192,9 @@ class IngestJob:
         report = IngestReport()
         notify = on_file or (lambda result: None)
 
-        store = Store.begin(self.settings.index_dir, self.embedder.name, self.embedder.dimension,
-                            json.loads(self.chunking_key))
+        store = begin_store(self.settings, self.embedder.name, self.embedder.dimension, json.loads(self.chunking_key))
         try:
-            known = store.documents()
+            known = {record.source: record for record in store.documents(self.collection).values()}
             pending: list[_Pending] = []
             touched = False
             for path in files:
@@ -226,9 +229,9 @@ class IngestJob:
             changed = any(r.status in ("new", "changed", "removed") for r in report.files)
             if changed or touched:
                 report.snapshot = store.commit().name
-                report.index_counts = Store.open(self.settings.index_dir).counts()
+                report.index_counts = store.counts(self.collection)
             else:
-                report.index_counts = store.counts()
+                report.index_counts = store.counts(self.collection)
                 store.abort()
         except BaseException:
             store.abort()
@@ -260,7 +263,7 @@ class IngestJob:
         """Parse results in input order; in worker processes when there is more than one file to parse."""
         arguments = [
             (str(item.path), item.source, str(self.embedder.path), self.chunk_settings.chunk_tokens,
-             self.chunk_settings.chunk_overlap, self.embedder.max_tokens)
+             self.chunk_settings.chunk_overlap, self.embedder.max_tokens, self.collection)
             for item in pending
         ]
         workers = min(self.settings.parse_workers, len(pending))
@@ -305,8 +308,8 @@ class IngestJob:
         offset = 0
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for item, chunks in batch:
-            record = DocumentRecord(doc_id_for(item.source), item.source, item.content_hash, item.size,
-                                    item.mtime_ns, self.chunking_key, len(chunks), now)
+            record = DocumentRecord(doc_id_for(item.source, self.collection), item.source, item.content_hash,
+                                    item.size, item.mtime_ns, self.chunking_key, len(chunks), now, self.collection)
             store.add_document(record, chunks, vectors[offset:offset + len(chunks)])
             offset += len(chunks)
             report.chunks_added += len(chunks)

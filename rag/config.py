@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rag.types import AnswerPath
+from rag.types import DEFAULT_COLLECTION, AnswerPath, check_collection
 
 # The adapter shipped inside the package (scripts/train_packaged_adapter.sh reproduces it).
 PACKAGED_ADAPTER = Path(__file__).parent / "data" / "adapter"
@@ -32,6 +32,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAG_", env_file=None, extra="ignore")
 
     index_dir: Path = Field(Path("./rag-index"), description="Directory holding the index (SQLite + vector segments).")
+
+    # Where the index lives when it is not a local directory, and which part of it a command works on
+    store_url: str | None = Field(
+        None, repr=False, description="postgresql://user:password@host:port/db: keep the index in PostgreSQL + "
+        "pgvector (many API replicas and `rag worker`s share it). Unset: the embedded store in index_dir.")
+    collection: str = Field(DEFAULT_COLLECTION, description="The collection (named set of documents) that ingest, "
+                            "search, ask, documents, jobs and eval work on.")
+    uploads_dir: Path | None = Field(
+        None, description="Folder of uploaded files, shared by every node that runs ingestion jobs (mount the same "
+        "folder everywhere); default: <index_dir>/uploads.")
+    job_lease_s: float = Field(60.0, gt=0, description="A worker holds a job this long between heartbeats; a job "
+                               "whose worker died is retried by another once its lease expires.")
+    job_max_attempts: int = Field(3, ge=1, description="Runs of one ingestion job before it is failed for good.")
+    db_pool_size: int = Field(4, ge=1, le=256, description="Connections per process to the store's database.")
+    db_timeout_s: float = Field(10.0, gt=0, description="Longest wait for a database connection or statement "
+                                "start before the request fails with 503 / exit code 3.")
 
     # Embeddings
     embedding_model: str | None = Field(
@@ -102,6 +118,22 @@ class Settings(BaseSettings):
     follow_up_rewrite: str = Field(
         "rule", description="How a follow-up question is made standalone before retrieval: rule, decoder or none "
         "(rag/conversation.py; measured by bench/followups.py).")
+
+    @field_validator("collection")
+    @classmethod
+    def _valid_collection(cls, value: str) -> str:
+        return check_collection(value)
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store_url must be a postgresql:// URL (or unset for the embedded store)")
+        return value or None
+
+    @property
+    def upload_root(self) -> Path:
+        return self.uploads_dir if self.uploads_dir is not None else self.index_dir / "uploads"
 
     @field_validator("answer_path")
     @classmethod

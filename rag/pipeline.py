@@ -21,7 +21,7 @@ from rag.errors import UserError
 from rag.generation import Generation, GenerationParams, Generator, adapter_for, load_generator
 from rag.prompt import Prompt, PromptBuilder, PromptMode, load_shots
 from rag.span import SpanMatch, align_to_source, grounded_share
-from rag.types import AnswerPath, RetrieverKind, ScoredChunk
+from rag.types import AnswerPath, RetrieverKind, ScoredChunk, check_collection
 
 IDK = "I don't know."
 NOT_ANSWERABLE = "The documents don't answer this question."
@@ -65,6 +65,7 @@ class AnswerRequest:
     choices: tuple[str, ...] | None = None
     extract: bool = True
     history: tuple[Turn, ...] = ()
+    collection: str | None = None  # None: Settings.collection
 
     def __post_init__(self) -> None:
         if not isinstance(self.question, str) or not self.question.strip():
@@ -75,6 +76,8 @@ class AnswerRequest:
         object.__setattr__(self, "params", self.params or GenerationParams())
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(self.choices) or None)
+        if self.collection is not None:
+            check_collection(self.collection)
 
     @classmethod
     def of(cls, question: str | AnswerRequest, **options: object) -> AnswerRequest:
@@ -171,10 +174,10 @@ class Pipeline:
             return self._retriever
         from rag.embed import Embedder
         from rag.retrieve import Retriever
-        from rag.store import Store
+        from rag.store import open_store
 
         embedder = Embedder.from_settings(self.settings)
-        return Retriever(Store.open(self.settings.index_dir, embedder.name), embedder)
+        return Retriever(open_store(self.settings, embedder.name), embedder)
 
     @cached_property
     def generator(self) -> Generator:
@@ -214,7 +217,7 @@ class Pipeline:
             started = time.perf_counter()
             searched = self.standalone(request.history, request.question)
             hits = self.retriever.retrieve(searched, request.k or self.settings.answer_chunks, request.retriever,
-                                           request.source)
+                                           request.source, request.collection or self.settings.collection)
             if not request.choices:
                 features = answerability_features(searched, hits, self.retriever.similarities(searched, hits))
                 answerability = self.answerability_model.assess(features, self.settings.answerable_threshold)

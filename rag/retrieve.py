@@ -1,4 +1,4 @@
-"""Retrieval: dense (FAISS) and keyword (BM25, SQLite FTS5) search over one index, fused by reciprocal rank."""
+"""Retrieval: dense and keyword search over one index (either store), fused by reciprocal rank."""
 
 from __future__ import annotations
 
@@ -38,28 +38,29 @@ class Retriever:
         self.candidates = candidates  # per retriever, before fusion
 
     def retrieve(self, query: str, k: int = 5, kind: RetrieverKind | str | None = None,
-                 source: str | None = None) -> list[ScoredChunk]:
-        """Top `k` chunks. `source` is a glob on the document path (e.g. '*.pdf' or 'docs/advanced/*')."""
+                 source: str | None = None, collection: str | None = None) -> list[ScoredChunk]:
+        """Top `k` chunks. `source` is a glob on the document path (e.g. '*.pdf' or 'docs/advanced/*'); `collection`
+        scopes every store query to one collection (None: the whole index)."""
         if not query.strip():
             raise UserError("The query is empty.")
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         kind = RetrieverKind.parse(kind or self.kind)
-        allowed = self._ids_from_sources(source) if source else None
+        allowed = self.store.ids_with_source(source, collection) if source else None
         depth = max(k, self.candidates) if kind is RetrieverKind.HYBRID else k
 
         results: dict[str, list[tuple[int, float]]] = {}
         if kind in (RetrieverKind.DENSE, RetrieverKind.HYBRID):
-            results["dense"] = self._dense(query, depth, allowed)
+            results["dense"] = self._dense(query, depth, allowed, collection)
         if kind in (RetrieverKind.BM25, RetrieverKind.HYBRID):
-            results["bm25"] = self._bm25(query, depth, allowed)
+            results["bm25"] = self.store.lexical(query, depth, allowed, collection)
 
         if kind is RetrieverKind.HYBRID:
             ranked = reciprocal_rank_fusion({name: [id_ for id_, _ in hits] for name, hits in results.items()})[:k]
         else:
             ranked = results[kind.value][:k]
         per_retriever = {name: dict(hits) for name, hits in results.items()}
-        chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked])}
+        chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection)}
         return [
             ScoredChunk(chunks[id_], score, rank, kind.value,
                         {name: scores[id_] for name, scores in per_retriever.items() if id_ in scores})
@@ -76,16 +77,11 @@ class Retriever:
             computed = {id(hit): float(vectors[0] @ vector) for hit, vector in zip(missing, vectors[1:])}
         return [hit.scores["dense"] if "dense" in hit.scores else computed[id(hit)] for hit in hits]
 
-    def _dense(self, query: str, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
+    def _dense(self, query: str, k: int, allowed: np.ndarray | None,
+               collection: str | None) -> list[tuple[int, float]]:
         if allowed is not None and not len(allowed):
             return []
-        return self.store.dense(self.embedder.encode_query(query), k, allowed)
-
-    def _bm25(self, query: str, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
-        return self.store.lexical(query, k, allowed)
-
-    def _ids_from_sources(self, pattern: str) -> np.ndarray:
-        return self.store.ids_with_source(pattern)
+        return self.store.dense(self.embedder.encode_query(query), k, allowed, collection)
 
     def as_langchain(self, k: int = 5, kind: RetrieverKind | str | None = None):
         """This retriever as a LangChain `BaseRetriever`, for use inside LangChain chains."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -21,6 +22,23 @@ class Choice(str, Enum):
             return cls(value)
         except ValueError:
             raise UserError(f"Unknown {cls.label} '{value}'. Supported: {[member.value for member in cls]}") from None
+
+
+DEFAULT_COLLECTION = "default"
+_COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def check_collection(name: str) -> str:
+    """A collection name: 1-64 lower-case letters, digits, '_' or '-', starting with a letter or digit.
+
+    >>> check_collection("finance-2024")
+    'finance-2024'
+    """
+    if not isinstance(name, str) or not _COLLECTION_NAME.fullmatch(name):
+        shown = name[:70] if isinstance(name, str) else type(name).__name__
+        raise UserError(f"Invalid collection name '{shown}': use 1-64 lower-case letters, digits, '_' or '-', "
+                        "starting with a letter or digit.")
+    return name
 
 
 class AnswerPath(Choice, label="path"):

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import rag.store.embedded
-from rag.store import IndexMismatchError, Store, compact
+from rag.store import DocumentRecord, IndexMismatchError, Store, compact
 from tests import store_writer as w
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +193,7 @@ def _write_snapshot_format(index: Path) -> None:
     for doc in SEEDED:
         record, chunks, vectors = w.document(doc)
         db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(record.__getattribute__(f)
-                   for f in record.__dataclass_fields__))
+                   for f in record.__dataclass_fields__ if f != "collection"))  # format 1 had no collections
         ids = [db.execute("INSERT INTO chunks (doc_id, ordinal, text, source, tokens, hash) VALUES (?, ?, ?, ?, 0, '')",
                           (c.doc_id, c.ordinal, c.text, c.source)).lastrowid for c in chunks]
         flat.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
@@ -259,3 +260,42 @@ def test_cli_documents_and_index_commands(tmp_path):
     compacted = json.loads(cli.invoke(app, ["index", "compact", "--index", str(index), "--json"]).stdout)
     assert compacted["segments_after"] == 1 and compacted["tombstones_dropped"] == 2 * w.CHUNKS_PER_DOC
     assert_holds_exactly(index, SEEDED - {0})
+
+
+def test_an_index_from_before_collections_is_upgraded_in_place_and_then_holds_collections(tmp_path):
+    index = tmp_path / "index"
+    w.write(index, adds=[0, 1])
+    with sqlite3.connect(index / "store.sqlite") as db:  # back to the schema of the previous release
+        db.executescript("""
+            PRAGMA foreign_keys = OFF;
+            CREATE TABLE documents_old (doc_id TEXT PRIMARY KEY, source TEXT NOT NULL UNIQUE, content_hash TEXT NOT
+                NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, chunking TEXT NOT NULL, chunk_count INTEGER
+                NOT NULL, ingested_at TEXT NOT NULL);
+            INSERT INTO documents_old SELECT doc_id, source, content_hash, size, mtime_ns, chunking, chunk_count,
+                ingested_at FROM documents;
+            DROP TABLE documents;
+            ALTER TABLE documents_old RENAME TO documents;
+            DROP INDEX chunks_collection;
+            ALTER TABLE chunks DROP COLUMN collection;""")
+    assert_holds_exactly(index, {0, 1})  # a reader upgrades it; every document is in the default collection
+    store = Store.open(index)
+    assert store.collections() == {"default": 2} and store.counts("default")["chunks"] == 2 * w.CHUNKS_PER_DOC
+    store.close()
+
+    record, chunks, vectors = w.document(0)  # the same file again, in another collection: a second document
+    other = Store.begin(index, w.MODEL, w.DIMENSION, w.CHUNKING)
+    other.add_document(DocumentRecord("doc-other", record.source, record.content_hash, record.size, record.mtime_ns,
+                                      record.chunking, record.chunk_count, record.ingested_at, "other"),
+                       [replace(chunk, doc_id="doc-other") for chunk in chunks], vectors)
+    other.commit()
+    store = Store.open(index)
+    assert store.collections() == {"default": 2, "other": 1}
+    top = store.dense(w.vector(0, 1), k=10, collection="other")
+    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in top])} == {"doc-other"}
+    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in top], "default")} == set()
+    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in store.lexical("zebra0", 10, collection="default")])
+            } == {w.doc_id(0)}
+    assert store.counts("other") == {"documents": 1, "chunks": w.CHUNKS_PER_DOC, "vectors": w.CHUNKS_PER_DOC}
+    assert list(store.documents("other")) == ["doc-other"] and store.document(w.doc_id(0), "other") is None
+    assert len(store.ids_with_source("file0.md", "other")) == w.CHUNKS_PER_DOC
+    store.close()

@@ -141,10 +141,11 @@ def search(
 @app.command()
 def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
     """Print the index manifest and its counts (documents, chunks, vectors)."""
-    from rag.store import Store
+    from rag.store import open_store
 
     settings = settings_from(index_dir=index)
-    store = Store.open(settings.index_dir)
-    data = {**store.manifest.to_dict(), "counts": store.counts(), "path": str(store.index_dir),
+    store = open_store(settings)
+    data = {**store.manifest.to_dict(), "counts": store.counts(), "collections": store.collections(),
+            "path": str(settings.index_dir) if not settings.store_url else "postgresql",
             "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value}
     print_mapping(data, f"Index {settings.index_dir}", as_json)

@@ -1,8 +1,12 @@
 """The store interface: what the ingestion job, the retriever and the `Index` need from an index backend.
 
-The embedded backend (`rag.store.embedded`: SQLite + FAISS segments in a directory) implements it today; a
-server backend (PostgreSQL + pgvector) can implement the same protocol. Writes are buffered between `begin` and
-`commit` and become visible all at once; reads only ever see committed documents.
+Two backends implement it: the embedded one (`rag.store.embedded`: SQLite + FAISS segments in a directory, the
+default) and the server one (`rag.store.postgres`: PostgreSQL + pgvector, selected by `RAG_STORE_URL`). Writes are
+buffered between `begin` and `commit` and become visible all at once; reads only ever see committed documents.
+
+Every document belongs to one collection. Reads take `collection`: a name scopes the read inside the store's own
+query (an SQL condition, a FAISS id selector), so nothing of another collection is ever returned or counted;
+`None` reads every collection and is for maintenance only (`rag index stats`, compaction, admin keys).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from rag.errors import ConflictError, NotFoundError, RagError
-from rag.types import Chunk
+from rag.types import DEFAULT_COLLECTION, Chunk, check_collection  # noqa: F401  (re-exported for backends)
 
 
 class StoreError(RagError):
@@ -45,6 +49,7 @@ class DocumentRecord:
     chunking: str  # the chunk settings the document was split with, as JSON
     chunk_count: int
     ingested_at: str
+    collection: str = DEFAULT_COLLECTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,16 +107,25 @@ class Store(Protocol):
     @property
     def manifest(self) -> Manifest: ...
 
-    # reading (committed state)
+    # reading (committed state); `collection` None = every collection
     def refresh(self) -> bool: ...  # True when another commit became visible
-    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]: ...
-    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]: ...
-    def search(self, vector: np.ndarray, k: int) -> list[tuple[Chunk, float]]: ...
-    def get(self, ids: Iterable[int]) -> list[Chunk]: ...
-    def iter_chunks(self) -> Iterator[Chunk]: ...
-    def ids_with_source(self, pattern: str) -> np.ndarray: ...
-    def documents(self) -> dict[str, DocumentRecord]: ...
-    def counts(self) -> dict[str, int]: ...
+    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None,
+              collection: str | None = None) -> list[tuple[int, float]]: ...
+    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None,
+                collection: str | None = None) -> list[tuple[int, float]]: ...
+    def search(self, vector: np.ndarray, k: int, collection: str | None = None) -> list[tuple[Chunk, float]]: ...
+    def get(self, ids: Iterable[int], collection: str | None = None) -> list[Chunk]: ...
+    def iter_chunks(self, collection: str | None = None) -> Iterator[Chunk]: ...
+    def ids_with_source(self, pattern: str, collection: str | None = None) -> np.ndarray: ...
+    def documents(self, collection: str | None = None) -> dict[str, DocumentRecord]: ...  # by doc_id
+    def document(self, doc_id: str, collection: str | None = None) -> DocumentRecord | None: ...
+    def counts(self, collection: str | None = None) -> dict[str, int]: ...  # documents, chunks, vectors
+    def collections(self) -> dict[str, int]: ...  # name -> documents
+    def stats(self) -> dict: ...  # backend detail for `rag index stats` (segments, bytes on disk...)
+
+    # maintenance
+    def compact(self, full: bool = True, max_segments: int = 8,
+                tombstone_ratio: float = 0.2) -> CompactionInfo | None: ...
 
     # writing (buffered until commit)
     def add_document(self, record: DocumentRecord, chunks: list[Chunk], vectors: np.ndarray) -> None: ...

@@ -6,7 +6,8 @@ is easier to check in one file.
 Layout of an index directory::
 
     index/
-      store.sqlite        WAL: meta, documents, chunks, chunks_fts (FTS5 over chunks), segments, tombstones, jobs
+      store.sqlite        WAL: meta, documents, chunks, chunks_fts (FTS5 over chunks), segments, tombstones, jobs,
+                          api_keys
       segments/<name>.faiss   FAISS IndexIDMap2 (flat, or IVF for a large segment), ids = chunk ids; immutable
       .lock               held by the one writer;  .compact.lock  held by the one compactor
 
@@ -67,18 +68,21 @@ LEXICAL_POSTINGS_BUDGET = 5_000  # ~15-25 ms a query on these shared 2 cores (be
 BUSY_TIMEOUT_MS = 30_000
 WAL_SIZE_LIMIT = 64 * 2**20
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS documents (
+DOCUMENTS_TABLE = """(
     doc_id TEXT PRIMARY KEY,
-    source TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     chunking TEXT NOT NULL,
     chunk_count INTEGER NOT NULL,
-    ingested_at TEXT NOT NULL
-);
+    ingested_at TEXT NOT NULL,
+    collection TEXT NOT NULL DEFAULT 'default',
+    UNIQUE (collection, source)
+)"""
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents {DOCUMENTS_TABLE};
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
@@ -91,6 +95,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     tokens INTEGER NOT NULL,
     hash TEXT NOT NULL,
     context TEXT NOT NULL DEFAULT '',
+    collection TEXT NOT NULL DEFAULT 'default',  -- its document's, so a collection's chunk ids need no join
     UNIQUE (doc_id, ordinal)
 );
 -- Contentless: the text is stored once (in chunks); FTS5 keeps only postings of the chunk's analysed terms
@@ -115,7 +120,9 @@ CREATE TABLE IF NOT EXISTS tombstones (chunk_id INTEGER PRIMARY KEY);
 """
 CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context"
 INSERT_CHUNK = ("INSERT INTO chunks (id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash,"
-                " context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                " context, collection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+DOCUMENT_COLUMNS = ", ".join(DocumentRecord.__dataclass_fields__)
+INSERT_DOCUMENT = f"INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES ({', '.join('?' * len(DocumentRecord.__dataclass_fields__))})"
 
 
 def crash_point(name: str) -> None:
@@ -149,6 +156,41 @@ def register_functions(db: sqlite3.Connection) -> None:
 
 def ensure_schema(db: sqlite3.Connection) -> None:
     db.executescript(SCHEMA)
+    add_collections(db)
+    db.execute("CREATE INDEX IF NOT EXISTS chunks_collection ON chunks(collection)")
+
+
+def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
+    return column in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def add_collections(db: sqlite3.Connection) -> None:
+    """Give an index built before collections its `collection` columns (everything joins 'default').
+
+    `documents.source` was UNIQUE on its own, so that table is rebuilt (SQLite cannot alter a constraint): the
+    documented procedure, with foreign keys off so that dropping the old table does not cascade to the chunks.
+    One transaction: a kill leaves the old schema or the new one."""
+    if _has_column(db, "documents", "collection"):
+        return
+    db.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction, so before BEGIN
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if not _has_column(db, "documents", "collection"):  # another process may have done it meanwhile
+                db.execute(f"CREATE TABLE documents_upgraded {DOCUMENTS_TABLE}")
+                columns = DOCUMENT_COLUMNS.replace(", collection", "")
+                db.execute(f"INSERT INTO documents_upgraded ({columns}) SELECT {columns} FROM documents")
+                db.execute("DROP TABLE documents")
+                db.execute("ALTER TABLE documents_upgraded RENAME TO documents")
+                if not _has_column(db, "chunks", "collection"):
+                    db.execute("ALTER TABLE chunks ADD COLUMN collection TEXT NOT NULL DEFAULT 'default'")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    finally:
+        db.execute("PRAGMA foreign_keys = ON")
 
 
 def _row_to_chunk(row: tuple) -> Chunk:
@@ -242,6 +284,7 @@ class _Vectors:
     segments: dict[str, faiss.Index]
     tombstones: np.ndarray
     skip: tuple | None  # (IDSelectorNot over the tombstones, its inner IDSelectorBatch, kept alive with it)
+    scopes: dict  # collection -> its chunk ids, or None when it holds every chunk (filled as queries ask)
 
     @property
     def ntotal(self) -> int:
@@ -289,6 +332,12 @@ class EmbeddedStore:
             raise IndexNotFoundError(f"No index at '{index_dir}' yet. Build one with `rag ingest PATH --index "
                                      f"{index_dir}` or upload documents.")
         check_compatible(meta, index_dir, embedding_model, dimension)
+        if not _has_column(store.db, "documents", "collection"):  # built before collections: upgrade in place
+            upgrading = connect(index_dir)
+            try:
+                add_collections(upgrading)
+            finally:
+                upgrading.close()
         return store
 
     @classmethod
@@ -351,8 +400,13 @@ class EmbeddedStore:
     def _count(self, table: str) -> int:
         return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, collection: str | None = None) -> dict[str, int]:
         db = self.db
+        if collection is not None:  # a collection's live vectors are its chunk rows (deleted rows are tombstoned)
+            documents, chunks = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(chunk_count), 0) FROM documents WHERE collection = ?",
+                (collection,)).fetchone()
+            return {"documents": documents, "chunks": chunks, "vectors": chunks}
         db.execute("BEGIN")  # one read transaction: the three numbers describe the same generation
         try:
             documents = db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
@@ -395,16 +449,36 @@ class EmbeddedStore:
         if len(tombstones):
             batch = faiss.IDSelectorBatch(tombstones)
             skip = (faiss.IDSelectorNot(batch), batch)  # the Not selector does not own its inner one
-        return _Vectors(generation, segments, tombstones, skip)
+        return _Vectors(generation, segments, tombstones, skip, {})
 
     def _loaded(self) -> _Vectors:
         if self._vectors is None:
             self.refresh()
         return self._vectors
 
-    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """(chunk id, inner product) best first, over every live segment; `allowed` restricts the ids."""
+    def _scope(self, vectors: _Vectors, collection: str | None, allowed: np.ndarray | None) -> np.ndarray | None:
+        """The ids a read may return: `allowed` within the collection; None for no restriction (every chunk)."""
+        if collection is None:
+            return allowed
+        if collection not in vectors.scopes:
+            sizes = dict(self.db.execute("SELECT collection, COUNT(*) FROM chunks GROUP BY collection"))
+            if sizes.keys() <= {collection}:  # the only collection (or none): a selector would change nothing
+                vectors.scopes[collection] = None
+            else:
+                vectors.scopes[collection] = np.fromiter(
+                    (row[0] for row in self.db.execute("SELECT id FROM chunks WHERE collection = ?", (collection,))),
+                    np.int64)
+        ids = vectors.scopes[collection]
+        if ids is None:
+            return allowed
+        return ids if allowed is None else np.intersect1d(ids, allowed)
+
+    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None,
+              collection: str | None = None) -> list[tuple[int, float]]:
+        """(chunk id, inner product) best first, over every live segment; `allowed` and `collection` restrict the
+        ids (through FAISS's id selector, so the k results are the best k within them)."""
         vectors = self._loaded()
+        allowed = self._scope(vectors, collection, allowed)
         if k <= 0 or (allowed is not None and not len(allowed)):
             return []
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
@@ -422,10 +496,13 @@ class EmbeddedStore:
         hits.sort(key=lambda hit: (-hit[1], hit[0]))
         return hits[:k]
 
-    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """(chunk id, BM25 score) best first, from SQLite FTS5; chunks sharing no term with the query are left out."""
+    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None,
+                collection: str | None = None) -> list[tuple[int, float]]:
+        """(chunk id, BM25 score) best first, from SQLite FTS5; chunks sharing no term with the query are left out.
+        Term statistics are the whole index's: a collection changes which chunks come back, not how they rank."""
+        allowed = self._scope(self._loaded(), collection, allowed)
         match = match_query(" ".join(self._discriminating_terms(query)))
-        if match is None or k <= 0:
+        if match is None or k <= 0 or (allowed is not None and not len(allowed)):
             return []
         sql = "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank"
         if allowed is None:
@@ -454,48 +531,74 @@ class EmbeddedStore:
             kept.append(word)
         return kept
 
-    def search(self, vector: np.ndarray, k: int) -> list[tuple[Chunk, float]]:
-        hits = self.dense(vector, k)
-        chunks = {chunk.id: chunk for chunk in self.get([id_ for id_, _ in hits])}
+    def search(self, vector: np.ndarray, k: int, collection: str | None = None) -> list[tuple[Chunk, float]]:
+        hits = self.dense(vector, k, collection=collection)
+        chunks = {chunk.id: chunk for chunk in self.get([id_ for id_, _ in hits], collection)}
         return [(chunks[id_], score) for id_, score in hits if id_ in chunks]
 
-    def get(self, ids: Iterable[int]) -> list[Chunk]:
+    def get(self, ids: Iterable[int], collection: str | None = None) -> list[Chunk]:
+        """The chunks with these ids, in the order given; ids not in the index (or not in `collection`) are left
+        out."""
         ids = list(ids)
+        scope, scope_args = _collection_condition(collection)
         by_id = {}
         for start in range(0, len(ids), 500):
             batch = ids[start:start + 500]
-            rows = self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE id IN ({','.join('?' * len(batch))})",
-                                   batch)
+            rows = self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE id IN ({','.join('?' * len(batch))})"
+                                   f"{scope}", (*batch, *scope_args))
             by_id.update((row[0], _row_to_chunk(row)) for row in rows)
         return [by_id[id_] for id_ in ids if id_ in by_id]
 
-    def iter_chunks(self) -> Iterator[Chunk]:
-        for row in self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks ORDER BY id"):
+    def iter_chunks(self, collection: str | None = None) -> Iterator[Chunk]:
+        scope, scope_args = _collection_condition(collection, first=True)
+        for row in self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks{scope} ORDER BY id", scope_args):
             yield _row_to_chunk(row)
 
-    def ids_with_source(self, pattern: str) -> np.ndarray:
+    def ids_with_source(self, pattern: str, collection: str | None = None) -> np.ndarray:
         """Ids of the chunks whose source path matches a glob (or ends with it below some folder)."""
         import fnmatch
 
         suffix = f"*/{pattern.lstrip('/')}"
-        sources = [source for (source,) in self.db.execute("SELECT source FROM documents")
+        scope, scope_args = _collection_condition(collection, first=True)
+        doc_ids = [doc_id for doc_id, source in self.db.execute(f"SELECT doc_id, source FROM documents{scope}",
+                                                                 scope_args)
                    if fnmatch.fnmatch(source, pattern) or fnmatch.fnmatch(source, suffix)]
         ids: list[int] = []
-        for start in range(0, len(sources), 500):
-            batch = sources[start:start + 500]
+        for start in range(0, len(doc_ids), 500):
+            batch = doc_ids[start:start + 500]
             ids += [row[0] for row in self.db.execute(
-                f"SELECT id FROM chunks WHERE source IN ({','.join('?' * len(batch))})", batch)]
+                f"SELECT id FROM chunks WHERE doc_id IN ({','.join('?' * len(batch))})", batch)]
         return np.asarray(ids, dtype=np.int64)
 
-    def documents(self) -> dict[str, DocumentRecord]:
-        """Documents by source path."""
-        rows = self.db.execute(f"SELECT {', '.join(DocumentRecord.__dataclass_fields__)} FROM documents")
-        return {row[1]: DocumentRecord(*row) for row in rows}
+    def documents(self, collection: str | None = None) -> dict[str, DocumentRecord]:
+        """Documents by doc_id."""
+        scope, scope_args = _collection_condition(collection, first=True)
+        rows = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents{scope}", scope_args)
+        return {row[0]: DocumentRecord(*row) for row in rows}
 
-    def document(self, doc_id: str) -> DocumentRecord | None:
-        row = self.db.execute(f"SELECT {', '.join(DocumentRecord.__dataclass_fields__)} FROM documents "
-                              "WHERE doc_id = ?", (doc_id,)).fetchone()
+    def document(self, doc_id: str, collection: str | None = None) -> DocumentRecord | None:
+        scope, scope_args = _collection_condition(collection)
+        row = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?{scope}",
+                              (doc_id, *scope_args)).fetchone()
         return DocumentRecord(*row) if row else None
+
+    def collections(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT collection, COUNT(*) FROM documents GROUP BY collection "
+                                    "ORDER BY collection"))
+
+    def stats(self) -> dict:
+        """Segments and bytes on disk, for `rag index stats`."""
+        segments = [{"name": name, "index_type": kind, "vectors": vectors, "created_at": created}
+                    for name, kind, vectors, created in self.db.execute(
+                        "SELECT name, index_type, vectors, created_at FROM segments ORDER BY name")]
+        disk = {"database": sum(path.stat().st_size for path in self.index_dir.glob(f"{DB_FILE}*")),
+                "segments": sum(path.stat().st_size for path in (self.index_dir / SEGMENTS).glob("*.faiss"))}
+        return {"segment_list": segments, "bytes_on_disk": {**disk, "total": sum(disk.values())},
+                "path": str(self.index_dir)}
+
+    def compact(self, full: bool = True, max_segments: int = 8,
+                tombstone_ratio: float = 0.2) -> CompactionInfo | None:
+        return compact(self.index_dir, full, max_segments, tombstone_ratio)
 
     # ---------------------------------------------------------------- writing
     def _require_writable(self) -> None:
@@ -562,11 +665,10 @@ class EmbeddedStore:
                 deleted += db.execute(f"DELETE FROM chunks WHERE doc_id IN ({marks})", batch).rowcount
                 db.execute(f"DELETE FROM documents WHERE doc_id IN ({marks})", batch)
             added_docs = {record.doc_id: record for record, _, _ in self._adds.values()}
-            db.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (tuple(asdict(record).values()) for record in added_docs.values()))
+            db.executemany(INSERT_DOCUMENT, (tuple(asdict(record).values()) for record in added_docs.values()))
             db.executemany(INSERT_CHUNK, (
                 (int(id_), record.doc_id, chunk.ordinal, chunk.text, chunk.source, chunk.page, chunk.heading,
-                 chunk.element_type, chunk.tokens, chunk.hash, chunk.context)
+                 chunk.element_type, chunk.tokens, chunk.hash, chunk.context, record.collection)
                 for id_, (record, chunk) in zip(ids, new_chunks)))
             db.executemany("UPDATE documents SET size = ?, mtime_ns = ? WHERE doc_id = ?",
                            ((size, mtime, doc_id) for doc_id, (size, mtime) in self._touches.items()))
@@ -609,6 +711,13 @@ class EmbeddedStore:
             self._connections.clear()
         self._local = threading.local()
         self._vectors = None
+
+
+def _collection_condition(collection: str | None, first: bool = False) -> tuple[str, tuple]:
+    """The SQL condition (and its argument) that scopes a query to one collection; nothing for every collection."""
+    if collection is None:
+        return "", ()
+    return (" WHERE" if first else " AND") + " collection = ?", (collection,)
 
 
 def generation_name(generation: int) -> str:
@@ -730,6 +839,18 @@ OLD_POINTER, OLD_SNAPSHOTS = "CURRENT", "snapshots"
 OLD_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash"
 
 
+def convert_snapshot_format(index_dir: Path) -> bool:
+    """Convert an old-format index at `index_dir` under the writer lock (for readers: `Index.open`)."""
+    index_dir = Path(index_dir)
+    if not (index_dir / OLD_POINTER).is_symlink() or (index_dir / DB_FILE).exists():
+        return False
+    lock = _lock(index_dir / LOCK_FILE, "writing to")
+    try:
+        return migrate_snapshot_format(index_dir)
+    finally:
+        lock.close()
+
+
 def migrate_snapshot_format(index_dir: Path) -> bool:
     """Convert an old-format index; True when one was converted."""
     pointer = index_dir / OLD_POINTER
@@ -749,10 +870,10 @@ def migrate_snapshot_format(index_dir: Path) -> bool:
         old = sqlite3.connect(f"file:{snapshot / 'chunks.sqlite'}?mode=ro", uri=True)
         has_context = "context" in {row[1] for row in old.execute("PRAGMA table_info(chunks)")}
         db.execute("BEGIN")
-        db.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        db.executemany(INSERT_DOCUMENT,
                        old.execute("SELECT doc_id, source, content_hash, size, mtime_ns, chunking, chunk_count, "
-                                   "ingested_at FROM documents"))
-        columns = OLD_COLUMNS + (", context" if has_context else ", ''")
+                                   "ingested_at, 'default' FROM documents"))
+        columns = OLD_COLUMNS + (", context" if has_context else ", ''") + ", 'default'"
         db.executemany(INSERT_CHUNK, old.execute(f"SELECT {columns} FROM chunks ORDER BY id"))
         next_id = (db.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0) + 1
         old.close()
