@@ -30,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.config import ApiSettings
 from api.errors import ApiError
-from rag.keys import ALL_COLLECTIONS, ApiKeyRecord, KeyStore, Role, digest
-from rag.store.base import check_collection
+from rag.keys import ApiKeyRecord, KeyStore, digest
+from rag.types import ALL_COLLECTIONS, Role, check_collection
 
 logger = logging.getLogger("rag.api")
 COLLECTION_HELP = ("The collection to work in; default: the key's own collection when it has one, else the "

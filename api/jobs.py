@@ -1,5 +1,5 @@
-"""Ingestion through the API: uploads saved under `<index_dir>/uploads/`, recorded as durable jobs, ingested by
-one background writer.
+"""Ingestion through the API: uploads saved in the upload folder (RAG_UPLOADS_DIR), recorded as durable jobs,
+ingested by one background writer.
 
 A job is recorded in the index's job log (with its files already on disk) before the 202 is sent, so a restart
 loses nothing: on start the queue runs again every job that was queued or interrupted (`JobRunner.recover`).
@@ -66,10 +66,6 @@ class IngestQueue:
             logger.info("resuming ingest job", extra={"job_id": job.id, "status": job.status})
             self._writer.submit(self._run, job)
 
-    @property
-    def uploads_dir(self) -> Path:
-        return self.runner.uploads_dir
-
     # ------------------------------------------------------------------ jobs
     def incoming_dir(self, job_id: str) -> Path:
         return self.runner.incoming_dir(job_id)
@@ -128,7 +124,7 @@ class IngestQueue:
     def _delete(self, doc_id: str, collection: str):
         record = self.service.index.delete(doc_id, collection)  # DocumentNotFoundError when it has none
         uploaded = Path(record.source)
-        if uploaded.parent == self.uploads_dir.resolve():
+        if uploaded.parent == self.runner.collection_dir(record.collection).resolve():
             uploaded.unlink(missing_ok=True)  # or a later job over the area could bring it back
         self._committed()
         return record

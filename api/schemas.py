@@ -11,8 +11,8 @@ from api.auth import COLLECTION_HELP
 from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
 from rag.config import DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
-from rag.keys import ALL_COLLECTIONS, MAX_NAME, Role
-from rag.types import AnswerPath, RetrieverKind
+from rag.keys import MAX_NAME
+from rag.types import ALL_COLLECTIONS, AnswerPath, RetrieverKind, Role
 
 
 def _names(choice: type[Enum]) -> Any:

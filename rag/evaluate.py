@@ -23,7 +23,7 @@ from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_
 from rag.models import TRAINING_RECORD, decoder_identity, sha256_files
 from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
 from rag.span import grounded_share as groundedness
-from rag.store.base import DEFAULT_COLLECTION
+from rag.types import DEFAULT_COLLECTION
 
 RETRIEVAL_KS = (1, 3, 5, 10)
 GROUNDED_SHARE = 0.8  # an answer is grounded when this share of its content words occurs in its context

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Protocol
 
 from rag.errors import NotFoundError, UserError
-from rag.store.base import check_collection
 from rag.store.embedded import connect
 from rag.store.jobs import utc_now
-from rag.types import ALL_COLLECTIONS, Role
+from rag.types import ALL_COLLECTIONS, Role, check_collection
 
 SECRET_PREFIX = "rag_"
 SECRET_BYTES = 32  # 256 bits of randomness: a digest lookup needs no salt or slow hash against guessing
@@ -132,8 +131,8 @@ class EmbeddedKeyStore:
         with self._lock:
             self.db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND (? IS NULL OR collection = ?) "
                             "AND revoked_at IS NULL", (utc_now(), *scope))
-            row = self.db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ? AND (? IS NULL OR collection = ?)",
-                                  scope).fetchone()
+            row = self.db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ? AND "
+                                  "(? IS NULL OR collection = ?)", scope).fetchone()
         if row is None:
             raise KeyNotFoundError(f"No API key '{key_id[:64]}'.")
         return record_from_row(row)

@@ -26,7 +26,7 @@ from api.auth import ReadScope
 from api.errors import ApiError
 from api.files import INLINE_TYPES, untrusted_file
 from api.schemas import EvalList, EvalOut
-from rag.store.base import DEFAULT_COLLECTION
+from rag.types import DEFAULT_COLLECTION
 
 router = APIRouter(tags=["evals"])
 REPORT = "report.md"

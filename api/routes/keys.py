@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import COLLECTION_HELP, Authenticator, Principal, authorize
 from api.errors import ApiError
 from api.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
-from rag.keys import ALL_COLLECTIONS, Role
+from rag.types import ALL_COLLECTIONS, Role
 
 router = APIRouter(tags=["keys"])
 ScopeQuery = Annotated[str | None, Query(max_length=64, description=f"{COLLECTION_HELP} '{ALL_COLLECTIONS}': keys "
@@ -31,7 +31,8 @@ def _scope(request: Request, asked: str | None, every_by_default: bool) -> str |
         return authorize(request, asked, Role.ADMIN)
     authorize(request, None, Role.ADMIN)  # the role, in the key's own collection
     if principal.collection != ALL_COLLECTIONS:
-        raise ApiError(403, "collection_forbidden", f"This API key may not use every collection ('{ALL_COLLECTIONS}').")
+        raise ApiError(403, "collection_forbidden",
+                       f"This API key may not use every collection ('{ALL_COLLECTIONS}').")
     return asked
 
 
