@@ -26,7 +26,7 @@ from api.config import ApiSettings
 from api.errors import install_error_handlers, json_error
 from api.jobs import IngestQueue
 from api.observability import Metrics, RequestContextMiddleware, configure_logging
-from api.routes import ask, documents, evals, health, openai_compat, search, sources
+from api.routes import ask, documents, evals, health, keys, openai_compat, search, sources
 from api.service import Service
 from rag.config import Settings
 from rag.pipeline import Pipeline
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
                               413: {"description": "Request body over the limit."},
                               422: {"description": "Invalid request; the message says what and why."},
                               503: {"description": "Busy (see Retry-After), still loading, or no index yet."}})
-    for module in (ask, search, documents, sources, evals, openai_compat):
+    for module in (ask, search, documents, sources, evals, openai_compat, keys):
         v1.include_router(module.router)
     app.include_router(health.router)
     app.include_router(web.router)  # the web app at /: static files only, data through /v1
