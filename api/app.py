@@ -29,6 +29,7 @@ from api.observability import Metrics, RequestContextMiddleware, configure_loggi
 from api.routes import ask, documents, evals, health, keys, openai_compat, search, sources
 from api.service import Service
 from rag.config import Settings
+from rag.errors import RagError
 from rag.pipeline import Pipeline
 from rag.store import open_key_store
 
@@ -84,9 +85,12 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         service = Service(settings, api_settings, pipeline, metrics)
         app.state.service = service
         app.state.ingest = IngestQueue(service, metrics, ingest_embedder)
-        if not authenticator.enabled():
-            logger.warning("no API keys configured (RAG_API_KEYS / RAG_API_KEYS_FILE / `rag keys create`): "
-                           "/v1 is open to anyone")
+        try:
+            if not authenticator.enabled():
+                logger.warning("no API keys configured (RAG_API_KEYS / RAG_API_KEYS_FILE / `rag keys create`): "
+                               "/v1 is open to anyone")
+        except RagError as error:  # the key store's database is away: /v1 answers 503 until it is back
+            logger.warning("cannot read the API key store", extra={"error": str(error)})
         threading.Thread(target=service.load, name="model-loader", daemon=True).start()
         threading.Thread(target=service.watch_index, name="index-watcher", daemon=True).start()
         try:

@@ -435,6 +435,34 @@ def test_rag_keys_create_list_revoke_round_trip(tmp_path):
     assert digest(key["secret"]).encode() in stored  # what is stored instead
 
 
+def test_cli_commands_work_in_the_collection_they_are_given(tmp_path, monkeypatch):
+    from rag.cli import EXIT_INDEX_ERROR, EXIT_OK, app
+
+    runner = CliRunner()
+    monkeypatch.setenv("RAG_INDEX_DIR", str(tmp_path / "index"))
+    monkeypatch.setenv("RAG_PARSE_WORKERS", "1")
+    for collection, files in DOCUMENTS.items():
+        folder = tmp_path / collection
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        result = runner.invoke(app, ["ingest", str(folder), "--collection", collection, "--json"])
+        assert result.exit_code == EXIT_OK, result.output
+        assert json.loads(result.stdout)["index"]["documents"] == 2  # counted in its collection
+    hits = json.loads(runner.invoke(app, ["search", "kestrel launch code", "-k", "10", "--collection", ALPHA,
+                                          "--json"]).stdout)
+    assert hits and all(Path(hit["source"]).name in DOCUMENTS[ALPHA] for hit in hits)
+    listed = json.loads(runner.invoke(app, ["documents", "list", "--collection", BRAVO, "--json"]).stdout)
+    assert {Path(d["source"]).name for d in listed["documents"]} == set(DOCUMENTS[BRAVO])
+    assert listed["collection"] == BRAVO and listed["counts"]["documents"] == 2
+    doc_id = listed["documents"][0]["doc_id"]
+    wrong = runner.invoke(app, ["documents", "delete", doc_id, "--collection", ALPHA])
+    assert wrong.exit_code == EXIT_INDEX_ERROR and "kestrel" not in wrong.output and "osprey" not in wrong.output
+    assert runner.invoke(app, ["documents", "delete", doc_id, "--collection", BRAVO]).exit_code == EXIT_OK
+    monkeypatch.setenv("RAG_COLLECTION", BRAVO)  # the default comes from the settings
+    assert len(json.loads(runner.invoke(app, ["documents", "list", "--json"]).stdout)["documents"]) == 1
+
+
 def test_collection_option_is_on_every_command_that_reads_or_writes_documents():
     from rag.cli import app
 

@@ -142,7 +142,8 @@ def serve(
     reload: Annotated[bool, typer.Option("--reload", help="Restart on code changes (development).")] = False,
 ) -> None:
     """Serve the HTTP API (FastAPI + uvicorn): /v1/ask, /v1/search, /v1/documents, /v1/chat/completions, /healthz,
-    /readyz, /metrics. API keys from RAG_API_KEYS or RAG_API_KEYS_FILE; without keys, /v1 is open (a warning is logged)."""
+    /readyz, /metrics. API keys: admin keys from RAG_API_KEYS or RAG_API_KEYS_FILE, and keys scoped to a collection
+    from `rag keys create`; without any key, /v1 is open (a warning is logged)."""
     from api.serve import serve as run_server
 
     run_server(host=host, port=port, index=index, workers=workers, log_level=log_level, reload=reload)
