@@ -57,7 +57,7 @@ class BatchingQueryEmbedder:
                     break
                 batch.append(item)
             try:
-                vectors = self.embedder.encode([query for query, _ in batch])
+                vectors = self.embedder.encode_queries([query for query, _ in batch])
             except BaseException as error:  # every waiter learns of the failure; the worker keeps serving
                 for _, future in batch:
                     future.set_exception(error)

@@ -49,7 +49,7 @@ class Service:
         try:
             self.pipeline.preload(available_paths(self.settings))  # decoders load while the embedder and index do
             embedder = self._embedder()
-            embedder.model  # noqa: B018  (load now, not on the first request)
+            embedder.encode_queries(["load the query encoder now, not on the first request"])
             self._query_embedder = BatchingQueryEmbedder(embedder)
             self.open_index()
             self.pipeline.generator  # noqa: B018

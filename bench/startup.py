@@ -25,28 +25,22 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import cpu_flags  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "How do I set a timeout on an HTTPX client?"
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-    present = set(flags.split(":", 1)[1].split())
-    return " ".join(f"{flag}={'yes' if flag in present else 'no'}" for flag in wanted)
-
-
 def environment(cache_dir: Path | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in ("RAG_DECODER_CACHE", "RAG_CACHE_DIR", "OMP_NUM_THREADS"):
+    for name in ("RAG_DECODER_CACHE", "RAG_CACHE_DIR", "RAG_MODEL_CACHE_DIR", "OMP_NUM_THREADS"):
         env.pop(name, None)
     if cache_dir is None:
         env["RAG_DECODER_CACHE"] = "off"
     else:
         env["RAG_CACHE_DIR"] = str(cache_dir)
+        env["RAG_MODEL_CACHE_DIR"] = str(cache_dir / "onnx")  # the query encoder's export is cold or warm with it
     return env
 
 

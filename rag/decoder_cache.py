@@ -1,4 +1,5 @@
-"""A dequantised copy of a GGUF decoder, so that only the first start pays for dequantisation.
+"""A dequantised copy of a GGUF decoder, so that only the first start pays for dequantisation; and a merged copy of
+a decoder with a LoRA adapter, so that only the first start pays for peft.
 
 transformers reads a .gguf by parsing it and dequantising every tensor in Python: 15-25 s for the packaged 135M
 model on 2 cores, every process start. The copy is an ordinary HF folder (config, tokenizer, fp32 safetensors)
@@ -6,10 +7,15 @@ under `<cache_dir>/decoders/<sha256 of the .gguf>`, which loads in about a secon
 content, so a replaced file is never served a stale copy; the hash itself is remembered per (path, size, mtime)
 in `<cache_dir>/hashes.json` so that later starts do not read the whole file. Copies are written to a temporary
 folder and renamed into place, so a crash or a concurrent start never leaves a half-written copy that is used.
+
+Applying an adapter at load (peft: import, wrap, merge) adds 2-7 s to every start here, mostly peft's import. The
+merged weights are saved like the dequantised copy, under `<cache_dir>/decoders/merged-<hash>`, keyed by the hashes
+of the base copy's and the adapter's files, and later starts load them without importing peft.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -85,20 +91,42 @@ def dequantised_copy(gguf_path: Path, cache_dir: Path) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _save_atomically(model, tokenizer, folder, {"gguf": str(gguf_path.resolve()), "sha256": folder.name})
+    return folder
+
+
+def merged_copy(base: Path, adapter_dir: Path, cache_dir: Path) -> Path:
+    """The folder of `base` (an HF decoder folder) with the LoRA adapter in `adapter_dir` merged into its weights,
+    written first if there is none yet."""
+    weights = sorted(base.glob("*.safetensors")) + sorted(adapter_dir.glob("adapter_*"))
+    key = hashlib.sha256("\n".join(file_sha256(path, cache_dir) for path in weights).encode()).hexdigest()
+    folder = cache_dir / "decoders" / f"merged-{key[:32]}"
+    if (folder / "config.json").is_file():
+        return folder
+    from rag.generation.adapters import apply_adapter  # peft: only when a copy is written
+    from rag.models import load_causal_lm, read_tokenizer
+
+    logger.info("merging adapter %s into %s once, into %s", adapter_dir, base, folder)
+    model, _, _ = load_causal_lm(base, "cpu")
+    _save_atomically(apply_adapter(model, adapter_dir), read_tokenizer(base), folder,
+                     {"base": str(base), "adapter": str(adapter_dir.resolve())})
+    return folder
+
+
+def _save_atomically(model, tokenizer, folder: Path, source: dict) -> None:
+    """save_pretrained into a temporary folder renamed into place (a concurrent start's copy is as good)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve()),
-                                                         "sha256": folder.name}, indent=1))
-        os.rename(staging, folder)  # atomic; fails if another process got there first, whose copy is as good
+        (staging / "source.json").write_text(json.dumps(source, indent=1))
+        os.rename(staging, folder)  # atomic; fails if another process got there first
     except OSError:
         if not (folder / "config.json").is_file():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def _write_atomically(path: Path, text: str) -> None:

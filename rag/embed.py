@@ -75,13 +75,28 @@ class Embedder:
         return cls(settings.embedding_model, settings.device, settings.embedding_batch_size,
                    settings.embedding_precision, settings.model_cache_dir)
 
+    @cached_property
+    def query_precision(self) -> str:
+        """How the few short texts of a query are embedded. 'auto' on CPU: ONNX fp32 (as exact as torch fp32; a
+        batch of one gains nothing from bf16 or int8), which also loads without importing sentence-transformers,
+        3-6 s of a one-shot `rag ask` here (docs/environment.md). Otherwise the precision of `encode`."""
+        if self._precision == "auto" and self.device == "cpu":
+            return "onnx"
+        return self.precision
+
     @property
     def uses_onnx(self) -> bool:
         return self.precision in ONNX_PRECISIONS
 
-    @cached_property
+    @property
     def onnx(self) -> OnnxEncoder:
-        return OnnxEncoder(self.path, quantised=self.precision == "onnx-int8", cache_dir=self.cache_dir)
+        return self._onnx_encoder(self.precision)
+
+    def _onnx_encoder(self, precision: str) -> OnnxEncoder:
+        encoders = self.__dict__.setdefault("_onnx_encoders", {})
+        if precision not in encoders:
+            encoders[precision] = OnnxEncoder(self.path, quantised=precision == "onnx-int8", cache_dir=self.cache_dir)
+        return encoders[precision]
 
     def autocast(self):
         """The precision context every encode runs in (weights stay fp32; bf16 matmuls where chosen)."""
@@ -137,5 +152,11 @@ class Embedder:
             )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Query-time embedding (a question, a few passages to compare it with), in `query_precision`."""
+        if self.query_precision in ONNX_PRECISIONS:
+            return self._onnx_encoder(self.query_precision).encode(texts, self.batch_size)
+        return self.encode(texts)
+
     def encode_query(self, query: str) -> np.ndarray:
-        return self.encode([query])[0]
+        return self.encode_queries([query])[0]

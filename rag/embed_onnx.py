@@ -122,6 +122,22 @@ class OnnxEncoder:
         return AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
 
     @cached_property
+    def _encoder(self):
+        """The model's fast tokenizer through the `tokenizers` library itself (what AutoTokenizer wraps), set to
+        truncate and pad like the sentence-transformers call: it loads in milliseconds and without importing
+        transformers, whose lazy module is not safe to import from two threads at once (a decoder loads in a
+        background thread while the first query is embedded)."""
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        config = json.loads((self.model_dir / "tokenizer_config.json").read_text())
+        pad = config.get("pad_token") or "[PAD]"
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        tokenizer.enable_truncation(self.max_tokens)
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad), pad_token=pad)
+        return tokenizer
+
+    @cached_property
     def session(self):
         import onnxruntime
 
@@ -139,11 +155,11 @@ class OnnxEncoder:
         out: list[np.ndarray | None] = [None] * len(texts)
         for start in range(0, len(order), batch_size):
             batch = [texts[i] for i in order[start:start + batch_size]]
-            encoded = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_tokens,
-                                     return_tensors="np")
-            feeds = {name: encoded[name].astype(np.int64) for name in self.input_names if name in encoded}
-            if "token_type_ids" in self.input_names and "token_type_ids" not in feeds:
-                feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+            encodings = self._encoder.encode_batch(batch)
+            encoded = {"input_ids": np.array([e.ids for e in encodings], np.int64),
+                       "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
+                       "token_type_ids": np.array([e.type_ids for e in encodings], np.int64)}
+            feeds = {name: encoded[name] for name in self.input_names}
             hidden = session.run(["last_hidden_state"], feeds)[0]
             mask = encoded["attention_mask"][..., None].astype(np.float32)
             pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)

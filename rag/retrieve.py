@@ -73,7 +73,7 @@ class Retriever:
         missing = [hit for hit in hits if "dense" not in hit.scores]
         computed = {}
         if missing:
-            vectors = self.embedder.encode([query] + [hit.chunk.indexed_text for hit in missing])
+            vectors = self.embedder.encode_queries([query] + [hit.chunk.indexed_text for hit in missing])
             computed = {id(hit): float(vectors[0] @ vector) for hit, vector in zip(missing, vectors[1:])}
         return [hit.scores["dense"] if "dense" in hit.scores else computed[id(hit)] for hit in hits]
 

@@ -392,3 +392,18 @@ def test_the_dequantised_copy_decodes_exactly_like_the_gguf(generator, decoder_c
     params = GenerationParams(max_new_tokens=12)
     assert cached.generate(QUESTION, params).text == generator.generate(QUESTION, params).text
     assert cached.option_logprobs(YES_NO, ["Yes", "No"]) == pytest.approx(generator.option_logprobs(YES_NO, ["Yes", "No"]))
+
+
+@pytest.mark.slow
+def test_the_merged_adapter_copy_decodes_exactly_like_the_adapter_applied_at_load(decoder_cache):
+    from rag.config import PACKAGED_ADAPTER
+
+    applied = TransformersGenerator(device="cpu", adapter_dir=PACKAGED_ADAPTER)  # peft at load, no cache
+    merged = TransformersGenerator(device="cpu", adapter_dir=PACKAGED_ADAPTER, cache_dir=decoder_cache)
+    copies = list((decoder_cache / "decoders").glob("merged-*"))
+    assert len(copies) == 1 and (copies[0] / "model.safetensors").is_file()
+    assert merged.model_name == applied.model_name == f"{default_decoder_path().name}+adapter"
+    params = GenerationParams(max_new_tokens=12)
+    assert merged.generate(QUESTION, params).text == applied.generate(QUESTION, params).text
+    assert merged.option_logprobs(YES_NO, ["Yes", "No"]) == pytest.approx(applied.option_logprobs(YES_NO, ["Yes", "No"]),
+                                                                         abs=1e-4)

@@ -199,6 +199,26 @@ def test_onnx_embeddings_match_fp32(tmp_path):
     assert sorted(path.name for path in tmp_path.rglob("*.onnx")) == ["model.int8.onnx", "model.onnx"]  # cached
 
 
+def test_queries_embed_on_onnx_fp32_without_importing_sentence_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from rag.embed import Embedder
+
+    texts = ["How do I set a timeout?", "Net sales rose 14% to $1,250 million in the quarter ended March 31, 2024."]
+    assert Embedder(device="cpu").query_precision == "onnx"
+    assert Embedder(device="cpu", precision="fp32").query_precision == "fp32"  # an explicit choice is kept
+    script = ("import sys, numpy; from rag.embed import Embedder; "
+              f"e = Embedder(device='cpu', cache_dir={str(tmp_path)!r}); v = e.encode_queries({texts!r}); "
+              "assert 'sentence_transformers' not in sys.modules, 'imported'; numpy.save(sys.argv[1], v)")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.npy")], check=True, timeout=600,
+                   cwd=Path(__file__).resolve().parents[1])
+    reference = Embedder(device="cpu", precision="fp32").encode(texts)
+    assert (np.load(tmp_path / "v.npy") * reference).sum(axis=1).min() > 0.9999
+
+
 def test_bf16_embeddings_match_fp32():
     from rag.embed import Embedder
 

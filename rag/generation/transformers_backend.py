@@ -15,7 +15,7 @@ from collections.abc import Generator as PyGenerator
 from pathlib import Path
 from typing import Any
 
-from rag.decoder_cache import cached_decoder
+from rag.decoder_cache import cached_decoder, merged_copy
 from rag.errors import UserError
 from rag.generation.adapters import apply_adapter, checked_adapter
 from rag.generation.base import (
@@ -82,9 +82,14 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
                  context_window: int | None = None, cache_dir: Path | None = None):
         folder, gguf_file = resolve_decoder(model)  # ModelNotFoundError before any slow import or load
         adapter = checked_adapter(adapter_dir, model)  # refused before spending seconds on loading
-        # A .gguf loads from its dequantised copy in `cache_dir` (made on first use) when caching is on.
-        loaded, tokenizer, resolved = load_causal_lm(cached_decoder(model, cache_dir), device)
-        self._setup(loaded, tokenizer, resolved, gguf_file or folder.name, adapter, context_window)
+        # With caching on (`cache_dir`), a .gguf loads from its dequantised copy and a decoder with an adapter from
+        # its merged copy, each made on first use.
+        source = cached_decoder(model, cache_dir)
+        name = gguf_file or folder.name
+        if adapter is not None and cache_dir is not None and source is not None and Path(source).is_dir():
+            source, name, adapter = merged_copy(Path(source), adapter, cache_dir), f"{name}+{adapter.name}", None
+        loaded, tokenizer, resolved = load_causal_lm(source, device)
+        self._setup(loaded, tokenizer, resolved, name, adapter, context_window)
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, device: str, name: str, adapter_dir: str | Path | None = None,
