@@ -34,6 +34,7 @@ from rag.keys import ApiKeyRecord, KeyStore, digest
 from rag.types import ALL_COLLECTIONS, Role, check_collection
 
 logger = logging.getLogger("rag.api")
+MAX_CACHED_KEYS = 10_000  # presented keys remembered; unknown keys sprayed at the server must not grow it unbounded
 COLLECTION_HELP = ("The collection to work in; default: the key's own collection when it has one, else the "
                    "server's (RAG_COLLECTION).")
 
@@ -137,7 +138,7 @@ class Authenticator:
         expires, record = self._records.get(key_digest, (0.0, None))
         if time.monotonic() >= expires:
             record = self.key_store.lookup(key_digest)
-            if len(self._records) > 10_000:  # unknown keys must not grow the cache without bound
+            if len(self._records) >= MAX_CACHED_KEYS:
                 self._records.clear()
             self._records[key_digest] = (time.monotonic() + self.cache_s, record)
         return record
