@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from tests.test_api import sse_events, wait_ready
 
-STORES = ["embedded"]  # "postgres" joins when its test server fixture exists
+STORES = ["embedded"]  # "postgres" joins with its test server (see `store_options`)
 ENV_KEY = "environment-admin-key"
 ALPHA, BRAVO = "alpha", "bravo"
 # Each collection's documents speak of things the other's never mention, so a leak of text shows as a word.
@@ -87,7 +87,14 @@ def error_code(response) -> str:
 
 # ---------------------------------------------------------------------------------------------- the world
 @pytest.fixture(scope="module", params=STORES)
-def world(request, embedder, generator, tmp_path_factory):
+def store_options(request) -> dict:
+    """The settings that select the store under test: none for the embedded store (the default). A server store
+    returns its URL here, e.g. {"store_url": request.getfixturevalue(<its server's fixture>)}."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def world(store_options, embedder, generator, tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
@@ -98,8 +105,8 @@ def world(request, embedder, generator, tmp_path_factory):
     from rag.retrieve import Retriever
     from rag.store import open_key_store, open_store
 
-    root = tmp_path_factory.mktemp(f"collections-{request.param}")
-    settings = Settings(index_dir=root / "index", results_dir=root / "results", parse_workers=1)
+    root = tmp_path_factory.mktemp("collections")
+    settings = Settings(index_dir=root / "index", results_dir=root / "results", parse_workers=1, **store_options)
     for collection, files in DOCUMENTS.items():
         folder = root / collection
         folder.mkdir()
