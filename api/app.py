@@ -106,8 +106,8 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         summary="Question answering with citations over your documents.",
         description="Every /v1 route needs an API key (`Authorization: Bearer <key>` or `X-API-Key`) when keys are "
                     "configured, and works in one collection (`collection` in a JSON body or form, `?collection=` "
-                    "otherwise; default: the key's own). Errors have one shape: `{\"error\": {\"type\", \"code\", \"message\", "
-                    "\"request_id\"}}`.",
+                    "otherwise; default: the key's own). Errors have one shape: `{\"error\": {\"type\", \"code\", "
+                    "\"message\", \"request_id\"}}`.",
         lifespan=lifespan,
     )
     app.state.settings = settings
