@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, shared_dataset  # noqa: E402
+from bench.common import cpu_flags, markdown_table, shared_dataset  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
@@ -38,16 +38,6 @@ from rag.retrieve import Retriever, RetrieverKind  # noqa: E402
 from rag.store import Store  # noqa: E402
 
 DEPTH = 40  # chunks retrieved per question, from which the distinct documents are ranked
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown (no /proc/cpuinfo)"
-    wanted = [flag for flag in flags.split(":", 1)[1].split()
-              if flag.startswith(("avx512", "amx")) or flag in ("avx2", "avx_vnni", "fma")]
-    return " ".join(wanted) or "no AVX2/AVX-512/AMX"
 
 
 def page_count(path: Path) -> int:

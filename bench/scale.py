@@ -6,7 +6,8 @@ the snapshot store it replaced (commit ca5b5cf, loaded from git), measured in th
 Per size: build time (bulk commits of 20k chunks, then one compaction), one 10-chunk upload commit (p50 of 5;
 the baseline takes minutes per commit at 100k, so it gets fewer repeats, said in the table), one delete commit,
 compaction time, dense search p50/p95 at k=30 with recall@10 against exact search, lexical (BM25) p50/p95,
-hybrid p50 (dense + BM25 + fusion + row lookup; the query embedding, ~1-7 ms, is not included), open time, resident
+hybrid p50 (dense + BM25 + fusion + row lookup through `Retriever.retrieve`, which runs the two legs at once; the
+snapshot store's one after the other; the query embedding, ~1-7 ms, is not included), open time, resident
 memory of a fresh process after open and searches, and bytes on disk against the live vectors + text.
 
 Text: sentences of the XQuAD English paragraphs recombined, four per chunk, ten chunks per document. Vectors:
@@ -34,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, percentile, shared_dataset  # noqa: E402
+from bench.common import cpu_flags, markdown_table, percentile, shared_dataset  # noqa: E402
 
 DIMENSION, LATENT, CHUNKS_PER_DOC, BULK_COMMIT = 384, 24, 10, 20_000
 QUERIES = 200
@@ -207,11 +208,24 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
     dense_ms, dense_hits = timed(lambda v: dense(v, 30), query_vectors)
     lexical_ms, _ = timed(lambda q: lexical(q, 30), query_texts)
 
-    def hybrid(pair):
-        vector, text = pair
-        fused = reciprocal_rank_fusion({"dense": [i for i, _ in dense(vector, 30)],
-                                        "bm25": [i for i, _ in lexical(text, 30)]})[:10]
-        return store.get([i for i, _ in fused])
+    if kind == "new":  # the project's own hybrid path: both legs at once, fusion, row lookup
+        from rag.retrieve import Retriever
+
+        class GivenVectors:  # the synthetic queries' vectors stand in for embedded question texts
+            name = "synthetic"
+            by_text = dict(zip(query_texts, query_vectors))
+
+            def encode_query(self, text):
+                return self.by_text[text]
+
+        retriever = Retriever(store, GivenVectors(), "hybrid", candidates=30)
+        hybrid = lambda pair: retriever.retrieve(pair[1], 10)  # noqa: E731
+    else:  # the snapshot store's: one leg after the other
+        def hybrid(pair):
+            vector, text = pair
+            fused = reciprocal_rank_fusion({"dense": [i for i, _ in dense(vector, 30)],
+                                            "bm25": [i for i, _ in lexical(text, 30)]})[:10]
+            return store.get([i for i, _ in fused])
 
     hybrid_ms, _ = timed(hybrid, list(zip(query_vectors, query_texts)))
     rss = psutil.Process().memory_info().rss
@@ -275,16 +289,6 @@ def row(store: str, size: int, write: dict, read: dict, index: Path, live_bytes:
 HEADERS = ["store", "chunks", "build s", "upload commit s (p50)", "delete commit s (p50)", "compaction s",
            "dense p50 / p95 ms (k=30)", "dense recall@10", "BM25 p50 / p95 ms", "hybrid p50 ms", "open s",
            "RSS MiB", "disk MiB", "disk / (vectors + text)", "largest segment"]
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return "unknown"
-    return ", ".join(f"{flag}={'yes' if flag in flags else 'no'}" for flag in ("avx2", "avx512f", "avx512_bf16",
-                                                                               "amx_bf16"))
 
 
 def main() -> None:
