@@ -1,5 +1,5 @@
-"""Ingestion through the API: uploads saved under `<index_dir>/uploads/`, recorded as durable jobs, ingested by
-one background writer.
+"""Ingestion through the API: uploads saved in the upload folder (RAG_UPLOADS_DIR), recorded as durable jobs,
+ingested by one background writer.
 
 A job is recorded in the index's job log (with its files already on disk) before the 202 is sent, so a restart
 loses nothing: on start the queue runs again every job that was queued or interrupted (`JobRunner.recover`).
@@ -66,22 +66,19 @@ class IngestQueue:
             logger.info("resuming ingest job", extra={"job_id": job.id, "status": job.status})
             self._writer.submit(self._run, job)
 
-    @property
-    def uploads_dir(self) -> Path:
-        return self.runner.uploads_dir
-
     # ------------------------------------------------------------------ jobs
     def incoming_dir(self, job_id: str) -> Path:
         return self.runner.incoming_dir(job_id)
 
-    def submit(self, job_id: str, filenames: list[str]) -> Job:
+    def submit(self, job_id: str, filenames: list[str], collection: str) -> Job:
         """Record the job durably (its files are saved already), then queue it."""
-        job = self.runner.record_upload(job_id, filenames)
+        job = self.runner.record_upload(job_id, filenames, collection)
         self._writer.submit(self._run, job)
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        return self.runner.get(job_id)
+    def get(self, job_id: str, collection: str) -> Job | None:
+        """The job, if it is one of `collection`'s."""
+        return self.runner.get(job_id, collection)
 
     @staticmethod
     def new_id() -> str:
@@ -120,14 +117,14 @@ class IngestQueue:
 
     # ------------------------------------------------------------------ deletion
     def delete(self, doc_id: str, collection: str) -> Future:
-        """Remove one document of a collection on the writer thread (after any queued jobs); the future gives its
+        """Remove one document of `collection` on the writer thread (after any queued jobs). The future gives its
         record."""
         return self._writer.submit(self._delete, doc_id, collection)
 
     def _delete(self, doc_id: str, collection: str):
-        record = self.service.index.delete(doc_id, collection)  # DocumentNotFoundError when there is none
+        record = self.service.index.delete(doc_id, collection)  # DocumentNotFoundError when it has none
         uploaded = Path(record.source)
-        if uploaded.parent == self.uploads_dir.resolve():
+        if uploaded.parent == self.runner.collection_dir(record.collection).resolve():
             uploaded.unlink(missing_ok=True)  # or a later job over the area could bring it back
         self._committed()
         return record

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
 from api.batching import BatchingQueryEmbedder
 from api.config import ApiSettings
@@ -142,7 +141,3 @@ class Service:
         if not self.models_loaded:
             raise ApiError(503, "loading", "The service is still loading its models; retry shortly.",
                            headers={"Retry-After": str(self.api_settings.retry_after_s)})
-
-    @property
-    def uploads_dir(self) -> Path:
-        return self.settings.index_dir / "uploads"

@@ -407,7 +407,7 @@ def test_upload_ingests_in_background_then_delete(fresh_client):
     job = wait_job(client, accepted["job_id"])
     assert job["status"] == "succeeded" and job["progress"] == {"files_total": 2, "files_done": 2}
     assert [f["status"] for f in job["files"]] == ["new", "new"] and job["snapshot"]
-    uploads = client.app.state.service.uploads_dir.resolve()
+    uploads = client.app.state.ingest.runner.collection_dir("default").resolve()
     assert all(Path(f["source"]).parent == uploads for f in job["files"])  # sanitised: inside the upload area
 
     hit = client.post("/v1/search", json={"query": "quokka-mode marsupial", "k": 1}).json()["results"][0]
@@ -448,7 +448,7 @@ def test_upload_over_the_limit_is_413(fresh_client):
     client = fresh_client(max_upload_mb=0.01)
     response = client.post("/v1/documents", files={"files": ("big.txt", b"a" * 20_000, "text/plain")})
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
-    assert not list((client.app.state.service.uploads_dir).glob("*.txt"))
+    assert not list(client.app.state.settings.upload_root.rglob("*.txt"))
 
 
 def test_upload_without_files_is_422(client):

@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at TEXT,
     snapshot TEXT,
     error TEXT,
-    index_counts TEXT NOT NULL DEFAULT '{}'
+    index_counts TEXT NOT NULL DEFAULT '{}',
+    collection TEXT NOT NULL DEFAULT 'default',
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS job_files (
@@ -45,6 +47,8 @@ CREATE TABLE IF NOT EXISTS job_files (
     PRIMARY KEY (job_id, position)
 );
 """
+# Columns added after the first release: a log written by an older version gains them at open.
+ADDED_COLUMNS = {"collection": "TEXT NOT NULL DEFAULT 'default'", "attempts": "INTEGER NOT NULL DEFAULT 0"}
 FINISHED = ("succeeded", "failed")
 
 
@@ -91,6 +95,8 @@ class Job:
     error: str | None = None
     index: dict = field(default_factory=dict)
     owner: str | None = None
+    collection: str = "default"
+    attempts: int = 0  # runs started (a worker's lease or a claim); see PostgresJobLog for retries
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -103,10 +109,16 @@ class Job:
 class JobLog:
     """Jobs and their per-file outcomes, in `<index_dir>/store.sqlite`. Safe to use from several threads."""
 
+    shared = False  # jobs are run by the process that runs them (a server, `rag ingest`): no leases, no retries
+
     def __init__(self, index_dir: Path):
         index_dir.mkdir(parents=True, exist_ok=True)
         self.db = connect(index_dir)
         self.db.executescript(SCHEMA)
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for column, definition in ADDED_COLUMNS.items():
+            if column not in present:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
         self._lock = threading.Lock()
 
     def create(self, job: Job) -> Job:
@@ -114,8 +126,10 @@ class JobLog:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.execute("INSERT INTO jobs (id, kind, status, spec, owner, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                                (job.id, job.kind, job.status, json.dumps(job.spec), job.owner, job.created_at))
+                self.db.execute("INSERT INTO jobs (id, kind, status, spec, owner, created_at, collection, attempts) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job.id, job.kind, job.status, json.dumps(job.spec),
+                                                                    job.owner, job.created_at, job.collection,
+                                                                    job.attempts))
                 self.db.executemany(
                     "INSERT INTO job_files (job_id, position, filename, source) VALUES (?, ?, ?, ?)",
                     [(job.id, position, f.filename, f.source) for position, f in enumerate(job.files)])
@@ -148,25 +162,34 @@ class JobLog:
         owner = this_process()
         with self._lock:
             claimed = self.db.execute(
-                "UPDATE jobs SET status = 'running', owner = ?, started_at = ? WHERE id = ? AND "
-                "status IN ('queued', 'running') AND COALESCE(owner, '') = ?",
+                "UPDATE jobs SET status = 'running', owner = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? "
+                "AND status IN ('queued', 'running') AND COALESCE(owner, '') = ?",
                 (owner, utc_now(), job.id, job.owner or "")).rowcount == 1
         if claimed:
-            job.status, job.owner = "running", owner
+            job.status, job.owner, job.attempts = "running", owner, job.attempts + 1
         return claimed
 
-    def get(self, job_id: str) -> Job | None:
+    def release(self, job: Job) -> None:
+        """Give a job this process runs back to the queue (its `error` and `attempts` as they are in `job`)."""
+        with self._lock:
+            self.db.execute("UPDATE jobs SET status = 'queued', owner = NULL, error = ?, attempts = ? WHERE id = ?",
+                            (job.error, job.attempts, job.id))
+        job.status, job.owner = "queued", None
+
+    def get(self, job_id: str, collection: str | None = None) -> Job | None:
+        """The job, or None; with `collection`, only a job of that collection (a scoped caller's)."""
         with self._lock:
             row = self.db.execute("SELECT id, kind, status, spec, owner, created_at, started_at, finished_at, snapshot,"
-                                  " error, index_counts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                                  " error, index_counts, collection, attempts FROM jobs WHERE id = ? "
+                                  "AND (? IS NULL OR collection = ?)", (job_id, collection, collection)).fetchone()
             if row is None:
                 return None
             files = [FileOutcome(*f) for f in self.db.execute(
                 "SELECT filename, source, status, chunks, error, doc_id FROM job_files WHERE job_id = ? "
                 "ORDER BY position", (job_id,))]
-        id_, kind, status, spec, owner, created, started, finished, snapshot, error, counts = row
+        id_, kind, status, spec, owner, created, started, finished, snapshot, error, counts, collection, attempts = row
         return Job(id_, files, kind, json.loads(spec), status, created, started, finished, snapshot, error,
-                   json.loads(counts), owner)
+                   json.loads(counts), owner, collection, attempts)
 
     def unfinished(self, kind: str | None = None) -> list[Job]:
         """Queued jobs and running ones whose process is gone, oldest first."""
