@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from tests.test_api import sse_events, wait_ready
 
-STORES = ["embedded"]  # "postgres" joins with its test server (see `store_options`)
+STORES = ["embedded", "postgres"]
 ENV_KEY = "environment-admin-key"
 ALPHA, BRAVO = "alpha", "bravo"
 # Each collection's documents speak of things the other's never mention, so a leak of text shows as a word.
@@ -89,8 +89,10 @@ def error_code(response) -> str:
 # ---------------------------------------------------------------------------------------------- the world
 @pytest.fixture(scope="module", params=STORES)
 def store_options(request) -> dict:
-    """The settings that select the store under test: none for the embedded store (the default). A server store
-    returns its URL here, e.g. {"store_url": request.getfixturevalue(<its server's fixture>)}."""
+    """The settings that select the store under test: none for the embedded store (the default); the URL of a fresh
+    database on the session's real PostgreSQL server for the postgres store."""
+    if request.param == "postgres":
+        return {"store_url": request.getfixturevalue("new_postgres_database")("collections")}
     return {}
 
 
