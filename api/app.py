@@ -21,15 +21,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rag import offline  # noqa: F401  (before any model library is imported)
 from api import web
-from api.auth import ApiKeys, require_api_key
+from api.auth import ApiKeys, Authenticator, require_api_key
 from api.config import ApiSettings
 from api.errors import install_error_handlers, json_error
 from api.jobs import IngestQueue
 from api.observability import Metrics, RequestContextMiddleware, configure_logging
-from api.routes import ask, documents, evals, health, openai_compat, search, sources
+from api.routes import ask, documents, evals, health, keys, openai_compat, search, sources
 from api.service import Service
 from rag.config import Settings
+from rag.errors import RagError
 from rag.pipeline import Pipeline
+from rag.store import open_key_store
 
 logger = logging.getLogger("rag.api")
 JSON_BODY_LIMIT = 1024 * 1024  # questions are at most 2000 characters; nothing but uploads needs more
@@ -71,7 +73,8 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     settings = settings or (pipeline.settings if pipeline else Settings())
     pipeline = pipeline or Pipeline(settings)
     api_settings = api_settings or ApiSettings()
-    api_keys = ApiKeys.from_settings(api_settings)
+    authenticator = Authenticator(ApiKeys.from_settings(api_settings), lambda: open_key_store(settings),
+                                  api_settings.key_cache_s)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -82,8 +85,12 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         service = Service(settings, api_settings, pipeline, metrics)
         app.state.service = service
         app.state.ingest = IngestQueue(service, metrics, ingest_embedder)
-        if not api_keys.enabled:
-            logger.warning("no API keys configured (RAG_API_KEYS / RAG_API_KEYS_FILE): /v1 is open to anyone")
+        try:
+            if not authenticator.enabled():
+                logger.warning("no API keys configured (RAG_API_KEYS / RAG_API_KEYS_FILE / `rag keys create`): "
+                               "/v1 is open to anyone")
+        except RagError as error:  # the key store's database is away: /v1 answers 503 until it is back
+            logger.warning("cannot read the API key store", extra={"error": str(error)})
         threading.Thread(target=service.load, name="model-loader", daemon=True).start()
         threading.Thread(target=service.watch_index, name="index-watcher", daemon=True).start()
         try:
@@ -91,28 +98,30 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         finally:
             service.stop()
             app.state.ingest.shutdown()
+            authenticator.close()
 
     app = FastAPI(
         title="rag-service",
         version="0.1.0",
         summary="Question answering with citations over your documents.",
         description="Every /v1 route needs an API key (`Authorization: Bearer <key>` or `X-API-Key`) when keys are "
-                    "configured. Errors have one shape: `{\"error\": {\"type\", \"code\", \"message\", "
-                    "\"request_id\"}}`.",
+                    "configured, and works in one collection (`collection` in a JSON body or form, `?collection=` "
+                    "otherwise; default: the key's own). Errors have one shape: `{\"error\": {\"type\", \"code\", "
+                    "\"message\", \"request_id\"}}`.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.api_settings = api_settings
-    app.state.api_keys = api_keys
+    app.state.authenticator = authenticator
     app.state.metrics = metrics
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
                    responses={401: {"description": "Missing or unknown API key."},
-                              403: {"description": "Revoked API key."},
+                              403: {"description": "Revoked API key, or a collection or role it does not have."},
                               413: {"description": "Request body over the limit."},
                               422: {"description": "Invalid request; the message says what and why."},
                               503: {"description": "Busy (see Retry-After), still loading, or no index yet."}})
-    for module in (ask, search, documents, sources, evals, openai_compat):
+    for module in (ask, search, documents, sources, evals, openai_compat, keys):
         v1.include_router(module.router)
     app.include_router(health.router)
     app.include_router(web.router)  # the web app at /: static files only, data through /v1

@@ -1,9 +1,15 @@
-"""API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>` on every /v1 route.
+"""API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>` on every /v1 route, resolved to a `Principal`.
 
-Keys come from `RAG_API_KEYS` (comma-separated) and/or `RAG_API_KEYS_FILE` (one per line, `#` comments);
-`RAG_REVOKED_API_KEYS` lists keys refused with 403. With no key configured, auth is off (a warning is logged at
-startup). Keys are compared as SHA-256 digests with `hmac.compare_digest` against every configured key, so the
-time taken does not reveal how much of a key matched or which key it was; keys never appear in logs or errors.
+Two kinds of key. Keys from `RAG_API_KEYS` (comma-separated) and/or `RAG_API_KEYS_FILE` (one per line, `#`
+comments) are admin keys on every collection; `RAG_REVOKED_API_KEYS` lists keys refused with 403. They are compared
+as SHA-256 digests with `hmac.compare_digest` against every configured key, so the time taken does not reveal how
+much of a key matched or which key it was. Keys made by `rag keys create` / POST /v1/keys (rag/keys.py) are scoped
+to one collection (or all) with a role; they are found by the SHA-256 digest of the presented key in the key store
+(the lookup compares digests, whose timing says nothing usable about a 256-bit random secret) and cached for
+RAG_KEY_CACHE_S seconds, so a revocation made by another process takes effect within that time.
+
+Auth is on when any key of either kind exists; with none, /v1 is open as an admin on every collection (a warning
+is logged at startup). Keys never appear in logs or errors.
 """
 
 from __future__ import annotations
@@ -11,16 +17,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from api.config import ApiSettings
 from api.errors import ApiError
+from rag.keys import ApiKeyRecord, KeyStore, digest
+from rag.types import ALL_COLLECTIONS, Role, check_collection
 
 logger = logging.getLogger("rag.api")
+MAX_CACHED_KEYS = 10_000  # presented keys remembered; unknown keys sprayed at the server must not grow it unbounded
+COLLECTION_HELP = ("The collection to work in; default: the key's own collection when it has one, else the "
+                   "server's (RAG_COLLECTION).")
 
 
 def _digest(key: str) -> bytes:
@@ -41,6 +57,8 @@ def _read_keys_file(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class ApiKeys:
+    """The keys configured in the environment: admin keys on every collection."""
+
     valid: tuple[bytes, ...]  # SHA-256 digests, never the keys themselves
     revoked: tuple[bytes, ...]
 
@@ -68,26 +86,137 @@ class ApiKeys:
         return "revoked" if revoked else "ok" if valid else "unknown"
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: the collection its key may use (or every one) and its role."""
+
+    collection: str  # a collection name, or ALL_COLLECTIONS
+    role: Role
+    key_id: str | None = None  # a stored key's id; None for RAG_API_KEYS keys and when auth is off
+
+    def may_use(self, collection: str) -> bool:
+        return self.collection in (ALL_COLLECTIONS, collection)
+
+
+ENVIRONMENT_ADMIN = Principal(ALL_COLLECTIONS, Role.ADMIN)
+
+
+class Authenticator:
+    """Resolves a presented key to a `Principal`: environment keys first, then the key store (opened on first use).
+
+    Store lookups and the "any stored key?" answer are cached for `cache_s` seconds; `forget()` drops the cache
+    (after this process created or revoked a key, so its own changes apply at once).
+    """
+
+    def __init__(self, environment: ApiKeys, open_store: Callable[[], KeyStore], cache_s: float):
+        self.environment = environment
+        self.cache_s = cache_s
+        self._open_store = open_store
+        self._store: KeyStore | None = None
+        self._lock = threading.Lock()
+        self._records: dict[str, tuple[float, ApiKeyRecord | None]] = {}
+        self._any_stored: tuple[float, bool] = (0.0, False)
+
+    @property
+    def key_store(self) -> KeyStore:
+        with self._lock:
+            if self._store is None:
+                self._store = self._open_store()
+            return self._store
+
+    def enabled(self) -> bool:
+        """Whether a key is required: any environment key or any stored key (revoked ones too) exists."""
+        if self.environment.enabled:
+            return True
+        expires, stored = self._any_stored
+        if time.monotonic() >= expires:
+            stored = bool(self.key_store.list())
+            self._any_stored = (time.monotonic() + self.cache_s, stored)
+        return stored
+
+    def _stored(self, key_digest: str) -> ApiKeyRecord | None:
+        expires, record = self._records.get(key_digest, (0.0, None))
+        if time.monotonic() >= expires:
+            record = self.key_store.lookup(key_digest)
+            if len(self._records) >= MAX_CACHED_KEYS:
+                self._records.clear()
+            self._records[key_digest] = (time.monotonic() + self.cache_s, record)
+        return record
+
+    def resolve(self, presented: str) -> Principal:
+        """The principal of a key; 401 for an unknown key, 403 for a revoked one."""
+        verdict = self.environment.check(presented)
+        if verdict == "ok":
+            return ENVIRONMENT_ADMIN
+        record = None if verdict == "revoked" else self._stored(digest(presented))
+        if verdict == "revoked" or (record is not None and record.revoked):
+            raise ApiError(403, "revoked_api_key", "This API key has been revoked.")
+        if record is None:
+            raise ApiError(401, "invalid_api_key", "The API key is not valid.", headers=_CHALLENGE)
+        return Principal(record.collection, record.role, record.id)
+
+    def forget(self) -> None:
+        self._records.clear()
+        self._any_stored = (0.0, False)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
 # auto_error=False: a missing key is answered by `require_api_key` with our error body. These objects also put
 # both schemes into the OpenAPI document, so /docs has an "Authorize" button.
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 async def require_api_key(request: Request) -> None:
-    """Dependency of every /v1 router: 401 without a (known) key, 403 for a revoked one."""
-    keys: ApiKeys = request.app.state.api_keys
-    if not keys.enabled:
+    """Dependency of every /v1 router: 401 without a (known) key, 403 for a revoked one; sets
+    `request.state.principal` (an admin on every collection when auth is off)."""
+    authenticator: Authenticator = request.app.state.authenticator
+    if not await run_in_threadpool(authenticator.enabled):
+        request.state.principal = ENVIRONMENT_ADMIN
         return
     credentials: HTTPAuthorizationCredentials | None = await _bearer(request)
     presented = credentials.credentials if credentials else await _header(request)
-    challenge = {"WWW-Authenticate": "Bearer"}
     if not presented:
         raise ApiError(401, "missing_api_key",
                        "An API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
-                       headers=challenge)
-    verdict = keys.check(presented)
-    if verdict == "revoked":
-        raise ApiError(403, "revoked_api_key", "This API key has been revoked.")
-    if verdict != "ok":
-        raise ApiError(401, "invalid_api_key", "The API key is not valid.", headers=challenge)
+                       headers=_CHALLENGE)
+    request.state.principal = await run_in_threadpool(authenticator.resolve, presented)
+
+
+def authorize(request: Request, asked: str | None, needs: Role) -> str:
+    """The collection a request works in (`asked`, else the key's own, else the server's), after checking that
+    its key may use that collection with role `needs`; 403 otherwise. Errors name only what the request asked."""
+    principal: Principal = request.state.principal
+    if asked is not None:
+        collection = check_collection(asked)
+    elif principal.collection != ALL_COLLECTIONS:
+        collection = principal.collection
+    else:
+        collection = request.app.state.settings.collection
+    if not principal.may_use(collection):
+        raise ApiError(403, "collection_forbidden", f"This API key may not use the collection '{collection}'.")
+    if not principal.role.allows(needs):
+        raise ApiError(403, "role_forbidden",
+                       f"This API key has the role '{principal.role.value}'; this needs '{needs.value}'.")
+    return collection
+
+
+def scope(needs: Role):
+    """A dependency: the checked collection of a request that names it in the query (`?collection=`)."""
+
+    def collection_of(request: Request,
+                      collection: Annotated[str | None, Query(max_length=64, description=COLLECTION_HELP)] = None
+                      ) -> str:
+        return authorize(request, collection, needs)
+
+    return collection_of
+
+
+ReadScope = Annotated[str, Depends(scope(Role.READ))]
+WriteScope = Annotated[str, Depends(scope(Role.WRITE))]

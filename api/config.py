@@ -25,6 +25,8 @@ class ApiSettings(BaseSettings):
     api_keys: str = Field("", repr=False, description="Comma-separated API keys; none configured = auth off.")
     api_keys_file: Path | None = Field(None, description="File with one API key per line ('#' starts a comment).")
     revoked_api_keys: str = Field("", repr=False, description="Comma-separated keys that are refused with 403.")
+    key_cache_s: float = Field(5.0, ge=0, le=3600, description="How long a key looked up in the key store is "
+                               "remembered: a key revoked by another process is refused within this time.")
     max_concurrent_generations: int = Field(1, ge=1, le=64, description="Decoder runs at the same time.")
     max_queue: int = Field(16, ge=0, le=10_000, description="Generations waiting for a slot before 503.")
     retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 503 when the queue is full.")

@@ -96,7 +96,8 @@ class IngestQueue:
             self._writer.submit(self._run, job)
         return job
 
-    def get(self, job_id: str, collection: str | None = None) -> Job | None:
+    def get(self, job_id: str, collection: str) -> Job | None:
+        """The job, if it is one of `collection`'s."""
         return self.runner.get(job_id, collection)
 
     @staticmethod
@@ -136,12 +137,12 @@ class IngestQueue:
 
     # ------------------------------------------------------------------ deletion
     def delete(self, doc_id: str, collection: str) -> Future:
-        """Remove one document of a collection on the writer thread (after any queued jobs); the future gives its
+        """Remove one document of `collection` on the writer thread (after any queued jobs). The future gives its
         record."""
         return self._writer.submit(self._delete, doc_id, collection)
 
     def _delete(self, doc_id: str, collection: str):
-        record = self.service.index.delete(doc_id, collection)  # DocumentNotFoundError when there is none
+        record = self.service.index.delete(doc_id, collection)  # DocumentNotFoundError when it has none
         uploaded = Path(record.source)
         if uploaded.parent == self.runner.collection_dir(record.collection).resolve():
             uploaded.unlink(missing_ok=True)  # or a later job over the area could bring it back

@@ -7,10 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.auth import COLLECTION_HELP
 from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
 from rag.config import DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
-from rag.types import AnswerPath, RetrieverKind
+from rag.keys import MAX_NAME
+from rag.types import ALL_COLLECTIONS, AnswerPath, RetrieverKind, Role
 
 
 def _names(choice: type[Enum]) -> Any:
@@ -20,7 +22,10 @@ def _names(choice: type[Enum]) -> Any:
 
 PathName = _names(AnswerPath)
 RetrieverName = _names(RetrieverKind)
+RoleName = _names(Role)
 StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
+# Checked (and defaulted) against the key by api.auth.authorize, with the library's rule for names.
+CollectionName = Annotated[str | None, Field(min_length=1, max_length=64, description=COLLECTION_HELP)]
 
 
 def _not_blank(value: str) -> str:
@@ -61,6 +66,7 @@ class AskRequest(GenerationOptions):
                                description="Only retrieve from sources matching this glob, e.g. '*.pdf'.")
     extract: bool = Field(True, description="Align the answer to the best-matching span of its sources.")
     stream: bool = Field(False, description="Server-Sent Events: `token` events, then one `answer` event.")
+    collection: CollectionName = None
 
     _question = field_validator("question")(_not_blank)
 
@@ -99,6 +105,7 @@ class SearchRequest(Strict):
     k: int = Field(DEFAULT_SEARCH_RESULTS, ge=1, le=MAX_CHUNKS)
     retriever: RetrieverName = RetrieverKind.HYBRID.value
     source: str | None = Field(None, min_length=1, max_length=500)
+    collection: CollectionName = None
 
     _query = field_validator("query")(_not_blank)
 
@@ -119,6 +126,7 @@ class SearchHit(BaseModel):
 
 class SearchResponse(BaseModel):
     query: str
+    collection: str
     retriever: RetrieverName
     results: list[SearchHit]
     timings: dict[str, float]
@@ -126,6 +134,7 @@ class SearchResponse(BaseModel):
 
 class DocumentOut(BaseModel):
     doc_id: str
+    collection: str
     source: str
     content_hash: str
     size: int
@@ -134,6 +143,7 @@ class DocumentOut(BaseModel):
 
 
 class DocumentList(BaseModel):
+    collection: str
     documents: list[DocumentOut]
     counts: dict[str, int]
     snapshot: str
@@ -172,6 +182,7 @@ class JobOut(BaseModel):
 
 class JobAccepted(BaseModel):
     job_id: str
+    collection: str
     status: str
     files: list[str]
     status_url: str
@@ -210,6 +221,7 @@ class ChatCompletionRequest(BaseModel):
     retriever: RetrieverName = RetrieverKind.HYBRID.value
     source: str | None = Field(None, min_length=1, max_length=500)
     top_k: int | None = Field(None, ge=1, le=1000)
+    collection: CollectionName = None
 
 
 class ModelCard(BaseModel):
@@ -227,6 +239,34 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- API keys (admin keys only)
+class KeyCreate(Strict):
+    name: str = Field("", max_length=MAX_NAME, description="A label for people (who or what uses the key).")
+    collection: str | None = Field(None, min_length=1, max_length=64,
+                                   description=f"{COLLECTION_HELP} '{ALL_COLLECTIONS}': every collection.")
+    role: RoleName = Field(Role.READ.value, description="read: search and ask; write: also upload and delete; "
+                           "admin: also manage keys.")
+
+
+class KeyOut(BaseModel):
+    """`ApiKeyRecord.to_dict()`: the same fields as `rag keys list --json`."""
+
+    id: str
+    name: str
+    collection: str
+    role: RoleName
+    created_at: str
+    revoked_at: str | None
+
+
+class KeyCreated(KeyOut):
+    secret: str = Field(description="The key to send; shown this once (only its SHA-256 digest is stored).")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
 
 
 # ---------------------------------------------------------------- passages and evaluation reports (web app)

@@ -130,7 +130,7 @@ def compare_stores(retrievers: dict[str, Retriever], dataset: Dataset, k: int) -
         (e1, e5), (p1, p5) = recalls[kind, "embedded"], recalls[kind, "postgres"]
         print(f"{kind.value}: postgres − embedded recall@1 {p1 - e1:+.3f}, recall@5 {p5 - e5:+.3f}")
     (e1, e5), (p1, p5) = recalls[RetrieverKind.HYBRID, "embedded"], recalls[RetrieverKind.HYBRID, "postgres"]
-    met = round(abs(p1 - e1), 3) <= 0.01 and round(abs(p5 - e5), 3) <= 0.01  # of the printed (3-decimal) values
+    met = round(abs(p1 - e1), 3) <= 0.01 and round(abs(p5 - e5), 3) <= 0.01  # the printed values
     print(f"Target: hybrid recall@1 and @5 of postgres within 0.01 of embedded: {'met' if met else 'NOT met'}")
 
 

@@ -236,6 +236,8 @@ class IngestJob:
         except BaseException:
             store.abort()
             raise
+        finally:
+            store.close()
         report.total_seconds = time.perf_counter() - started
         return report
 

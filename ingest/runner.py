@@ -2,11 +2,12 @@
 
 Both go through `JobRunner.run`, which records the job's progress in the job log around an `IngestJob`. An
 upload's files are saved under `<upload_root>/.incoming/<job id>/` and the job recorded before the API answers 202;
-the run moves them to `<upload_root>/<collection>/` and ingests them there. `upload_root` is a folder every node
-mounts, so any process that reaches the log can run any upload: the API's writer thread with the embedded log
-(`recover()` at server start hands back every job that was queued or whose process died while it ran), or
-`rag worker` processes with the PostgreSQL queue (which lease jobs; see rag/store/pg_jobs.py and ingest/worker.py).
-Running a job again is safe: files already moved are found in place and unchanged ones are skipped by hash.
+the run moves them to `<upload_root>/<collection>/` (one folder per collection, so the same name in two collections
+are two files) and ingests them there. `upload_root` is a folder every node mounts, so any process that reaches the
+log can run any upload: the API's writer thread with the embedded log (`recover()` at server start hands back every
+job that was queued or whose process died while it ran), or `rag worker` processes with the PostgreSQL queue (which
+lease jobs; see rag/store/pg_jobs.py and ingest/worker.py). Running a job again is safe: files already moved are
+found in place and unchanged ones are skipped by hash.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_
 from rag.models import TRAINING_RECORD, decoder_identity, sha256_files
 from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
 from rag.span import grounded_share as groundedness
+from rag.types import DEFAULT_COLLECTION
 
 RETRIEVAL_KS = (1, 3, 5, 10)
 GROUNDED_SHARE = 0.8  # an answer is grounded when this share of its content words occurs in its context
@@ -40,12 +41,14 @@ class EvalConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     bootstrap: int = 1000
+    collection: str = DEFAULT_COLLECTION  # retrieved from; recorded in results.json (GET /v1/evals scopes by it)
 
     def fingerprint(self, retrieves: bool = True, models: dict[str, str] | None = None) -> str:
         """Identity of the settings that change a path's answers; a result cached with other settings is not
         reused. Retrieval settings only matter to the paths that retrieve; `models` names the decoder (and adapter)
         that answered."""
-        names = ("max_new_tokens", "temperature", "seed") + (("k", "retriever") if retrieves else ())
+        # The collection in every fingerprint: the retrieval rows (every retriever, whatever the paths) depend on it.
+        names = ("max_new_tokens", "temperature", "seed", "collection") + (("k", "retriever") if retrieves else ())
         key = {name: value for name, value in asdict(self).items() if name in names} | (models or {})
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -101,10 +104,11 @@ def parse_choice(text: str, choices: list[str]) -> str | None:
     return None
 
 
-def retrieval_ranks(pipeline: Pipeline, item: QAItem, kinds: list[str], depth: int) -> dict[str, int | None]:
+def retrieval_ranks(pipeline: Pipeline, item: QAItem, kinds: list[str], depth: int,
+                    collection: str) -> dict[str, int | None]:
     ranks = {}
     for kind in kinds:
-        hits = pipeline.retriever.retrieve(item.question, depth, kind)
+        hits = pipeline.retriever.retrieve(item.question, depth, kind, collection=collection)
         ranks[kind] = next((hit.rank for hit in hits if is_gold(hit.chunk.source, item.gold_sources)), None)
     return ranks
 
@@ -217,7 +221,8 @@ class Evaluator:
             for item in items:
                 if has_gold:
                     run.retrieval.append(record("retrieval", item.id, lambda: {
-                        "id": item.id, "ranks": retrieval_ranks(self.pipeline, item, ["dense", "bm25", "hybrid"], 10)},
+                        "id": item.id, "ranks": retrieval_ranks(self.pipeline, item, ["dense", "bm25", "hybrid"], 10,
+                                                             config.collection)},
                         config.fingerprint(retrieves=False)))  # every retriever to depth 10, whatever the paths use
                 for path in paths:
                     row = record("answer", f"{path.value}:{item.id}", lambda: self._answer(item, path),
@@ -237,7 +242,7 @@ class Evaluator:
                                   seed=self.config.seed)
         started = time.perf_counter()
         answer = self.pipeline.answer(item.question, path=path, k=self.config.k, retriever=self.config.retriever,
-                                      params=params, choices=item.choices)
+                                      params=params, choices=item.choices, collection=self.config.collection)
         latency_ms = (time.perf_counter() - started) * 1000
         return {
             "id": item.id, "path": path.value, "question": item.question, "gold": item.answers,
@@ -252,7 +257,9 @@ class Evaluator:
     def _score(self, item: QAItem, path: AnswerPath, row: dict) -> dict:
         """The row with its answer re-quoted from the cached raw output and its scores."""
         source_ids = row["source_ids"]  # every cached row has them: rows from before carry another fingerprint
-        chunk_texts = {chunk.id: chunk.text for chunk in self.pipeline.retriever.store.get(source_ids)} if source_ids else {}
+        store = self.pipeline.retriever.store
+        chunk_texts = ({chunk.id: chunk.text for chunk in store.get(source_ids, self.config.collection)}
+                       if source_ids else {})
         answer = row["answer"]
         if source_ids and not item.choices and "don't know" not in row["raw_answer"].lower():
             match = quote_source(row["raw_answer"], item.question, [chunk_texts.get(i, "") for i in source_ids])

@@ -64,6 +64,24 @@ class RetrieverKind(Choice, label="retriever"):
     HYBRID = "hybrid"
 
 
+ALL_COLLECTIONS = "*"  # the scope of an API key that may use every collection
+
+
+class Role(Choice, label="role"):
+    """What a key may do, each role including the ones before it."""
+
+    READ = "read"  # search, ask, chat, read documents, passages, sources, jobs and evaluation reports
+    WRITE = "write"  # also upload and delete documents
+    ADMIN = "admin"  # also manage keys
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+    def allows(self, needed: Role) -> bool:
+        return self.rank >= needed.rank
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A piece of one document, small enough for the embedding model, with where it came from."""

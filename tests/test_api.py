@@ -448,7 +448,7 @@ def test_upload_over_the_limit_is_413(fresh_client):
     client = fresh_client(max_upload_mb=0.01)
     response = client.post("/v1/documents", files={"files": ("big.txt", b"a" * 20_000, "text/plain")})
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
-    assert not list(client.app.state.service.settings.upload_root.rglob("*.txt"))
+    assert not list(client.app.state.settings.upload_root.rglob("*.txt"))
 
 
 def test_upload_without_files_is_422(client):

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from rag.config import Settings
 from rag.errors import UnavailableError
@@ -146,6 +147,19 @@ def test_adding_a_document_again_replaces_it_with_new_chunk_ids(backend):
     assert min(new_ids) > max(old_ids)  # ids are never reused
     assert store.get(sorted(old_ids)) == []
     assert store.lexical("gusting crosswind", k=3)[0][0] in new_ids
+
+
+def test_touching_a_document_changes_only_its_size_and_time(backend):
+    record, chunks, vectors = document("timeouts.md", TIMEOUTS, seed=1)
+    backend.write((record, chunks, vectors))
+    ids = {chunk.id for chunk in backend.open().iter_chunks()}
+    writer = backend.begin()
+    writer.touch_document(record.doc_id, 4321, record.mtime_ns + 5)
+    writer.commit()
+    store = backend.open()
+    touched = store.document(record.doc_id)
+    assert (touched.size, touched.mtime_ns) == (4321, record.mtime_ns + 5)
+    assert touched.content_hash == record.content_hash and {chunk.id for chunk in store.iter_chunks()} == ids
 
 
 def test_refresh_sees_another_writers_commit(backend):
@@ -303,10 +317,11 @@ def test_migrations_apply_to_an_empty_database_and_rerun_as_no_ops(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert schema_version(conn) == 0
         assert migrate(conn) == len(MIGRATIONS)
-        applied = conn.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version").fetchall()
+        history = "SELECT version, applied_at FROM schema_migrations ORDER BY version"
+        applied = conn.execute(history).fetchall()
         assert [version for version, _ in applied] == list(range(1, len(MIGRATIONS) + 1))
         assert migrate(conn) == len(MIGRATIONS)
-        assert conn.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version").fetchall() == applied
+        assert conn.execute(history).fetchall() == applied
         tables = {name for (name,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert {"meta", "documents", "chunks", "api_keys", "schema_migrations"} <= tables
 
@@ -363,3 +378,23 @@ def test_key_stores_keep_digests_and_scope_keys_by_collection(kind, tmp_path, ne
                                 (keys.digest(secret),)).fetchone()[0] == 1
             assert conn.execute("SELECT count(*) FROM api_keys AS k WHERE k::text LIKE %s",
                                 (f"%{secret[4:]}%",)).fetchone()[0] == 0
+
+
+def test_a_database_that_goes_away_makes_reads_unavailable_not_crash(database_url, postgres_server):
+    settings = Settings(db_pool_size=1, db_timeout_s=1)
+    writer = PostgresStore.begin(database_url, MODEL, DIMENSION, CHUNKING, settings=settings)
+    writer.add_document(*document("timeouts.md", TIMEOUTS, seed=1))
+    writer.commit()
+    store = PostgresStore.open(database_url, settings=settings)
+    name = conninfo_to_dict(database_url)["dbname"]
+    try:
+        assert store.counts()["documents"] == 1
+        with psycopg.connect(postgres_server.get_uri(), autocommit=True) as admin:  # the database goes away
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        for read in (store.counts, store.refresh, lambda: store.lexical("timeout", 3)):
+            with pytest.raises(UnavailableError, match="unavailable"):
+                read()
+    finally:
+        store.close()
+        writer.close()

@@ -20,11 +20,13 @@ import logging
 from fastapi import APIRouter, Request
 
 from api.answering import AnswerStream, EventStreamResponse, answer, generation_params, sse
+from api.auth import authorize
 from api.deps import ServiceDep
 from api.observability import current_request_id
 from api.schemas import AnswerOut, AskRequest, GenerationOptions
 from rag.conversation import Turn
 from rag.pipeline import AnswerRequest
+from rag.types import Role
 
 logger = logging.getLogger("rag.api")
 router = APIRouter(tags=["ask"])
@@ -36,10 +38,12 @@ _STREAM_DOC = {"description": "With stream=true: Server-Sent Events (`token` eve
 @router.post("/ask", response_model=AnswerOut, summary="Answer a question with citations",
              responses={200: _STREAM_DOC, 503: {"description": "Busy (see Retry-After), loading, or no index."}})
 async def ask(body: AskRequest, service: ServiceDep, request: Request):
+    collection = authorize(request, body.collection, Role.READ)
     params = generation_params(service, **body.model_dump(include=set(GenerationOptions.model_fields)))
     answer_request = AnswerRequest(body.question, body.path or service.settings.default_path, body.k, body.retriever,
                                    body.source, params, extract=body.extract,
-                                   history=tuple(Turn(turn.question, turn.answer) for turn in body.history))
+                                   history=tuple(Turn(turn.question, turn.answer) for turn in body.history),
+                                   collection=collection)
     if not body.stream:
         return (await answer(service, answer_request)).to_dict()
 

@@ -1,8 +1,10 @@
-"""Documents: upload (ingested by a background job), job progress, list and delete.
+"""Documents: upload (ingested by a background job), job progress, list and delete, each in one collection.
 
-POST /v1/documents takes multipart `files` (one or more) and answers 202 with a job id at once; the files are
-saved under `<index_dir>/uploads/` with sanitised names and ingested by the single index writer. Limits: the
-whole request at most RAG_MAX_UPLOAD_MB (413), supported types only (415, nothing is accepted then).
+POST /v1/documents takes multipart `files` (one or more) and a `collection` form field, and answers 202 with a job
+id at once; the files are saved in the upload folder with sanitised names and ingested in the background (by this
+process's index writer, or by `rag worker`s with RAG_STORE_URL: api/jobs.py). Limits: the whole request at most
+RAG_MAX_UPLOAD_MB (413), supported types only (415, nothing is accepted then). Uploading and deleting need a
+`write` key; a job or document of another collection is not found.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import os
 import shutil
 from typing import Annotated
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import COLLECTION_HELP, ReadScope, WriteScope, authorize
 from api.deps import ServiceDep
 from api.errors import ApiError
 from api.jobs import IngestQueue, sanitize_filename, supported
 from api.schemas import DeletedDocument, DocumentList, DocumentOut, JobAccepted, JobOut
 from ingest.load import SUPPORTED_SUFFIXES
+from rag.types import Role
 
 router = APIRouter(tags=["documents"])
 COPY_BLOCK = 1 << 20
@@ -34,7 +38,10 @@ def _queue(request: Request) -> IngestQueue:
              responses={413: {"description": "Request larger than RAG_MAX_UPLOAD_MB."},
                         415: {"description": "A file type that cannot be ingested."}})
 async def upload(request: Request, service: ServiceDep,
-                 files: Annotated[list[UploadFile], File(description="One or more documents.")]) -> JobAccepted:
+                 files: Annotated[list[UploadFile], File(description="One or more documents.")],
+                 collection: Annotated[str | None, Form(max_length=64, description=COLLECTION_HELP)] = None
+                 ) -> JobAccepted:
+    collection = authorize(request, collection, Role.WRITE)
     settings = service.api_settings
     if len(files) > settings.max_upload_files:
         raise ApiError(422, "too_many_files", f"At most {settings.max_upload_files} files per request.")
@@ -55,8 +62,9 @@ async def upload(request: Request, service: ServiceDep,
         target = incoming / name
         assert target.resolve().parent == incoming.resolve()  # sanitize_filename guarantees it; belt and braces
         await run_in_threadpool(_save, upload, target)
-    job = await run_in_threadpool(queue.submit, job_id, names, service.settings.collection)
-    return JobAccepted(job_id=job.id, status=job.status, files=names, status_url=f"/v1/jobs/{job.id}")
+    job = await run_in_threadpool(queue.submit, job_id, names, collection)
+    return JobAccepted(job_id=job.id, collection=collection, status=job.status, files=names,
+                       status_url=f"/v1/jobs/{job.id}?collection={collection}")
 
 
 def _save(upload: UploadFile, target) -> None:
@@ -69,30 +77,32 @@ def _save(upload: UploadFile, target) -> None:
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Progress and per-file results of an ingestion job",
             responses={404: {"description": "No such job (finished jobs are kept RAG_JOB_RETENTION_DAYS days)."}})
-async def job_status(job_id: str, request: Request) -> dict:
-    job = await run_in_threadpool(_queue(request).get, job_id)
+async def job_status(job_id: str, request: Request, collection: ReadScope) -> dict:
+    job = await run_in_threadpool(_queue(request).get, job_id, collection)  # another collection's: None
     if job is None:
         raise ApiError(404, "job_not_found", f"No ingestion job '{job_id[:64]}'.")
     return job.to_dict()
 
 
-@router.get("/documents", response_model=DocumentList, summary="The documents in the index")
-async def list_documents(service: ServiceDep) -> DocumentList:
+@router.get("/documents", response_model=DocumentList, summary="The documents of a collection")
+async def list_documents(service: ServiceDep, collection: ReadScope) -> DocumentList:
     service.retriever  # noqa: B018  (503 when there is no index at all)
     index = service.index
-    collection = service.settings.collection
     records = await run_in_threadpool(index.documents, collection)
+    counts = await run_in_threadpool(index.store.counts, collection)
     return DocumentList(
-        documents=[DocumentOut(doc_id=r.doc_id, source=r.source, content_hash=r.content_hash, size=r.size,
-                               chunk_count=r.chunk_count, ingested_at=r.ingested_at) for r in records],
-        counts=index.store.counts(collection), snapshot=service.snapshot)
+        collection=collection,
+        documents=[DocumentOut(doc_id=r.doc_id, collection=r.collection, source=r.source, content_hash=r.content_hash,
+                               size=r.size, chunk_count=r.chunk_count, ingested_at=r.ingested_at) for r in records],
+        counts=counts, snapshot=service.snapshot)
 
 
 @router.delete("/documents/{doc_id}", response_model=DeletedDocument, summary="Remove a document from the index",
                responses={404: {"description": "No document with this id."}})
-async def delete_document(doc_id: str, request: Request, service: ServiceDep) -> DeletedDocument:
+async def delete_document(doc_id: str, request: Request, service: ServiceDep,
+                          collection: WriteScope) -> DeletedDocument:
     service.retriever  # noqa: B018  (503 when there is no index at all)
     # Errors map once (api/errors.py): IndexBusyError (`rag ingest` holds the writer lock) is a 409 "index_busy",
-    # DocumentNotFoundError a 404 "document_not_found".
-    record = await asyncio.wrap_future(_queue(request).delete(doc_id, service.settings.collection))
+    # DocumentNotFoundError (none in this collection) a 404 "document_not_found".
+    record = await asyncio.wrap_future(_queue(request).delete(doc_id, collection))
     return DeletedDocument(doc_id=record.doc_id, source=record.source)

@@ -2,9 +2,10 @@
 
 Models are the answer paths: `rag`, `rag-prompt-only`, `rag-finetuned`, `rag-finetuned-rag`. The last user message
 is the question; the user/assistant turns before it are the conversation (a follow-up is made standalone before
-retrieval, and the turns enter the prompt as far as its token budget allows). Replies carry an extra top-level `citations` field (in the final chunk
-when streaming). Non-standard options go in the body too (`k`, `retriever`, `source`, `top_k`; with the openai
-client: `extra_body={"k": 3}`).
+retrieval, and the turns enter the prompt as far as its token budget allows). Replies carry an extra top-level
+`citations` field (in the final chunk when streaming). Non-standard options go in the body too (`k`, `retriever`,
+`source`, `top_k`, and `collection`, the collection to answer from; with the openai client:
+`extra_body={"k": 3, "collection": "handbook"}`).
 
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="...")
     reply = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": "..."}])
@@ -20,6 +21,7 @@ import uuid
 from fastapi import APIRouter, Request
 
 from api.answering import AnswerStream, EventStreamResponse, answer, generation_params, sse
+from api.auth import authorize
 from api.config import MAX_QUESTION_CHARS
 from api.deps import ServiceDep
 from api.errors import ApiError
@@ -28,7 +30,7 @@ from api.schemas import ChatCompletionRequest, ModelCard, ModelList
 from rag.conversation import Turn
 from rag.generation import DEFAULT_MAX_NEW_TOKENS, available_paths
 from rag.pipeline import AnswerRequest
-from rag.types import AnswerPath
+from rag.types import AnswerPath, Role
 
 logger = logging.getLogger("rag.api")
 router = APIRouter(tags=["openai"])
@@ -65,6 +67,7 @@ async def models(service: ServiceDep) -> ModelList:
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"},
                         404: {"description": "Unknown model."}})
 async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, request: Request):
+    collection = authorize(request, body.collection, Role.READ)
     if body.model not in MODELS:
         raise ApiError(404, "model_not_found", f"Unknown model '{body.model[:100]}'. Available: "
                        f"{', '.join(_available(service))}.")
@@ -79,7 +82,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
     params = generation_params(service, body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS,
                                body.temperature or 0.0, body.top_k, body.top_p, body.seed, stop)
     answer_request = AnswerRequest(question, MODELS[body.model], body.k, body.retriever, body.source, params,
-                                   history=history)
+                                   history=history, collection=collection)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 

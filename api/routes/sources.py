@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import ReadScope
 from api.deps import ServiceDep
 from api.errors import ApiError
 from api.files import MEDIA_TYPES, untrusted_file
@@ -24,9 +25,10 @@ router = APIRouter(tags=["sources"])
 
 @router.get("/chunks/{chunk_id}", response_model=PassageOut, summary="The full passage a citation points at",
             responses={404: {"description": "No such chunk in the current index."}})
-async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: ServiceDep) -> PassageOut:
+async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: ServiceDep,
+                  collection: ReadScope) -> PassageOut:
     store = service.retriever.store
-    found = await run_in_threadpool(store.get, [chunk_id], service.settings.collection)
+    found = await run_in_threadpool(store.get, [chunk_id], collection)  # another collection's chunk: none
     if not found:
         raise ApiError(404, "chunk_not_found", f"No chunk {chunk_id} in the current index (a later ingestion may "
                        "have replaced it: ask again).")
@@ -39,9 +41,10 @@ async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: 
             responses={200: {"content": {media: {} for media in MEDIA_TYPES}},
                        404: {"description": "No such document, or its file is gone."},
                        409: {"description": "The file changed since it was ingested."}})
-async def original_file(doc_id: Annotated[str, PathParam(max_length=64)], service: ServiceDep):
+async def original_file(doc_id: Annotated[str, PathParam(max_length=64)], service: ServiceDep,
+                        collection: ReadScope):
     store = service.retriever.store
-    record = await run_in_threadpool(store.document, doc_id, service.settings.collection)
+    record = await run_in_threadpool(store.document, doc_id, collection)
     if record is None:
         raise ApiError(404, "document_not_found", f"No document '{doc_id}' in the index.")
     path = Path(record.source)

@@ -5,10 +5,11 @@
     answer.py       rag ask | serve
     experiments.py  rag eval | finetune
     maintenance.py  rag documents list|delete, rag index compact|stats
+    keys.py         rag keys create|list|revoke
     worker.py       rag worker
 """
 
-from rag.cli import answer, experiments, index, maintenance, worker  # noqa: F401  (each registers its commands on `app`)
+from rag.cli import answer, experiments, index, keys, maintenance, worker  # noqa: F401  (each registers its commands)
 from rag.cli.app import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
 
 __all__ = ["EXIT_FILES_FAILED", "EXIT_INDEX_ERROR", "EXIT_OK", "EXIT_USAGE", "app"]

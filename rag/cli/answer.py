@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rag.cli.app import IndexOption, JsonOption, app, console, display, errors, settings_from
+from rag.cli.app import CollectionOption, IndexOption, JsonOption, app, console, display, errors, settings_from
 from rag.config import MAX_CHUNKS, Settings
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, MAX_TEMPERATURE
 from rag.types import AnswerPath, RetrieverKind
@@ -50,6 +50,7 @@ def ask(
     choices: Annotated[Optional[str], typer.Option(help="Closed-set answers, e.g. 'yes,no,maybe': scored by likelihood.")] = None,
     extract: Annotated[bool, typer.Option("--extract/--no-extract", help="Align the answer to the best-matching span of its sources.")] = True,
     index: IndexOption = None,
+    collection: CollectionOption = None,
     backend: Annotated[Optional[str], typer.Option(help="transformers | openai (env: RAG_BACKEND).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Decoder: local HF folder or .gguf (env: RAG_DECODER_MODEL), or the served model name with --backend openai (env: RAG_OPENAI_MODEL).")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL (env: RAG_OPENAI_BASE_URL).")] = None,
@@ -62,14 +63,15 @@ def ask(
     from rag.pipeline import AnswerRequest, Pipeline
 
     is_openai = (backend or Settings().backend) == "openai"
-    settings = settings_from(index_dir=index, backend=backend, adapter_dir=adapter, openai_base_url=base_url,
+    settings = settings_from(index_dir=index, collection=collection, backend=backend, adapter_dir=adapter,
+                             openai_base_url=base_url,
                              **({"openai_model": model} if is_openai else {"decoder_model": model}))
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, stop=list(stop))
     paths = available_paths(settings) if compare else [path or settings.default_path]
     options = tuple(c.strip() for c in choices.split(",") if c.strip()) if choices else None
-    requests = [AnswerRequest(question, answer_path, k, retriever, source, params, shots, n_shots, options, extract)
-                for answer_path in paths]
+    requests = [AnswerRequest(question, answer_path, k, retriever, source, params, shots, n_shots, options, extract,
+                              collection=settings.collection) for answer_path in paths]
     pipeline = Pipeline(settings)
     pipeline.preload(paths)
     answers = []
@@ -98,6 +100,7 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, max=MAX_NEW_TOKENS, help="Most tokens to generate per answer.")] = DEFAULT_MAX_NEW_TOKENS,
     rewrite: Annotated[Optional[str], typer.Option(help="How a follow-up is made standalone for retrieval: rule | decoder | none (env: RAG_FOLLOW_UP_REWRITE).")] = None,
     index: IndexOption = None,
+    collection: CollectionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """A conversation: one question per line on standard input. A follow-up ("and for async clients?") is made
@@ -109,7 +112,7 @@ def chat(
     from rag.generation import GenerationParams
     from rag.pipeline import AnswerRequest, Pipeline
 
-    settings = settings_from(index_dir=index, follow_up_rewrite=rewrite)
+    settings = settings_from(index_dir=index, collection=collection, follow_up_rewrite=rewrite)
     pipeline = Pipeline(settings)
     history: list[Turn] = []
     interactive = sys.stdin.isatty() and not as_json
@@ -120,7 +123,7 @@ def chat(
         if not question:
             break
         answer = pipeline.answer(AnswerRequest(question, path, k, params=GenerationParams(max_new_tokens=max_new_tokens),
-                                               history=tuple(history)))
+                                               history=tuple(history), collection=settings.collection))
         history.append(Turn(question, answer.text, answer.searched, answer.citations))
         if as_json:
             print(json.dumps(answer.to_dict()), flush=True)
@@ -139,7 +142,8 @@ def serve(
     reload: Annotated[bool, typer.Option("--reload", help="Restart on code changes (development).")] = False,
 ) -> None:
     """Serve the HTTP API (FastAPI + uvicorn): /v1/ask, /v1/search, /v1/documents, /v1/chat/completions, /healthz,
-    /readyz, /metrics. API keys from RAG_API_KEYS or RAG_API_KEYS_FILE; without keys, /v1 is open (a warning is logged)."""
+    /readyz, /metrics. API keys: admin keys from RAG_API_KEYS or RAG_API_KEYS_FILE, and keys scoped to a collection
+    from `rag keys create`; without any key, /v1 is open (a warning is logged)."""
     from api.serve import serve as run_server
 
     run_server(host=host, port=port, index=index, workers=workers, log_level=log_level, reload=reload)

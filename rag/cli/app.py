@@ -29,6 +29,9 @@ IndexOption = Annotated[
     Optional[Path], typer.Option("--index", help="Index directory (env: RAG_INDEX_DIR; default ./rag-index).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+_COLLECTION = Settings.model_fields["collection"]
+CollectionOption = Annotated[Optional[str], typer.Option(
+    "--collection", help=f"{_COLLECTION.description} (env: RAG_COLLECTION; default {_COLLECTION.default}).")]
 
 
 class _LibraryErrors(TyperGroup):

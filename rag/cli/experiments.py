@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rag.cli.app import IndexOption, JsonOption, app, console, errors, settings_from
+from rag.cli.app import CollectionOption, IndexOption, JsonOption, app, console, errors, settings_from
 from rag.config import MAX_CHUNKS
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, MAX_TEMPERATURE
 from rag.types import RetrieverKind
@@ -28,6 +28,7 @@ def evaluate(
     temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE)] = 0.0,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter for the fine-tuned paths (env: RAG_ADAPTER_DIR).")] = None,
     index: IndexOption = None,
+    collection: CollectionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compare answer paths on a QA dataset: EM/F1/ROUGE-L or accuracy, retrieval recall/MRR/nDCG, groundedness,
@@ -41,10 +42,11 @@ def evaluate(
     from rag.pipeline import Pipeline
     from rag.report import write_report
 
-    settings = settings_from(index_dir=index or (out / "index" if ingest_contexts else None), adapter_dir=adapter)
+    settings = settings_from(index_dir=index or (out / "index" if ingest_contexts else None), adapter_dir=adapter,
+                             collection=collection)
     config = EvalConfig(dataset, [p.strip() for p in paths.split(",") if p.strip()], out, limit, seed,
-                        k or settings.answer_chunks, retriever,
-                        max_new_tokens, temperature)
+                        k or settings.answer_chunks, retriever, max_new_tokens, temperature,
+                        collection=settings.collection)
     if ingest_contexts:
         from ingest.job import IngestJob
         from rag.datasets import read_dataset, write_contexts

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from rag.cli.app import (EXIT_FILES_FAILED, EXIT_OK, IndexOption, JsonOption, app, console, display, errors,
-                         print_mapping, settings_from)
+from rag.cli.app import (EXIT_FILES_FAILED, EXIT_OK, CollectionOption, IndexOption, JsonOption, app, console,
+                         display, errors, print_mapping, settings_from)
 from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS, DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
 from rag.types import RetrieverKind
 
@@ -19,6 +19,7 @@ from rag.types import RetrieverKind
 def ingest(
     path: Annotated[Path, typer.Argument(help="A file or a folder (searched recursively).", exists=True)],
     index: IndexOption = None,
+    collection: CollectionOption = None,
     include: Annotated[list[str], typer.Option("--include", "-i", help="Glob of files to take, e.g. '*.md' (repeatable).")] = [],
     exclude: Annotated[list[str], typer.Option("--exclude", "-x", help="Glob of files to skip (repeatable).")] = [],
     prune: Annotated[Optional[bool], typer.Option("--prune/--no-prune", help="Remove indexed files that are gone from PATH (default: on for a folder).")] = None,
@@ -40,9 +41,9 @@ def ingest(
 
     from ingest.runner import JobRunner
 
-    settings = settings_from(index_dir=index, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
-                         parse_workers=workers, embedding_batch_size=batch_size, embedding_model=embedding_model,
-                         embedding_precision=embedding_precision)
+    settings = settings_from(index_dir=index, collection=collection, chunk_tokens=chunk_tokens,
+                             chunk_overlap=chunk_overlap, parse_workers=workers, embedding_batch_size=batch_size,
+                             embedding_model=embedding_model, embedding_precision=embedding_precision)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=errors, disable=as_json, transient=True)
     with progress:
@@ -112,14 +113,15 @@ def search(
     retriever: Annotated[RetrieverKind, typer.Option(help="Dense (embeddings), bm25 (keywords) or hybrid (both, fused by rank).")] = RetrieverKind.HYBRID,
     source: Annotated[Optional[str], typer.Option(help="Only search sources matching this glob, e.g. '*.pdf'.")] = None,
     index: IndexOption = None,
+    collection: CollectionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show the chunks most relevant to a query, with score, source and page: the retrieval of `rag ask` and of
     POST /v1/search, without generation."""
     from rag.pipeline import Pipeline
 
-    settings = settings_from(index_dir=index)
-    hits = Pipeline(settings).retriever.retrieve(query, k, retriever, source, settings.collection)
+    settings = settings_from(index_dir=index, collection=collection)
+    hits = Pipeline(settings).retriever.retrieve(query, k, retriever, source, collection=settings.collection)
     if as_json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2))
         return

@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rag.cli.app import IndexOption, JsonOption, app, console, display, print_mapping, settings_from
+from rag.cli.app import (CollectionOption, IndexOption, JsonOption, app, console, display, print_mapping,
+                         settings_from)
 
 documents_app = typer.Typer(help="List and delete the documents in the index.", no_args_is_help=True)
 index_app = typer.Typer(help="Maintain the index: compaction and statistics.", no_args_is_help=True)
@@ -18,25 +19,28 @@ app.add_typer(documents_app, name="documents")
 app.add_typer(index_app, name="index")
 
 
-def _open_index(index_dir):
+def _open_index(index_dir, collection: str | None = None):
     from rag.index import Index
 
-    return Index.open(settings_from(index_dir=index_dir))
+    return Index.open(settings_from(index_dir=index_dir, collection=collection))
 
 
 @documents_app.command("list")
-def documents_list(index: IndexOption = None, as_json: JsonOption = False) -> None:
-    """The documents in the index, with their ids (for `rag documents delete`). Same fields as GET /v1/documents."""
-    opened = _open_index(index)
+def documents_list(index: IndexOption = None, collection: CollectionOption = None,
+                   as_json: JsonOption = False) -> None:
+    """The documents of a collection, with their ids (for `rag documents delete`). Same fields as GET /v1/documents."""
+    opened = _open_index(index, collection)
     collection = opened.settings.collection
     records = opened.documents(collection)
-    data = {"documents": [{"doc_id": r.doc_id, "source": r.source, "content_hash": r.content_hash, "size": r.size,
-                           "chunk_count": r.chunk_count, "ingested_at": r.ingested_at} for r in records],
+    data = {"collection": collection,
+            "documents": [{"doc_id": r.doc_id, "collection": r.collection, "source": r.source,
+                           "content_hash": r.content_hash, "size": r.size, "chunk_count": r.chunk_count,
+                           "ingested_at": r.ingested_at} for r in records],
             "counts": opened.store.counts(collection), "snapshot": opened.store.manifest.snapshot}
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    table = Table(title=f"{len(records)} documents", title_justify="left")
+    table = Table(title=f"{len(records)} documents in {collection}", title_justify="left")
     for column in ("doc_id", "source", "chunks", "ingested at"):
         table.add_column(column, overflow="fold")
     for record in records:
@@ -46,9 +50,11 @@ def documents_list(index: IndexOption = None, as_json: JsonOption = False) -> No
 
 @documents_app.command("delete")
 def documents_delete(doc_id: Annotated[str, typer.Argument(help="The document's id (see `rag documents list`).")],
-                     index: IndexOption = None, as_json: JsonOption = False) -> None:
-    """Remove a document from the index. Same fields as DELETE /v1/documents/{doc_id}. Exit 3 when there is none."""
-    opened = _open_index(index)
+                     index: IndexOption = None, collection: CollectionOption = None,
+                     as_json: JsonOption = False) -> None:
+    """Remove a document of a collection from the index. Same fields as DELETE /v1/documents/{doc_id}. Exit 3 when
+    the collection has none."""
+    opened = _open_index(index, collection)
     record = opened.delete(doc_id, opened.settings.collection)
     if as_json:
         print(json.dumps({"doc_id": record.doc_id, "source": record.source, "deleted": True}, indent=2))

@@ -42,7 +42,7 @@ import numpy as np
 
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexBusyError, IndexMismatchError,
                             IndexNotFoundError, Manifest, StoreError)
-from rag.store.terms import indexed_terms, match_query, terms
+from rag.store.terms import indexed_terms, match_query, rarest_within, terms
 from rag.types import Chunk
 
 FORMAT_VERSION = 2
@@ -501,7 +501,7 @@ class EmbeddedStore:
         """(chunk id, BM25 score) best first, from SQLite FTS5; chunks sharing no term with the query are left out.
         Term statistics are the whole index's: a collection changes which chunks come back, not how they rank."""
         allowed = self._scope(self._loaded(), collection, allowed)
-        match = match_query(" ".join(self._discriminating_terms(query)))
+        match = match_query(self._discriminating_terms(query))
         if match is None or k <= 0 or (allowed is not None and not len(allowed)):
             return []
         sql = "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank"
@@ -523,13 +523,7 @@ class EmbeddedStore:
             return words
         frequency = dict(self.db.execute(f"SELECT term, doc FROM chunks_fts_terms WHERE term IN "
                                          f"({','.join('?' * len(words))})", words))
-        kept, postings = [], 0
-        for word in sorted(words, key=lambda word: frequency.get(word, 0)):
-            postings += frequency.get(word, 0)
-            if kept and postings > LEXICAL_POSTINGS_BUDGET:
-                break
-            kept.append(word)
-        return kept
+        return rarest_within(words, frequency, LEXICAL_POSTINGS_BUDGET)
 
     def search(self, vector: np.ndarray, k: int, collection: str | None = None) -> list[tuple[Chunk, float]]:
         hits = self.dense(vector, k, collection=collection)

@@ -164,6 +164,9 @@ def _check(conn: psycopg.Connection, version: int) -> int:
 def initialise(conn: psycopg.Connection, embedding_model: str, dimension: int, chunking: dict) -> dict | None:
     """Record the index's model and dimension and type the vector column, unless an index exists; returns the
     meta row found (None when this call created it). Serialised with migrations, so two first writers agree."""
+    found = read_meta(conn)
+    if found is not None:  # the common case: no lock
+        return found
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, MIGRATION_LOCK))
         found = read_meta(conn)

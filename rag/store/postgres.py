@@ -16,10 +16,11 @@ import json
 import math
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import astuple, fields
 
 import numpy as np
+
+from rag.config import Settings
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
                             Manifest, StoreError)
 from rag.store.embedded import LEXICAL_POSTINGS_BUDGET, generation_name
@@ -33,8 +34,8 @@ DOCUMENT_COLUMNS = ", ".join(field.name for field in fields(DocumentRecord))
 INSERT_DOCUMENT = (f"INSERT INTO documents ({DOCUMENT_COLUMNS}) "
                    f"VALUES ({', '.join(['%s'] * len(fields(DocumentRecord)))})")
 INSERT_CHUNK = ("INSERT INTO chunks (doc_id, collection, ordinal, text, source, page, heading, element_type, tokens,"
-                " hash, context, embedding, terms, term_count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %b,"
-                " %s::tsvector, %s)")
+                " hash, context, embedding, terms, term_count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                " %b, %s::tsvector, %s)")
 # HNSW explores ef_search candidates per query (pgvector's default 40, at most 1000); a query for k hits needs at
 # least k of them, and a margin keeps its recall near exact search's.
 MIN_EF_SEARCH, MAX_EF_SEARCH = 100, 1000
@@ -44,6 +45,7 @@ MIN_EF_SEARCH, MAX_EF_SEARCH = 100, 1000
 BM25_K1, BM25_B, BM25_MIN_IDF = 1.2, 0.75, 1e-6
 MAX_LEXEME_BYTES = 2046  # Postgres refuses longer lexemes (2 KiB); such "words" are blobs, not text
 MAX_POSITIONS = 256  # positions a tsvector keeps per lexeme: BM25's term frequency saturates long before
+LAST_POSITION = 16383  # a tsvector's largest position
 
 
 def source_matches(source: str, pattern: str) -> bool:
@@ -58,7 +60,7 @@ def _analysed(chunk: Chunk) -> tuple[str, int]:
              if len(word.encode()) <= MAX_LEXEME_BYTES]
     positions: dict[str, list[str]] = {}
     for position, word in enumerate(words, 1):
-        positions.setdefault(word, []).append(str(min(position, 16383)))  # tsvector's largest position
+        positions.setdefault(word, []).append(str(min(position, LAST_POSITION)))
     # Analysed words hold only word characters: no quote or backslash to escape.
     return " ".join(f"'{word}':{','.join(places[:MAX_POSITIONS])}" for word, places in positions.items()), len(words)
 
@@ -109,7 +111,7 @@ class PostgresStore:
     # ---------------------------------------------------------------- opening
     @classmethod
     def open(cls, location: str, embedding_model: str | None = None, dimension: int | None = None, *,
-             settings=None) -> "PostgresStore":
+             settings: Settings | None = None) -> "PostgresStore":
         """A reader; with a model name/dimension, refuse an index built otherwise. `settings` gives the pool size
         and timeouts (`db_pool_size`, `db_timeout_s`; their defaults without it)."""
         database = Database.from_settings(location, settings)
@@ -127,7 +129,7 @@ class PostgresStore:
 
     @classmethod
     def begin(cls, location: str, embedding_model: str, dimension: int, chunking: dict, *,
-              settings=None) -> "PostgresStore":
+              settings: Settings | None = None) -> "PostgresStore":
         """A writer (creating the index if needed). Other writers may run at once; changes are buffered until
         `commit`."""
         database = Database.from_settings(location, settings)
@@ -196,8 +198,10 @@ class PostgresStore:
             return []
         where, params = _where(collection, allowed)
         with self._db.connection() as conn:
-            rows = conn.execute("SELECT word, (SELECT count(*) FROM chunks WHERE terms @@ quote_literal(word)::tsquery),"
-                                " meta.chunks, meta.terms FROM unnest(%s::text[]) AS word, meta", [words]).fetchall()
+            # Each word's document frequency (a GIN lookup) and the index's totals, in one statement.
+            rows = conn.execute(
+                "SELECT word, (SELECT count(*) FROM chunks WHERE terms @@ quote_literal(word)::tsquery), meta.chunks,"
+                " meta.terms FROM unnest(%s::text[]) AS word, meta", [words]).fetchall()
             if not rows or not rows[0][2]:
                 return []
             frequency = {word: df for word, df, _, _ in rows}
@@ -279,7 +283,8 @@ class PostgresStore:
             return {name: count for name, count in rows}
 
     def stats(self) -> dict:
-        """What `rag index stats` shows for this backend: the database, versions and sizes on disk."""
+        """What `rag index stats` shows for this backend: where the index is (`path`, as the embedded store says it:
+        host:port/database here), the versions and the sizes on disk."""
         with self._db.connection() as conn:
             server, pgvector, size, chunk_bytes, vector_bytes, dead = conn.execute(
                 "SELECT current_setting('server_version'), "
@@ -288,7 +293,7 @@ class PostgresStore:
                 "COALESCE(pg_relation_size(to_regclass('chunks_embedding')), 0), "
                 "(SELECT COALESCE(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relname = 'chunks')").fetchone()
             version = schema_version(conn)
-        return {"backend": "postgres", "database": self.location, "server_version": server, "pgvector": pgvector,
+        return {"backend": "postgres", "path": self.location, "server_version": server, "pgvector": pgvector,
                 "schema_version": version, "database_bytes": size, "chunks_bytes": chunk_bytes,
                 "hnsw_index_bytes": vector_bytes, "dead_chunk_rows": dead}
 
@@ -409,7 +414,7 @@ class PostgresKeyStore:
         self._closed = False
 
     @classmethod
-    def from_settings(cls, settings) -> "PostgresKeyStore":
+    def from_settings(cls, settings: Settings) -> "PostgresKeyStore":
         return cls(Database.from_settings(settings.store_url, settings))
 
     def create(self, name: str, collection: str, role) -> tuple:

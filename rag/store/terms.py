@@ -32,9 +32,10 @@ def indexed_terms(context: str, text: str) -> str:
     return " ".join(terms(f"{context}\n{text}" if context else text))
 
 
-def match_query(query: str) -> str | None:
-    """An FTS5 query matching any term of `query`; each term quoted, so no user text is FTS5 syntax."""
-    return " OR ".join(f'"{term}"' for term in dict.fromkeys(terms(query))) or None
+def match_query(query_terms: list[str]) -> str | None:
+    """An FTS5 query matching any of these (already analysed) terms; each quoted, so no user text is FTS5 syntax.
+    Terms are word characters only (`terms`), so a quote cannot occur in one."""
+    return " OR ".join(f'"{term}"' for term in dict.fromkeys(query_terms)) or None
 
 
 def rarest_within(words: list[str], frequency: dict[str, int], budget: int) -> list[str]:
