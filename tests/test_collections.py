@@ -141,6 +141,10 @@ def world(store_options, embedder, generator, tmp_path_factory):
                               files=[("files", (UPLOADED, UPLOADED_TEXT, "text/markdown"))])
         assert accepted.status_code == 202 and accepted.json()["collection"] == BRAVO, accepted.text
         world.job_ids[BRAVO] = accepted.json()["job_id"]
+        if settings.store_url:  # API replicas only record jobs in the database's queue: a worker runs them
+            from ingest.worker import Worker
+
+            Worker(settings, embedder).run(drain=True)
         deadline = time.monotonic() + 120
         while (job := world.call("bravo-write", "GET", accepted.json()["status_url"]).json())["status"] not in (
                 "succeeded", "failed"):
