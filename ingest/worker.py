@@ -41,7 +41,7 @@ class Worker:
             from rag.embed import Embedder
 
             embedder = Embedder.from_settings(settings)
-            embedder.model  # noqa: B018  (load now, once for every job)
+            embedder.encode(["warm up"])  # load the model now (torch or ONNX, as `encode` uses), once for every job
         self.runner = JobRunner(settings, embedder, self.log)
         self.name = self.log.owner
         self.stopping = threading.Event()
