@@ -16,6 +16,7 @@ from api.config import ApiSettings
 from api.errors import ApiError
 from api.limiter import GenerationLimiter
 from rag.config import Settings
+from rag.errors import UnavailableError
 from rag.generation import available_paths
 from rag.pipeline import Pipeline
 from rag.index import Index
@@ -36,6 +37,7 @@ class Service:
         self.models_loaded = False
         self.load_error: str | None = None
         self.index_error: str | None = None
+        self.store_error: str | None = None  # the store's database stopped answering (set and cleared by refreshes)
         self._query_embedder: BatchingQueryEmbedder | None = None
         self.index: Index | None = None  # set once by open_index, then refreshed in place
         self._retriever = None  # set by open_index; read by requests without a lock (one reference read)
@@ -72,7 +74,7 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.models_loaded and self._retriever is not None
+        return self.models_loaded and self._retriever is not None and self.store_error is None
 
     # ------------------------------------------------------------------ the open snapshot
     def open_index(self) -> bool:
@@ -82,12 +84,18 @@ class Service:
 
         with self._swap_lock:
             if self.index is not None:
-                if self.index.refresh():
+                try:
+                    refreshed = self.index.refresh()
+                except UnavailableError as error:  # a database that went away: not ready until it is back
+                    self.store_error = str(error)
+                    raise
+                self.store_error = None
+                if refreshed:
                     logger.info("index refreshed", extra={"snapshot": self.snapshot, **self.index.store.counts()})
                 return True
             try:
                 index = Index.open(self.settings, self._query_embedder.name)
-            except IndexNotFoundError as error:
+            except (IndexNotFoundError, UnavailableError) as error:  # the watcher tries again
                 self.index_error = str(error)
                 return False
             index.refresh()  # load the vectors now, not on the first query
@@ -100,8 +108,14 @@ class Service:
 
     @property
     def snapshot(self) -> str | None:
-        """The name of the generation being served."""
-        return self.index.store.manifest.snapshot if self.index is not None else None
+        """The name of the generation being served (None while its database does not answer)."""
+        if self.index is None:
+            return None
+        try:
+            return self.index.store.manifest.snapshot
+        except UnavailableError as error:
+            self.store_error = str(error)
+            return None
 
     def index_changed(self) -> None:
         """Called after this process committed: refresh now rather than at the next poll."""

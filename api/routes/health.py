@@ -29,6 +29,8 @@ async def readyz(service: ServiceDep):
         checks["error"] = service.load_error
     elif retriever is None and service.index_error:
         checks["error"] = service.index_error
+    elif service.store_error:
+        checks["error"] = service.store_error
     if service.ready:
         return Health(status="ready", checks=checks)
     return JSONResponse(Health(status="not_ready", checks=checks).model_dump(), status_code=503,
