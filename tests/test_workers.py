@@ -356,3 +356,26 @@ def test_rag_ingest_with_the_queue_runs_its_own_job_which_no_worker_takes(new_po
     assert (done.kind, done.status, done.attempts, done.error) == ("path", "succeeded", 1, None)
     assert report.status_counts["new"] == 1 and list(_stored(settings.store_url).values()) == [1]
     runner.log.close()
+
+
+def test_a_worker_stopped_mid_job_gives_it_back_without_counting_the_attempt(new_postgres_database, tmp_path,
+                                                                             embedder):
+    from ingest.runner import JobRunner
+    from rag.store import open_job_log
+
+    settings = _settings(new_postgres_database("stopped"), tmp_path)
+    log = open_job_log(settings)
+    runner = JobRunner(settings, embedder, log)
+    job = _record(runner, "note2.md")
+    leased = log.lease(log.owner, settings.job_lease_s)
+
+    def second_signal(result) -> None:  # what `rag worker`'s handler raises on a second SIGTERM
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(leased, on_file=second_signal)
+    back = log.get(job.id)
+    assert (back.status, back.owner, back.attempts, back.error) == ("queued", None, 0, None)
+    assert _stored(settings.store_url) == {}  # its uncommitted writes were dropped
+    assert log.lease("another", settings.job_lease_s).id == job.id  # at once, not after the lease
+    log.close()
