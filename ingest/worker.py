@@ -2,7 +2,8 @@
 
 The loop leases the oldest job (rag/store/pg_jobs.py), runs it through the `JobRunner` (which keeps the lease
 alive from a thread and records every outcome), and leases the next. The embedding model loads once per worker.
-On SIGTERM or SIGINT the worker finishes the job in hand and exits; a second signal stops the job at once and
+While the database is away, an idle worker waits for it (a worker that cannot reach it at start exits with code
+3). On SIGTERM or SIGINT the worker finishes the job in hand and exits; a second signal stops the job at once and
 gives it back to the queue for another worker. A worker that dies without either (kill -9, a lost machine) leaves
 a lease that expires after RAG_JOB_LEASE_S, and another worker runs the job again.
 """
@@ -16,12 +17,13 @@ import time
 
 from ingest.runner import STALE_INCOMING_S, JobRunner
 from rag.config import Settings
-from rag.errors import UserError
+from rag.errors import UnavailableError, UserError
 from rag.store import open_job_log
 from rag.store.jobs import Job
 
 logger = logging.getLogger("rag.worker")
 IDLE_POLL_S = 1.0  # how often an idle worker asks for a job
+UNAVAILABLE_RETRY_S = 5.0  # how often it tries again while the database is away
 
 
 class Worker:
@@ -53,7 +55,12 @@ class Worker:
         ran = 0
         try:
             while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):
-                job = self.log.lease(self.name, self.settings.job_lease_s)
+                try:
+                    job = self.log.lease(self.name, self.settings.job_lease_s)
+                except UnavailableError as error:  # the database went away: wait for it, as a service should
+                    logger.warning("job queue unavailable", extra={"error": str(error)})
+                    self.stopping.wait(UNAVAILABLE_RETRY_S)
+                    continue
                 if job is None:
                     if drain:
                         break
