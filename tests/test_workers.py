@@ -391,22 +391,33 @@ def test_an_idle_worker_waits_while_the_database_is_away(new_postgres_database, 
     monkeypatch.setattr(worker_module, "UNAVAILABLE_RETRY_S", 0.2)
     settings = _settings(new_postgres_database("away"), tmp_path, db_timeout_s=1)
     queue_worker = worker_module.Worker(settings, embedder)
-    thread = threading.Thread(target=queue_worker.run)
+    died: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            queue_worker.run()
+        except BaseException as error:
+            died.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    name = psycopg.conninfo.conninfo_to_dict(settings.store_url)["dbname"]
-    with psycopg.connect(postgres_server.get_uri(), autocommit=True) as admin:  # the database goes away...
-        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        time.sleep(3)
-        assert thread.is_alive()
-        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')  # ...and comes back
-    log = PostgresJobLog.from_settings(settings)
-    job = _record(JobRunner(settings, log=log), "note4.md")
-    deadline = time.monotonic() + 60
-    while log.get(job.id).status != "succeeded":
-        assert time.monotonic() < deadline, log.get(job.id)
-        time.sleep(0.2)
-    queue_worker.stop()
-    thread.join(30)
-    assert not thread.is_alive()
+    log = None
+    try:
+        name = psycopg.conninfo.conninfo_to_dict(settings.store_url)["dbname"]
+        with psycopg.connect(postgres_server.get_uri(), autocommit=True) as admin:  # the database goes away...
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            time.sleep(3)
+            assert thread.is_alive(), died
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')  # ...and comes back
+        log = PostgresJobLog.from_settings(settings)
+        job = _record(JobRunner(settings, log=log), "note4.md")
+        deadline = time.monotonic() + 60
+        while log.get(job.id).status != "succeeded":
+            assert time.monotonic() < deadline and thread.is_alive(), (log.get(job.id), died)
+            time.sleep(0.2)
+    finally:
+        queue_worker.stop()
+        thread.join(30)
+    assert not thread.is_alive() and not died
     log.close()
