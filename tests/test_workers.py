@@ -410,7 +410,8 @@ def test_an_idle_worker_waits_while_the_database_is_away(new_postgres_database, 
             time.sleep(3)
             assert thread.is_alive(), died
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')  # ...and comes back
-        log = PostgresJobLog.from_settings(settings)
+        # A pool of its own (another timeout): the worker's reconnects in its own time, with its own backoff.
+        log = PostgresJobLog.from_settings(settings.with_overrides(db_timeout_s=10))
         job = _record(JobRunner(settings, log=log), "note4.md")
         deadline = time.monotonic() + 60
         while log.get(job.id).status != "succeeded":
