@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rag.models import quiet_transformers, resolve_decoder, sha256_files, silence_gguf_progress
+from rag.models import model_imports, quiet_transformers, resolve_decoder, sha256_files, silence_gguf_progress
 
 logger = logging.getLogger("rag.models")
 
@@ -77,7 +77,8 @@ def dequantised_copy(gguf_path: Path, cache_dir: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with model_imports():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("dequantising %s once into %s", gguf_path, folder)
     quiet_transformers()

@@ -9,7 +9,8 @@ import numpy as np
 
 from rag.embed_onnx import ONNX_PRECISIONS, OnnxEncoder, max_seq_length
 from rag.errors import UserError
-from rag.models import PRECISIONS, autocast, default_embedding_path, existing_path, resolve_device, resolve_precision
+from rag.models import (PRECISIONS, autocast, default_embedding_path, existing_path, model_imports, resolve_device,
+                        resolve_precision)
 
 EMBEDDING_PRECISIONS = (*PRECISIONS, *ONNX_PRECISIONS)
 
@@ -104,8 +105,9 @@ class Embedder:
 
     @cached_property
     def model(self):
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as transformers_logging
+        with model_imports():
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in CLI output
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.models import sha256_files
+from rag.models import model_imports, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def export(model_dir: Path, cache_dir: Path, quantised: bool) -> Path:
     fp32_path, int8_path = folder / "model.onnx", folder / "model.int8.onnx"
     if not fp32_path.exists():
         import torch
-        from transformers import AutoModel
+        with model_imports():
+            from transformers import AutoModel
 
         _check_mean_pooling(model_dir)
         log.info("Exporting %s to ONNX (once; cached in %s)", model_dir, folder)
@@ -117,7 +118,8 @@ class OnnxEncoder:
 
     @cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        with model_imports():
+            from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -123,6 +126,18 @@ def resolve_device(device: str) -> str:
     raise UserError(f"unknown device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
 
 
+_MODEL_IMPORTS = threading.RLock()
+
+
+@contextmanager
+def model_imports() -> Iterator[None]:
+    """Held while importing from transformers (or a library built on it). Its lazy module is not safe to import
+    from two threads at once: a decoder loading in a background thread while the query encoder was exported in
+    the main one failed with "cannot import name 'AutoModel' from 'transformers'"."""
+    with _MODEL_IMPORTS:
+        yield
+
+
 def quiet_transformers() -> None:
     from transformers.utils import logging as transformers_logging
 
@@ -132,7 +147,8 @@ def quiet_transformers() -> None:
 def read_tokenizer(model: str | Path | None = None):
     """A new tokenizer of a model folder or .gguf (default: the packaged decoder's). The one place tokenizers are
     loaded; a fast tokenizer is not thread-safe, so each decoder reads its own."""
-    from transformers import AutoTokenizer
+    with model_imports():
+        from transformers import AutoTokenizer
 
     quiet_transformers()
     folder, gguf_file = resolve_decoder(model)
@@ -150,7 +166,8 @@ def load_causal_lm(model: str | Path | None, device: str, for_training: bool = F
     """(model, tokenizer, device) for a decoder: HF folder or GGUF (dequantised by transformers; see
     rag.decoder_cache for doing that once), fp32 on CPU, bf16 on CUDA. The one place decoders are loaded."""
     import torch
-    from transformers import AutoModelForCausalLM
+    with model_imports():
+        from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     folder, gguf_file = resolve_decoder(model)

@@ -28,7 +28,7 @@ from rag.generation.base import (
     check_options,
     cut_at_stop,
 )
-from rag.models import load_causal_lm, resolve_decoder
+from rag.models import load_causal_lm, model_imports, resolve_decoder
 
 logger = logging.getLogger("rag.generation")
 
@@ -56,7 +56,8 @@ class _TextWatch:
 
 
 def _stopping_criteria(watch: _TextWatch) -> Any:
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    with model_imports():
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
     class TextWatchCriteria(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
