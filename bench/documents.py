@@ -113,7 +113,6 @@ def run_langchain(files: list[Path], questions: list[dict], model_path: Path) ->
             documents.extend(PyPDFLoader(str(path)).load())
         except Exception as error:  # the stock loop: one bad file is reported, the rest go on
             failures.append(f"{path.name}: {type(error).__name__}: {str(error)[:120]}")
-    loaded = time.perf_counter()
     chunks = RecursiveCharacterTextSplitter(chunk_size=1000, chunk_overlap=200).split_documents(documents)
     split = time.perf_counter()
     store = FAISS.from_documents(chunks, embeddings)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from dataclasses import dataclass
-from itertools import groupby
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.chunk import CHUNKER_VERSION, Chunker, ChunkSettings
-from ingest.load import SUPPORTED_SUFFIXES, LoadError, load, unsupported_type
+from ingest.load import LoadError, load, unsupported_type
 from rag.config import Settings
 from rag.embed import Embedder
 from rag.models import sha256_files

@@ -1,7 +1,6 @@
 """The `rag` command as a user and a script see it: options documented, JSON output, exit codes."""
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner

@@ -55,7 +55,7 @@ def test_lora_training_reduces_loss_and_records_itself(adapter):
 
 
 def test_saved_adapter_changes_the_model_output(adapter, generator):
-    from rag.generation import GenerationParams, TransformersGenerator
+    from rag.generation import TransformersGenerator
 
     tuned = TransformersGenerator(device="cpu", adapter_dir=adapter.out)
     messages = [{"role": "user", "content": "Context:\n[1] The Broncos scored 24 points.\n\nQuestion: How many points?"}]
