@@ -7,13 +7,26 @@ analysis, so FTS5 gets these terms (space-separated) instead of the raw text.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from functools import lru_cache
-
-from bm25s.stopwords import STOPWORDS_EN
+from pathlib import Path
 
 _WORD = re.compile(r"(?u)\b\w\w+\b")
-_STOP = frozenset(STOPWORDS_EN)
+
+
+def _english_stopwords() -> frozenset[str]:
+    """bm25s's English stopword list, read from its module file: importing the bm25s package itself loads numba and
+    scipy (0.3-1 s of every process start here), which nothing else in the service needs."""
+    package = importlib.util.find_spec("bm25s")
+    spec = importlib.util.spec_from_file_location(
+        "_bm25s_stopwords", Path(package.submodule_search_locations[0]) / "stopwords.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return frozenset(module.STOPWORDS_EN)
+
+
+_STOP = _english_stopwords()
 
 
 @lru_cache(maxsize=1)
