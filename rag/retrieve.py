@@ -18,12 +18,6 @@ RRF_K = 60
 # the vectors: FAISS, ONNX Runtime and SQLite/libpq all release the GIL, so on 2 cores a hybrid query costs about
 # its slower leg instead of the sum of both (bench/scale.py).
 _KEYWORD_LEGS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="keyword-leg")
-# How many of the fused candidates vote for their document. Measured on FinanceBench's 48 dev questions (document
-# hit@1 of the hybrid ranking) and the keyword queries of tests/test_retrieve.py on the httpx docs (MRR): with the
-# first 5, hit@1 rose from 0.646 to 0.729-0.750 when each leg returns 20-35 candidates (the default is 30), but not
-# at 40-50, and the keyword queries kept MRR 0.95; a vote of 10-60 lifted the filings about as much but let long
-# documents outvote the short page that answers a keyword query (MRR 0.70-0.90).
-DOCUMENT_EVIDENCE_DEPTH = 5
 
 
 def reciprocal_rank_fusion(rankings: dict[str, list[int]], rrf_k: int = RRF_K) -> list[tuple[int, float]]:
@@ -33,21 +27,6 @@ def reciprocal_rank_fusion(rankings: dict[str, list[int]], rrf_k: int = RRF_K) -
         for rank, item in enumerate(ranking, 1):
             fused[item] = fused.get(item, 0.0) + 1.0 / (rrf_k + rank)
     return sorted(fused.items(), key=lambda pair: (-pair[1], pair[0]))
-
-
-def with_document_evidence(fused: list[tuple[int, float]], chunks: dict,
-                           depth: int = DOCUMENT_EVIDENCE_DEPTH) -> list[tuple[int, float]]:
-    """The fused ranking with its first `depth` candidates re-scored: each one's score plus half the summed scores
-    of the candidates there from its document (CombSUM, Fox & Shaw 1994), so that when most of the best passages
-    come from one document, that document's passages lead. The top passages of a 600-chunk 10-K that the question
-    is about outvote one lucky passage of another company's filing; documents of one chunk keep their order."""
-    top = [(id_, score) for id_, score in fused[:depth] if id_ in chunks]
-    per_document: dict[str, float] = {}
-    for id_, score in top:
-        per_document[chunks[id_].doc_id] = per_document.get(chunks[id_].doc_id, 0.0) + score
-    rescored = [(id_, score + 0.5 * per_document[chunks[id_].doc_id]) for id_, score in top]
-    return sorted(rescored, key=lambda pair: (-pair[1], pair[0])) + [
-        (id_, score) for id_, score in fused[depth:] if id_ in chunks]
 
 
 class Retriever:
@@ -88,13 +67,11 @@ class Retriever:
             results["bm25"] = keyword.result()
 
         if kind is RetrieverKind.HYBRID:
-            fused = reciprocal_rank_fusion({name: [id_ for id_, _ in hits] for name, hits in results.items()})
-            chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in fused], collection)}
-            ranked = with_document_evidence(fused, chunks)[:k]
+            ranked = reciprocal_rank_fusion({name: [id_ for id_, _ in hits] for name, hits in results.items()})[:k]
         else:
             ranked = results[kind.value][:k]
-            chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection)}
         per_retriever = {name: dict(hits) for name, hits in results.items()}
+        chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection)}
         return [
             ScoredChunk(chunks[id_], score, rank, kind.value,
                         {name: scores[id_] for name, scores in per_retriever.items() if id_ in scores})
