@@ -12,7 +12,7 @@ query (an SQL condition, a FAISS id selector), so nothing of another collection 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -93,6 +93,39 @@ class CompactionInfo:
     tombstones_dropped: int
     index_type: str
     seconds: float
+
+
+@dataclass
+class PendingChanges:
+    """A writer's changes until its commit, the same for every backend: documents to add (with their chunks and
+    vectors), document ids whose committed version goes, and new modification times of unchanged files."""
+
+    adds: dict[str, tuple[DocumentRecord, list[Chunk], np.ndarray]] = field(default_factory=dict)
+    deletes: set[str] = field(default_factory=set)
+    touches: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def add(self, record: DocumentRecord, chunks: list[Chunk], vectors: np.ndarray, dimension: int) -> None:
+        """Insert (or replace) one document with its chunks and their vectors."""
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        if vectors.size and vectors.shape[1] != dimension:
+            raise IndexMismatchError(f"vectors have {vectors.shape[1]} dimensions, index has {dimension}")
+        self.deletes.add(record.doc_id)  # whatever version is committed goes; a no-op for a new document
+        self.touches.pop(record.doc_id, None)
+        self.adds[record.doc_id] = (record, list(chunks), np.asarray(vectors, dtype=np.float32))
+
+    def delete(self, doc_ids: list[str]) -> int:
+        """Drop these documents (buffered and committed); returns how many buffered chunks were dropped."""
+        dropped = 0
+        for doc_id in doc_ids:
+            added = self.adds.pop(doc_id, None)
+            dropped += len(added[1]) if added else 0
+            self.touches.pop(doc_id, None)
+        self.deletes.update(doc_ids)
+        return dropped
+
+    def touch(self, doc_id: str, size: int, mtime_ns: int) -> None:
+        self.touches[doc_id] = (size, mtime_ns)
 
 
 class Store(Protocol):

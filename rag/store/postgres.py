@@ -22,7 +22,7 @@ import numpy as np
 
 from rag.config import Settings
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
-                            Manifest, StoreError)
+                            Manifest, PendingChanges, StoreError)
 from rag.store.embedded import LEXICAL_POSTINGS_BUDGET, generation_name
 from rag.store.jobs import utc_now
 from rag.store.pg_schema import DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, Database, initialise, read_meta, schema_version
@@ -104,9 +104,7 @@ class PostgresStore:
         self.location = database.label  # what messages and `rag index stats` show (no password)
         self._writer_config = writer_config
         self._generation = self._meta()["generation"] if writer_config is None else 0
-        self._adds: dict[str, tuple[DocumentRecord, list[Chunk], np.ndarray]] = {}
-        self._deletes: set[str] = set()
-        self._touches: dict[str, tuple[int, int]] = {}
+        self._pending = PendingChanges()  # a writer's changes until commit
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -322,12 +320,7 @@ class PostgresStore:
         """Remove documents with their chunks (at commit); returns the number of chunks removed."""
         self._require_writable()
         doc_ids = list(doc_ids)
-        removed = 0
-        for doc_id in doc_ids:
-            dropped = self._adds.pop(doc_id, None)
-            removed += len(dropped[1]) if dropped else 0
-            self._touches.pop(doc_id, None)
-        self._deletes.update(doc_ids)
+        removed = self._pending.delete(doc_ids)
         with self._db.connection() as conn:
             removed += conn.execute("SELECT count(*) FROM chunks WHERE doc_id = ANY(%s)", (doc_ids,)).fetchone()[0]
         return removed
@@ -335,31 +328,25 @@ class PostgresStore:
     def add_document(self, record: DocumentRecord, chunks: list[Chunk], vectors: np.ndarray) -> None:
         """Insert (or replace) one document with its chunks and their vectors."""
         self._require_writable()
-        dimension = self._writer_config[1]
-        if len(chunks) != len(vectors):
-            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
-        if vectors.size and vectors.shape[1] != dimension:
-            raise IndexMismatchError(f"vectors have {vectors.shape[1]} dimensions, index has {dimension}")
-        self._deletes.add(record.doc_id)  # whatever version is committed goes; a no-op for a new document
-        self._touches.pop(record.doc_id, None)
-        self._adds[record.doc_id] = (record, list(chunks), np.asarray(vectors, dtype=np.float32))
+        self._pending.add(record, chunks, vectors, self._writer_config[1])
 
     def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
         """Record a new modification time for a file whose content did not change."""
         self._require_writable()
-        self._touches[doc_id] = (size, mtime_ns)
+        self._pending.touch(doc_id, size, mtime_ns)
 
     def commit(self) -> CommitInfo:
         """Apply every buffered change in one transaction, holding each touched document's advisory lock."""
         self._require_writable()
         started = time.perf_counter()
         _, _, chunking = self._writer_config
-        documents = sorted(self._deletes | self._touches.keys() | self._adds.keys())
-        deletes = sorted(self._deletes)
+        pending = self._pending
+        documents = sorted(pending.deletes | pending.touches.keys() | pending.adds.keys())
+        deletes = sorted(pending.deletes)
         chunk_rows = [(record.doc_id, record.collection, chunk.ordinal, chunk.text, chunk.source, chunk.page,
                        chunk.heading, chunk.element_type, chunk.tokens, chunk.hash, chunk.context, vector,
                        *_analysed(chunk))
-                      for record, chunks, vectors in self._adds.values() for chunk, vector in zip(chunks, vectors)]
+                      for record, chunks, vectors in pending.adds.values() for chunk, vector in zip(chunks, vectors)]
         with self._db.connection() as conn, conn.transaction():
             # In a fixed order, so two writers sharing documents cannot deadlock.
             conn.execute("SELECT pg_advisory_xact_lock(%s, key) FROM (SELECT DISTINCT hashtext(doc_id) AS key "
@@ -370,24 +357,24 @@ class PostgresStore:
                 "SELECT count(*), COALESCE(sum(term_count), 0) FROM gone", (deletes,)).fetchone()
             conn.execute("DELETE FROM documents WHERE doc_id = ANY(%s)", (deletes,))
             with conn.cursor() as cursor:
-                cursor.executemany(INSERT_DOCUMENT, [astuple(record) for record, _, _ in self._adds.values()])
+                cursor.executemany(INSERT_DOCUMENT, [astuple(record) for record, _, _ in pending.adds.values()])
                 cursor.executemany(INSERT_CHUNK, chunk_rows)
                 cursor.executemany("UPDATE documents SET size = %s, mtime_ns = %s WHERE doc_id = %s",
-                                   [(size, mtime, doc_id) for doc_id, (size, mtime) in self._touches.items()])
+                                   [(size, mtime, doc_id) for doc_id, (size, mtime) in pending.touches.items()])
             # Last: the meta row's lock serialises the writers only for the rest of their transactions.
             generation = conn.execute(
                 "UPDATE meta SET generation = generation + 1, committed_at = now(), chunking = %s, "
                 "chunks = chunks + %s, terms = terms + %s RETURNING generation",
                 (json.dumps(chunking, sort_keys=True), len(chunk_rows) - deleted,
                  sum(row[-1] for row in chunk_rows) - deleted_terms)).fetchone()[0]
-        self._adds, self._deletes, self._touches = {}, set(), {}
+        self._pending = PendingChanges()
         self._writer_config = None  # like the embedded writer: one commit, then read-only
         return CommitInfo(generation, generation_name(generation), len(chunk_rows), deleted,
                           time.perf_counter() - started)
 
     def abort(self) -> None:
         """Drop the buffered changes; the index stays as it was."""
-        self._adds, self._deletes, self._touches = {}, set(), {}
+        self._pending = PendingChanges()
         self._writer_config = None
 
     def close(self) -> None:
