@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +42,7 @@ import faiss
 import numpy as np
 
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexBusyError, IndexMismatchError,
-                            IndexNotFoundError, Manifest, StoreError)
+                            IndexNotFoundError, Manifest, PendingChanges, StoreError)
 from rag.store.terms import indexed_terms, match_query, rarest_within, terms
 from rag.types import Chunk
 
@@ -160,6 +161,20 @@ def ensure_schema(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS chunks_collection ON chunks(collection)")
 
 
+@contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (the write lock at once, waiting busy_timeout for another writer) ... COMMIT; rolled back
+    on any exception, so a change is applied whole or not at all."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
     return column in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
@@ -174,8 +189,7 @@ def add_collections(db: sqlite3.Connection) -> None:
         return
     db.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction, so before BEGIN
     try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(db):
             if not _has_column(db, "documents", "collection"):  # another process may have done it meanwhile
                 db.execute(f"CREATE TABLE documents_upgraded {DOCUMENTS_TABLE}")
                 columns = DOCUMENT_COLUMNS.replace(", collection", "")
@@ -184,11 +198,6 @@ def add_collections(db: sqlite3.Connection) -> None:
                 db.execute("ALTER TABLE documents_upgraded RENAME TO documents")
                 if not _has_column(db, "chunks", "collection"):
                     db.execute("ALTER TABLE chunks ADD COLUMN collection TEXT NOT NULL DEFAULT 'default'")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
     finally:
         db.execute("PRAGMA foreign_keys = ON")
 
@@ -284,7 +293,6 @@ class _Vectors:
     segments: dict[str, faiss.Index]
     tombstones: np.ndarray
     skip: tuple | None  # (IDSelectorNot over the tombstones, its inner IDSelectorBatch, kept alive with it)
-    scopes: dict  # collection -> its chunk ids, or None when it holds every chunk (filled as queries ask)
 
     @property
     def ntotal(self) -> int:
@@ -309,9 +317,9 @@ class EmbeddedStore:
         self._vectors: _Vectors | None = None
         self._load_lock = threading.Lock()
         self._writer_config = (embedding_model, dimension, chunking or {})
-        self._adds: dict[str, tuple[DocumentRecord, list[Chunk], np.ndarray]] = {}
-        self._deletes: set[str] = set()
-        self._touches: dict[str, tuple[int, int]] = {}
+        self._pending = PendingChanges()  # a writer's changes until commit
+        # (generation, {collection: its chunk ids, or None when it holds every chunk}), filled as reads ask
+        self._scopes: tuple[int, dict[str, np.ndarray | None]] = (-1, {})
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -449,26 +457,28 @@ class EmbeddedStore:
         if len(tombstones):
             batch = faiss.IDSelectorBatch(tombstones)
             skip = (faiss.IDSelectorNot(batch), batch)  # the Not selector does not own its inner one
-        return _Vectors(generation, segments, tombstones, skip, {})
+        return _Vectors(generation, segments, tombstones, skip)
 
     def _loaded(self) -> _Vectors:
         if self._vectors is None:
             self.refresh()
         return self._vectors
 
-    def _scope(self, vectors: _Vectors, collection: str | None, allowed: np.ndarray | None) -> np.ndarray | None:
+    def _scope(self, collection: str | None, allowed: np.ndarray | None) -> np.ndarray | None:
         """The ids a read may return: `allowed` within the collection; None for no restriction (every chunk)."""
         if collection is None:
             return allowed
-        if collection not in vectors.scopes:
-            sizes = dict(self.db.execute("SELECT collection, COUNT(*) FROM chunks GROUP BY collection"))
-            if sizes.keys() <= {collection}:  # the only collection (or none): a selector would change nothing
-                vectors.scopes[collection] = None
-            else:
-                vectors.scopes[collection] = np.fromiter(
-                    (row[0] for row in self.db.execute("SELECT id FROM chunks WHERE collection = ?", (collection,))),
-                    np.int64)
-        ids = vectors.scopes[collection]
+        generation, scopes = self._scopes
+        if generation != self.generation:
+            generation, scopes = self.generation, {}
+            self._scopes = (generation, scopes)
+        if collection not in scopes:
+            others = self.db.execute("SELECT EXISTS (SELECT 1 FROM documents WHERE collection != ?)",
+                                     (collection,)).fetchone()[0]
+            scopes[collection] = None if not others else np.fromiter(  # alone in the index: no selector needed
+                (row[0] for row in self.db.execute("SELECT id FROM chunks WHERE collection = ?", (collection,))),
+                np.int64)
+        ids = scopes[collection]
         if ids is None:
             return allowed
         return ids if allowed is None else np.intersect1d(ids, allowed)
@@ -478,7 +488,7 @@ class EmbeddedStore:
         """(chunk id, inner product) best first, over every live segment; `allowed` and `collection` restrict the
         ids (through FAISS's id selector, so the k results are the best k within them)."""
         vectors = self._loaded()
-        allowed = self._scope(vectors, collection, allowed)
+        allowed = self._scope(collection, allowed)
         if k <= 0 or (allowed is not None and not len(allowed)):
             return []
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
@@ -500,7 +510,7 @@ class EmbeddedStore:
                 collection: str | None = None) -> list[tuple[int, float]]:
         """(chunk id, BM25 score) best first, from SQLite FTS5; chunks sharing no term with the query are left out.
         Term statistics are the whole index's: a collection changes which chunks come back, not how they rank."""
-        allowed = self._scope(self._loaded(), collection, allowed)
+        allowed = self._scope(collection, allowed)
         match = match_query(self._discriminating_terms(query))
         if match is None or k <= 0 or (allowed is not None and not len(allowed)):
             return []
@@ -603,12 +613,7 @@ class EmbeddedStore:
         """Remove documents with their chunks and vectors (at commit); returns the number of chunks removed."""
         self._require_writable()
         doc_ids = list(doc_ids)
-        removed = 0
-        for doc_id in doc_ids:
-            dropped = self._adds.pop(doc_id, None)
-            removed += len(dropped[1]) if dropped else 0
-            self._touches.pop(doc_id, None)
-        self._deletes.update(doc_ids)
+        removed = self._pending.delete(doc_ids)
         for start in range(0, len(doc_ids), 500):
             batch = doc_ids[start:start + 500]
             removed += self.db.execute(
@@ -618,19 +623,12 @@ class EmbeddedStore:
     def add_document(self, record: DocumentRecord, chunks: list[Chunk], vectors: np.ndarray) -> None:
         """Insert (or replace) one document with its chunks and their vectors."""
         self._require_writable()
-        dimension = self._writer_config[1]
-        if len(chunks) != len(vectors):
-            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
-        if vectors.size and vectors.shape[1] != dimension:
-            raise IndexMismatchError(f"vectors have {vectors.shape[1]} dimensions, index has {dimension}")
-        self._deletes.add(record.doc_id)  # whatever version is committed goes; a no-op for a new document
-        self._touches.pop(record.doc_id, None)
-        self._adds[record.doc_id] = (record, list(chunks), np.asarray(vectors, dtype=np.float32))
+        self._pending.add(record, chunks, vectors, self._writer_config[1])
 
     def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
         """Record a new modification time for a file whose content did not change."""
         self._require_writable()
-        self._touches[doc_id] = (size, mtime_ns)
+        self._pending.touch(doc_id, size, mtime_ns)
 
     def commit(self) -> CommitInfo:
         """Write the new segment, then make every buffered change visible in one transaction."""
@@ -639,33 +637,32 @@ class EmbeddedStore:
         db = self.db
         model, dimension, chunking = self._writer_config
         next_id = int(self._meta().get("next_chunk_id", 1))
-        new_chunks = [(record, chunk) for record, chunks, _ in self._adds.values() for chunk in chunks]
+        new_chunks = [(record, chunk) for record, chunks, _ in self._pending.adds.values() for chunk in chunks]
         ids = np.arange(next_id, next_id + len(new_chunks), dtype=np.int64)
         segment = None
         if len(new_chunks):
-            vectors = np.concatenate([vectors for _, chunks, vectors in self._adds.values() if len(chunks)])
+            vectors = np.concatenate([vectors for _, chunks, vectors in self._pending.adds.values() if len(chunks)])
             index = build_segment_index(vectors, ids, dimension)
             segment = (new_segment_name(), index_type(index), int(index.ntotal))
             write_segment(self.index_dir, segment[0], index)
         crash_point("commit-segment-written")
 
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(db):
             deleted = 0
-            deletes = sorted(self._deletes)
+            deletes = sorted(self._pending.deletes)
             for start in range(0, len(deletes), 500):
                 batch = deletes[start:start + 500]
                 marks = ",".join("?" * len(batch))
                 deleted += db.execute(f"DELETE FROM chunks WHERE doc_id IN ({marks})", batch).rowcount
                 db.execute(f"DELETE FROM documents WHERE doc_id IN ({marks})", batch)
-            added_docs = {record.doc_id: record for record, _, _ in self._adds.values()}
+            added_docs = {record.doc_id: record for record, _, _ in self._pending.adds.values()}
             db.executemany(INSERT_DOCUMENT, (tuple(asdict(record).values()) for record in added_docs.values()))
             db.executemany(INSERT_CHUNK, (
                 (int(id_), record.doc_id, chunk.ordinal, chunk.text, chunk.source, chunk.page, chunk.heading,
                  chunk.element_type, chunk.tokens, chunk.hash, chunk.context, record.collection)
                 for id_, (record, chunk) in zip(ids, new_chunks)))
             db.executemany("UPDATE documents SET size = ?, mtime_ns = ? WHERE doc_id = ?",
-                           ((size, mtime, doc_id) for doc_id, (size, mtime) in self._touches.items()))
+                           ((size, mtime, doc_id) for doc_id, (size, mtime) in self._pending.touches.items()))
             if segment:
                 db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (*segment, _now()))
             generation = self.generation + 1
@@ -675,20 +672,15 @@ class EmbeddedStore:
                 ("next_chunk_id", str(next_id + len(new_chunks))), ("generation", str(generation)),
                 ("committed_at", _now())])
             crash_point("commit-before-transaction-end")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         crash_point("commit-after-transaction-end")
-        self._adds, self._deletes, self._touches = {}, set(), {}
+        self._pending = PendingChanges()
         self._release()
         return CommitInfo(generation, generation_name(generation), len(new_chunks), deleted,
                           time.perf_counter() - started)
 
     def abort(self) -> None:
         """Drop the buffered changes; the index stays as it was."""
-        self._adds, self._deletes, self._touches = {}, set(), {}
+        self._pending = PendingChanges()
         if self._lock_handle is not None:
             self._release()
 
@@ -797,8 +789,7 @@ def compact(index_dir: str | Path, full: bool = True, max_segments: int = 8,
             write_segment(index_dir, name, merged)
         crash_point("compact-segment-written")
 
-        db.execute("BEGIN IMMEDIATE")  # waits (busy_timeout) for a commit in flight, never for a whole ingest
-        try:
+        with write_transaction(db):  # waits (busy_timeout) for a commit in flight, never for a whole ingest
             db.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in inputs])
             if merged.ntotal:
                 db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (name, index_type(merged), int(merged.ntotal),
@@ -807,11 +798,6 @@ def compact(index_dir: str | Path, full: bool = True, max_segments: int = 8,
             generation = int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]) + 1
             db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
             crash_point("compact-before-transaction-end")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         crash_point("compact-after-transaction-end")
         for old in inputs:  # readers hold loaded segments in memory; one mid-refresh re-reads the list
             (index_dir / SEGMENTS / f"{old}.faiss").unlink(missing_ok=True)

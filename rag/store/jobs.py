@@ -18,7 +18,7 @@ import psutil
 
 from rag.errors import ConflictError
 from rag.store.base import DEFAULT_COLLECTION
-from rag.store.embedded import connect
+from rag.store.embedded import connect, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -131,8 +131,7 @@ class JobLog:
     def create(self, job: Job) -> Job:
         """Record a job durably (the commit is fsynced before this returns)."""
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self.db):
                 self.db.execute(
                     "INSERT INTO jobs (id, kind, status, spec, owner, created_at, collection, attempts) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job.id, job.kind, job.status, json.dumps(job.spec), job.owner,
@@ -140,17 +139,12 @@ class JobLog:
                 self.db.executemany(
                     "INSERT INTO job_files (job_id, position, filename, source) VALUES (?, ?, ?, ?)",
                     [(job.id, position, f.filename, f.source) for position, f in enumerate(job.files)])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
         return job
 
     def save(self, job: Job) -> None:
         """Write the job's status and its files' outcomes."""
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self.db):
                 self.db.execute(
                     "UPDATE jobs SET status = ?, owner = ?, started_at = ?, finished_at = ?, snapshot = ?, error = ?,"
                     " index_counts = ?, spec = ? WHERE id = ?",
@@ -159,10 +153,6 @@ class JobLog:
                 self.db.executemany(
                     "UPDATE job_files SET status = ?, chunks = ?, error = ?, doc_id = ? WHERE job_id = ? AND position = ?",
                     [(f.status, f.chunks, f.error, f.doc_id, job.id, position) for position, f in enumerate(job.files)])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
 
     def claim(self, job: Job) -> bool:
         """Make this process the job's owner, unless another process took it since `job` was read."""
@@ -204,16 +194,11 @@ class JobLog:
         """Forget finished jobs older than `max_age`; returns how many."""
         cutoff = (datetime.now(timezone.utc) - max_age).isoformat(timespec="seconds")
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self.db):
                 ids = [row[0] for row in self.db.execute(
                     "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed') AND finished_at < ?", (cutoff,))]
                 self.db.executemany("DELETE FROM job_files WHERE job_id = ?", [(id_,) for id_ in ids])
                 self.db.executemany("DELETE FROM jobs WHERE id = ?", [(id_,) for id_ in ids])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
         return len(ids)
 
     def close(self) -> None:
