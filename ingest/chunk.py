@@ -16,7 +16,7 @@ from rag.types import Chunk
 
 
 # Recorded per document (with the chunk settings): a document built by another parser or chunker is re-chunked.
-CHUNKER_VERSION = f"packed-context-1/{PARSER_VERSION}"
+CHUNKER_VERSION = f"packed-context-2/{PARSER_VERSION}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +117,7 @@ class Chunker:
             size = self.count(element.text)
             if parts and (used >= budget // 4 and element.heading != heading or used >= budget // 2 and element.page != page):
                 yield from close()
-            if parts and used + size + 1 > budget:
+            if parts and used + size + 1 > budget and size < budget:  # (one too big for any chunk is split below)
                 yield from close()
             if element.category == "Title" and element.text == element.heading and not parts:
                 continue  # the heading of the next chunk: its context line carries it
@@ -129,39 +129,46 @@ class Chunker:
                 if element.category != kind and element.category != "Title":
                     kind = element.category if kind == "Title" else "Mixed"
                 continue
-            # Too big for any one chunk: split it; its last piece stays open for the elements that follow.
-            yield from close()
+            # Too big for any one chunk: split it; its last piece stays open for the elements that follow. A few
+            # short lines pending on its page (a name, a caption) lead its first piece instead of making a chunk.
+            lead = "\n\n".join(parts) if parts and used < budget // 4 and page == element.page else ""
+            if not lead:
+                yield from close()
+            parts, used = [], 0
             start(element)
-            pieces = list(self._split(element, budget))
+            pieces = list(self._split(element, budget, lead))
             for piece in pieces[:-1]:
                 yield piece, page, heading, element.category
             parts, used = [pieces[-1]], self.count(pieces[-1]) + 1
         yield from close()
 
-    def _split(self, element: Element, budget: int):
+    def _split(self, element: Element, budget: int, lead: str = ""):
         if element.category == "Table":
-            yield from self._split_table(element, budget)
+            yield from self._split_table(element, budget, lead)
             return
-        for document in self._splitter(budget).create_documents([element.text]):
+        # Joined by a space: at a line break, the splitter would emit the lead as a piece of its own.
+        text = f"{lead} {element.text}" if lead else element.text
+        for document in self._splitter(budget).create_documents([text]):
             yield document.page_content
 
-    def _split_table(self, element: Element, budget: int):
-        """Rows in groups that fit, each group under the table's header rows."""
+    def _split_table(self, element: Element, budget: int, lead: str = ""):
+        """Rows in groups that fit, each group under the table's header rows (the first also under `lead`)."""
         header = element.header
         header_tokens = self.count(header) + 1 if header else 0
         if header_tokens > budget // 2:  # a header as long as the budget: rows go without it
             header, header_tokens = "", 0
         body = element.text.removeprefix(element.header).lstrip("\n")
-        rows, used = [], header_tokens
+        top = [part for part in (lead, header) if part]
+        rows, used = [], header_tokens + (self.count(lead) + 2 if lead else 0)
         for row in body.split("\n"):
             size = self.count(row) + 1
-            if rows and used + size > budget:
-                yield "\n".join(([header] if header else []) + rows)
-                rows, used = [], header_tokens
+            if used + size > budget and (rows or lead in top):  # full (or the lead leaves no room for a row)
+                yield "\n".join(top + rows)
+                rows, used, top = [], header_tokens, [header] if header else []
             if size > budget - header_tokens:  # one row longer than a chunk: split as text
                 yield from (d.page_content for d in self._splitter(budget - header_tokens).create_documents([row]))
                 continue
             rows.append(row)
             used += size
         if rows:
-            yield "\n".join(([header] if header else []) + rows)
+            yield "\n".join(top + rows)

@@ -40,14 +40,20 @@ class DocumentFacts:
     issuer: str = ""
     period: str = ""
 
+    @property
+    def card(self) -> str:
+        """What the document is, on one line: the same for all its chunks (`Chunk.document_card`)."""
+        return " | ".join(dict.fromkeys(" ".join(part.split()) for part in (self.title, self.issuer, self.period)
+                                        if part.strip()))
+
     def context(self, heading: str | None, page: int | None) -> str:
-        """The line embedded and indexed before each chunk's text: document facts, then where in it."""
-        parts = [self.title, self.issuer, self.period]
-        if heading:
-            parts.append(heading[:CONTEXT_FIELD_CHARS])
+        """Embedded and indexed before each chunk's text: the document's card, then a line of where in it."""
+        where = []
+        if heading and heading not in (self.title, self.issuer, self.period):
+            where.append(" ".join(heading[:CONTEXT_FIELD_CHARS].split()))
         if page is not None:
-            parts.append(f"p. {page}")
-        return " | ".join(dict.fromkeys(part for part in parts if part))
+            where.append(f"p. {page}")
+        return f"{self.card}\n{' | '.join(where)}" if self.card else " | ".join(where)
 
 
 def readable_name(source: str) -> str:

@@ -113,8 +113,8 @@ def _load_pdf(path: Path) -> LoadedDocument:
         raise LoadError(str(error)) from None
     elements, heading = [], None
     for element in parsed.elements:
-        if element.category == "Title":
-            heading = element.text[:200]
+        if element.category == "Title" or element.heading:
+            heading = (element.heading or element.text)[:200]
         text = f"{element.header}\n{element.text}" if element.header else element.text  # a table whole, header first
         elements.append(Element(text, element.category, element.page, heading, element.header))
     return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author)

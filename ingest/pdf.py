@@ -20,10 +20,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PARSER_VERSION = "pdfium-layout-1"
+PARSER_VERSION = "pdfium-layout-2"
 NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
 YEAR = re.compile(r"^(fiscal\s+)?(19|20)\d\d$", re.I)
 FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers and page numbers sit
+# A table's caption: the short lines right above it on its page ("CONSOLIDATED BALANCE SHEETS", "(In millions)",
+# "Assets"), at most this many, each at most CAPTION_WORDS words. They name what the rows are, so every chunk of
+# the table repeats them with its header rows.
+CAPTION_LINES = 6
+CAPTION_WORDS = 14
 
 
 class PdfError(Exception):
@@ -61,7 +66,8 @@ class PageElement:
     text: str
     category: str  # Title, NarrativeText or Table
     page: int  # 1-based
-    header: str = ""  # tables: the Markdown header rows every chunk of the table repeats
+    header: str = ""  # tables: the caption and Markdown header rows every chunk of the table repeats
+    heading: str = ""  # tables: the heading found in the caption, which the table and what follows sit under
 
 
 @dataclass(slots=True)
@@ -196,6 +202,20 @@ def _table(header_lines: list[Line], rows: list[Line], page: int) -> PageElement
     return PageElement("\n".join(body), "Table", page, header=header_text)
 
 
+def _captioned(table: PageElement, elements: list[PageElement]) -> PageElement:
+    """The table with the short lines right above it (taken off `elements`, this page's so far) as its caption."""
+    caption: list[PageElement] = []
+    while (elements and len(caption) < CAPTION_LINES and elements[-1].category != "Table"
+           and len(elements[-1].text.split()) <= CAPTION_WORDS
+           and (not elements[-1].text.endswith((".", ":", ";")) or len(elements[-1].text.split()) <= 3)):
+        caption.insert(0, elements.pop())
+    if caption:
+        lines = "\n".join(element.text for element in caption)
+        table.header = f"{lines}\n{table.header}" if table.header else lines
+        table.heading = next((element.text for element in caption if element.category == "Title"), "")
+    return table
+
+
 def _table_spans(lines: list[Line], body_size: float) -> list[tuple[int, int, int]]:
     """(header start, first row, last row) of each table: runs of rows, label-only lines between rows included,
     with up to 4 lines above whose cells all sit right of the row labels (the column headings)."""
@@ -236,7 +256,8 @@ def _is_heading(line: Line, body_size: float) -> bool:
     short = len(words) <= 14 and not line.text.endswith((".", ",", ";", ":"))
     segment = line.segments[0]
     emphasised = segment.size >= body_size * 1.15 or segment.bold or (line.text.isupper() and len(words) >= 2)
-    return emphasised and (short or bool(numbered) and len(words) <= 24)
+    unit_line = line.text.startswith(("(", "$", "%"))  # "(In millions, except per share data)" is not a section
+    return emphasised and not unit_line and (short or bool(numbered) and len(words) <= 24)
 
 
 def _page_elements(lines: list[Line], page: int, body_size: float) -> list[PageElement]:
@@ -255,7 +276,7 @@ def _page_elements(lines: list[Line], page: int, body_size: float) -> list[PageE
         if index in tables:
             first, last = tables[index]
             flush_paragraph()
-            elements.append(_table(lines[index:first], lines[first:last + 1], page))
+            elements.append(_captioned(_table(lines[index:first], lines[first:last + 1], page), elements))
             index = last + 1
             continue
         line = lines[index]

@@ -96,9 +96,16 @@ class Chunk:
     tokens: int = 0  # embedding-model tokens
     hash: str = ""  # sha256 of text
     id: int | None = None  # assigned by the store; also the FAISS id
-    # Document-level context (title, issuer, period, section, page) that a passage from deep inside a long document
-    # does not state itself ("the Company", "three months ended"). Embedded and indexed with the text, not quoted.
+    # Document-level context that a passage from deep inside a long document does not state itself ("the Company",
+    # "three months ended"): a line with the document's card (title, issuer, period), then one with its section and
+    # page. Embedded and indexed with the text, not quoted.
     context: str = ""
+
+    @property
+    def document_card(self) -> str:
+        """The first line of a two-line context: the document's title, issuer and period ('' if it has none)."""
+        card, newline, _ = self.context.partition("\n")
+        return card if newline else ""
 
     @property
     def indexed_text(self) -> str:

@@ -69,3 +69,17 @@ def report_with_table() -> bytes:
 def scan_without_text() -> bytes:
     """Pages with no text objects at all, as a scanned image PDF has (the image itself does not matter here)."""
     return make_pdf([[], []])
+
+
+def statement_with_caption(rows: int = 30) -> bytes:
+    """A filing's statement page: the issuer's name, a bold title and a unit line right above a long table."""
+    cover = [(72, 720, 20, "B:Annual Report"), (72, 690, 11, "Globex Corporation"),
+             (72, 660, 11, "For the fiscal year ended December 31, 2023"),
+             (72, 630, 11, "This report describes the year in words and numbers.")]
+    statement = [(72, 740, 10, "Globex Corp."), (72, 725, 12, "B:CONSOLIDATED BALANCE SHEETS"),
+                 (72, 710, 10, "(In millions)"), (300, 690, 10, "2023"), (380, 690, 10, "2022")]
+    for row in range(rows):
+        y = 670 - 18 * row
+        statement += [(72, y, 10, f"Balance sheet line item {row}"), (300, y, 10, f"{1000 + row:,}"),
+                      (380, y, 10, f"{900 + row:,}")]
+    return make_pdf([cover, statement])

@@ -6,7 +6,7 @@ import pytest
 from ingest.chunk import Chunker, ChunkSettings
 from ingest.load import Element, LoadedDocument, load
 from tests.conftest import CORPUS
-from tests.pdfs import report_with_table
+from tests.pdfs import report_with_table, statement_with_caption
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,34 @@ def test_a_split_table_repeats_its_header_in_every_chunk(chunker):
     chunks = chunker.chunk(LoadedDocument([table]), "doc", "statement.pdf")
     assert len(chunks) > 3 and all(c.text.startswith(header + "\n") for c in chunks)
     assert sum(c.text.count("| Line item number") for c in chunks) == 40  # every row once
+
+
+def test_every_chunk_of_a_split_statement_carries_its_caption(chunker, embedder, tmp_path):
+    path = tmp_path / "globex_2023_annual-report.pdf"
+    path.write_bytes(statement_with_caption(rows=40))
+    chunks = [c for c in chunker.chunk(load(path), "doc", str(path)) if c.page == 2]
+    assert len(chunks) > 2
+    for chunk in chunks:  # each piece says which statement, in which unit, its rows are from; none is a caption alone
+        assert chunk.text.startswith("Globex Corp.\nCONSOLIDATED BALANCE SHEETS\n(In millions)\n|  | 2023 | 2022 |")
+        assert "| Balance sheet line item" in chunk.text and chunk.heading == "CONSOLIDATED BALANCE SHEETS"
+        assert len(embedder.tokenizer.encode(chunk.indexed_text)) <= embedder.max_tokens
+    assert sum(c.text.count("| Balance sheet line item") for c in chunks) == 40
+
+
+def test_short_lines_before_a_long_element_lead_its_first_piece(chunker):
+    name = Element(text="Globex Corp.", category="NarrativeText", page=4, heading=None)
+    sentences = " ".join(f"Sentence number {i} talks about topic {i % 7} at some length." for i in range(40))
+    chunks = chunker.chunk(LoadedDocument([name, Element(sentences, "NarrativeText", 4, None)]), "doc", "a.txt")
+    assert chunks[0].text.startswith("Globex Corp. Sentence number 0") and len(chunks) > 2  # not a one-line chunk
+
+
+def test_the_context_is_the_documents_card_then_where_the_chunk_is(chunker, tmp_path):
+    path = tmp_path / "globex_2023_annual-report.pdf"
+    path.write_bytes(statement_with_caption())
+    chunks = chunker.chunk(load(path), "doc", str(path))
+    cards = {chunk.document_card for chunk in chunks}
+    assert cards == {"Annual Report | globex 2023 annual report | Globex Corporation | fiscal year ended December 31, 2023"}
+    assert chunks[-1].context.splitlines()[1] == "CONSOLIDATED BALANCE SHEETS | p. 2"
 
 
 def test_long_sections_are_split_with_overlap(chunker):

@@ -6,7 +6,7 @@ import pytest
 
 from ingest.load import LoadError, load
 from tests.conftest import CORPUS, DATA
-from tests.pdfs import report_with_table, scan_without_text
+from tests.pdfs import report_with_table, statement_with_caption, scan_without_text
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,17 @@ def test_pdf_table_rows_come_with_their_header_and_headings_are_found(tmp_path: 
     assert "| Cost of sales | 700 | 640 | 9% |" in table.text.splitlines()
     titles = [e.text for e in elements if e.category == "Title"]
     assert titles == ["Quarterly Report", "Results of Operations"]  # larger or bold lines; body lines are not
+
+
+def test_a_pdf_tables_caption_lines_head_it_and_name_its_section(tmp_path: Path):
+    (tmp_path / "annual.pdf").write_bytes(statement_with_caption())
+    elements = load(tmp_path / "annual.pdf").elements
+    table = next(e for e in elements if e.category == "Table")
+    # The issuer's name, the statement's title and its unit line sit right above the rows: they are its caption.
+    assert table.header.startswith("Globex Corp.\nCONSOLIDATED BALANCE SHEETS\n(In millions)\n|  | 2023 | 2022 |")
+    assert table.heading == "CONSOLIDATED BALANCE SHEETS"
+    assert not any(e.page == 2 and e.category != "Table" for e in elements)  # no caption line left on its own
+    assert "(In millions)" not in [e.text for e in elements if e.category == "Title"]  # a unit line is no section
 
 
 @pytest.mark.parametrize(
