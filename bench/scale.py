@@ -218,7 +218,7 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
             def encode_query(self, text):
                 return self.by_text[text]
 
-        retriever = Retriever(store, GivenVectors(), "hybrid", candidates=30)
+        retriever = Retriever(store, GivenVectors(), "hybrid")  # the shipped candidates per leg
         hybrid = lambda pair: retriever.retrieve(pair[1], 10)  # noqa: E731
     else:  # the snapshot store's: one leg after the other
         def hybrid(pair):

@@ -4,8 +4,9 @@ import pytest
 
 import rag.store.embedded
 from ingest.job import IngestJob
-from rag.retrieve import Retriever, RetrieverKind, reciprocal_rank_fusion
+from rag.retrieve import LONG_DOCUMENT_CHUNKS, Retriever, RetrieverKind, one_per_page_first, rank_documents, reciprocal_rank_fusion
 from rag.store import Store
+from rag.types import Chunk
 from tests.conftest import CORPUS
 
 # Queries dominated by identifiers, where exact terms matter more than meaning; each with the file that holds it.
@@ -79,6 +80,46 @@ def test_reciprocal_rank_fusion_rewards_agreement():
     fused = reciprocal_rank_fusion({"dense": [1, 2, 3], "bm25": [3, 4, 1]})
     assert [item for item, _ in fused][:2] == [1, 3]
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 63)
+
+
+CARDS = {"nike-2019": "FORM 10-K | NIKE 2019 10K | NIKE, Inc. | FISCAL YEAR ENDED MAY 31, 2019",
+         "nike-2021": "FORM 10-K | NIKE 2021 10K | NIKE, Inc. | FISCAL YEAR ENDED MAY 31, 2021",
+         "adobe-2019": "FORM 10-K | ADOBE 2019 10K | ADOBE INC. | fiscal year ended November 29, 2019",
+         "notes": ""}
+
+
+def test_documents_rank_by_their_cards_terms_weighed_among_the_candidates():
+    ranks = rank_documents("What were Nike's total current assets at the end of FY2019?", CARDS)
+    assert ranks["nike-2019"] == 1 and set(ranks) == {"nike-2019", "nike-2021", "adobe-2019"}  # 'FY2019' meets '2019'
+    assert rank_documents("What are Nike's total current assets?", CARDS) == {"nike-2019": 1, "nike-2021": 1}  # a tie: shared
+    assert rank_documents("total current assets", CARDS) == {}  # no card term in the question: no ranking
+    assert rank_documents("Who sold the most in fiscal 2019?", {"tv": "Doctor Who"}) == {}  # not a name there
+
+
+def test_hybrid_fusion_ranks_the_passage_of_the_document_the_question_names_first():
+    def chunk(id_, doc_id, ordinal=LONG_DOCUMENT_CHUNKS + 40):
+        return Chunk(doc_id, ordinal, "Total current assets 8,870 9,829", f"{doc_id}.pdf", 52, id=id_,
+                     context=f"{CARDS[doc_id]}\nConsolidated Balance Sheets | p. 52" if CARDS[doc_id] else "p. 52")
+
+    chunks = {1: chunk(1, "adobe-2019"), 2: chunk(2, "nike-2021"), 3: chunk(3, "nike-2019"), 4: chunk(4, "notes")}
+    # Every filing's balance sheet matches the words; Nike's for fiscal 2019 is second in both legs.
+    fused = reciprocal_rank_fusion({"dense": [1, 3, 2, 4], "bm25": [2, 3, 1, 4]})
+    assert [id_ for id_, _ in fused][0] != 3
+    ranked = Retriever._with_documents("What were Nike's total current assets in FY2019?", fused, chunks)
+    assert [id_ for id_, _ in ranked][0] == 3
+    assert ranked[-1] == fused[-1]  # a candidate whose document matches nothing keeps its fused score
+    assert Retriever._with_documents("total current assets", fused, chunks) == fused
+    # A short document's passages carry its card themselves: it gets no second vote.
+    chunks[3] = chunk(3, "nike-2019", ordinal=1)
+    assert Retriever._with_documents("What were Nike's total current assets in FY2019?", fused, chunks)[0][0] != 3
+
+
+def test_hits_cite_distinct_pages_first():
+    chunks = {id_: Chunk(doc, 0, "text", f"{doc}.pdf", page, id=id_)
+              for id_, doc, page in [(1, "a", 3), (2, "a", 3), (3, "a", 4), (4, "b", 3), (5, "c", None), (6, "c", None)]}
+    ranked = [(id_, 1.0 / id_) for id_ in range(1, 7)]
+    # The second chunk of page 3 of 'a' waits behind the first of every other page; page-less chunks never wait.
+    assert [id_ for id_, _ in one_per_page_first(ranked, chunks)] == [1, 3, 4, 5, 6, 2]
 
 
 def test_langchain_adapter_is_a_base_retriever(retriever):
