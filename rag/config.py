@@ -20,6 +20,9 @@ DEFAULT_CHUNK_TOKENS = 200
 DEFAULT_CHUNK_OVERLAP = 32
 DEFAULT_SEARCH_RESULTS = 5
 MAX_CHUNKS = 50  # most chunks one search returns or one prompt holds
+# Chunks per embedding batch. On 2 CPU cores, filing chunks (~180 tokens) embed faster in small batches: per chunk,
+# bf16 23.3 ms at 16 against 25.3 ms at 64, fp32 36.0 ms against 40.3 ms at 32 (2026-11-30). GPUs want larger ones.
+DEFAULT_EMBEDDING_BATCH_SIZE = 16
 
 
 def _default_cache_dir() -> Path:
@@ -53,7 +56,7 @@ class Settings(BaseSettings):
     embedding_model: str | None = Field(
         None, description="Sentence-transformers model folder; default: the packaged all-MiniLM-L6-v2."
     )
-    embedding_batch_size: int = Field(64, ge=1, le=4096)
+    embedding_batch_size: int = Field(DEFAULT_EMBEDDING_BATCH_SIZE, ge=1, le=4096)
     device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'.")
     embedding_precision: Literal["auto", "fp32", "bf16", "onnx", "onnx-int8"] = Field(
         "auto", description="'auto': bf16 autocast on CUDA and on CPUs with native bf16 (2.4x here); on other CPUs "

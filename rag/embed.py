@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag.config import DEFAULT_EMBEDDING_BATCH_SIZE
 from rag.embed_onnx import ONNX_PRECISIONS, OnnxEncoder, max_seq_length
 from rag.errors import UserError
 from rag.models import (PRECISIONS, autocast, default_embedding_path, existing_path, model_imports, resolve_device,
@@ -48,7 +49,8 @@ class Embedder:
     (1, 384)
     """
 
-    def __init__(self, model_path: str | Path | None = None, device: str = "auto", batch_size: int = 64,
+    def __init__(self, model_path: str | Path | None = None, device: str = "auto",
+                 batch_size: int = DEFAULT_EMBEDDING_BATCH_SIZE,
                  precision: str = "auto", cache_dir: str | Path | None = None):
         self.path = existing_path(model_path, "Embedding model") if model_path else default_embedding_path()
         self.batch_size = batch_size

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from rag.cli.app import (EXIT_FILES_FAILED, EXIT_OK, CollectionOption, IndexOption, JsonOption, app, console,
                          display, errors, print_mapping, settings_from)
-from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS, DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
+from rag.config import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS, DEFAULT_EMBEDDING_BATCH_SIZE, DEFAULT_SEARCH_RESULTS,
+                        MAX_CHUNKS)
 from rag.types import RetrieverKind
 
 
@@ -26,7 +27,7 @@ def ingest(
     chunk_tokens: Annotated[Optional[int], typer.Option(help=f"Chunk size in embedding tokens (env: RAG_CHUNK_TOKENS; default {DEFAULT_CHUNK_TOKENS}).")] = None,
     chunk_overlap: Annotated[Optional[int], typer.Option(help=f"Overlap between chunks in tokens (env: RAG_CHUNK_OVERLAP; default {DEFAULT_CHUNK_OVERLAP}).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 1).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Embedding batch size (env: RAG_EMBEDDING_BATCH_SIZE; default 64).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Embedding batch size (env: RAG_EMBEDDING_BATCH_SIZE; default {DEFAULT_EMBEDDING_BATCH_SIZE}).")] = None,
     embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model folder (env: RAG_EMBEDDING_MODEL; default: packaged all-MiniLM-L6-v2).")] = None,
     embedding_precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | onnx | onnx-int8 (env: RAG_EMBEDDING_PRECISION; auto: bf16 on CUDA and on CPUs with native bf16, else onnx-int8).")] = None,
     as_json: JsonOption = False,
