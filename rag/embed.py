@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from rag.config import DEFAULT_EMBEDDING_BATCH_SIZE
-from rag.embed_onnx import ONNX_PRECISIONS, OnnxEncoder, max_seq_length
+from rag.embed_onnx import ONNX_PRECISIONS, OnnxEncoder, longest_first, max_seq_length
 from rag.errors import UserError
 from rag.models import (PRECISIONS, autocast, default_embedding_path, existing_path, model_imports, resolve_device,
                         resolve_precision)
@@ -143,18 +143,20 @@ class Embedder:
             return int(self.model.max_seq_length)
         return max_seq_length(self.path)
 
-    def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str]) -> np.ndarray:
         if self.uses_onnx:
             return self.onnx.encode(texts, self.batch_size)
+        if not texts:
+            return np.zeros((0, self.dimension), np.float32)
+        lengths = [len(ids) for ids in self.model.tokenizer(texts, truncation=True, max_length=self.max_tokens,
+                                                            add_special_tokens=True)["input_ids"]]
+        vectors = np.zeros((len(texts), self.dimension), np.float32)
         with self.autocast():
-            vectors = self.model.encode(
-                texts,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=show_progress,
-            )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+            for batch in longest_first(np.array(lengths, dtype=np.int64), self.batch_size):
+                vectors[batch] = self.model.encode([texts[i] for i in batch], batch_size=len(batch),
+                                                   normalize_embeddings=True, convert_to_numpy=True,
+                                                   show_progress_bar=False)
+        return vectors
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         """Query-time embedding (a question, a few passages to compare it with), in `query_precision`."""
