@@ -58,10 +58,10 @@ def card_terms(text: str) -> list[str]:
 
 def rank_documents(query: str, cards: dict[str, str]) -> dict[str, int]:
     """The rank of each document whose card (title, issuer, period) shares a term with the names in the query, by
-    Okapi BM25 over just these cards: a term every candidate's card holds ('10-K', 'Inc') weighs nothing; the issuer and year a
-    question names weigh most. Equal scores share a rank (the paragraphs of one article, the filings of one issuer
-    for a question naming no year): the ranking never orders what the cards cannot tell apart. (A handful of short
-    cards per query: bm25s or rank_bm25 would cost more to import and set up than to score them here.)"""
+    Okapi BM25 over just these cards: a term every candidate's card holds ('10-K', 'Inc') weighs nothing; the issuer
+    and year a question names weigh most. Equal scores share a rank (the paragraphs of one article, the filings of
+    one issuer for a question naming no year): the ranking never orders what the cards cannot tell apart. (A handful
+    of short cards per query: bm25s or rank_bm25 would cost more to import and set up than to score them here.)"""
     analysed = {doc_id: card_terms(card) for doc_id, card in cards.items() if card}
     if not analysed:
         return {}
@@ -147,7 +147,8 @@ class Retriever:
         ]
 
     @staticmethod
-    def _with_documents(query: str, fused: list[tuple[int, float]], chunks: dict[int, Chunk]) -> list[tuple[int, float]]:
+    def _with_documents(query: str, fused: list[tuple[int, float]],
+                        chunks: dict[int, Chunk]) -> list[tuple[int, float]]:
         """A third ranking in the fusion, of long documents: each candidate also scores 1 / (RRF_K + rank) of its
         document among the candidates' long documents ranked by their cards. "What were Nike's FY2019 total current
         assets?" matches balance sheets in every filing; the card says which one is Nike's for fiscal 2019."""
