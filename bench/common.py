@@ -6,6 +6,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from rag import models
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
@@ -34,11 +36,10 @@ def mean(values: list[float]) -> float:
 
 
 def cpu_flags() -> str:
-    """The CPU's vector and matrix extensions that change model speed (bf16 autocast needs avx512_bf16 or amx)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+    """The CPU's vector and matrix extensions that change model speed (bf16 autocast needs avx512_bf16 or amx;
+    int8 needs VNNI to run at full range)."""
+    if not (flags := models.cpu_flags()):
         return "unknown"
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-    present = [flag for flag in wanted if flag in flags.split()]
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    present = [flag for flag in wanted if flag in flags]
     return " ".join(present) or "none of " + ", ".join(wanted)

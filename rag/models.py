@@ -79,6 +79,16 @@ def decoder_identity(model: str | Path | None) -> dict:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them in /proc/cpuinfo (empty where it does not)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision '{precision}'. Supported: {list(PRECISIONS)}")

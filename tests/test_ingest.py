@@ -187,16 +187,22 @@ def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, 
     assert job.run(docs_dir).status_counts["new"] == 1  # the next run completes the work
 
 
-def test_onnx_embeddings_match_fp32(tmp_path):
+def test_onnx_embeddings_match_fp32(tmp_path, monkeypatch):
+    from rag import embed_onnx
     from rag.embed import Embedder
 
     texts = ["How do I set a timeout?", "Net sales rose 14% to $1,250 million in the quarter ended March 31, 2024."]
     reference = Embedder(device="cpu", precision="fp32").encode(texts)
     onnx = Embedder(device="cpu", precision="onnx", cache_dir=tmp_path)
     assert (onnx.encode(texts) * reference).sum(axis=1).min() > 0.9999  # the same graph, other kernels
-    int8 = Embedder(device="cpu", precision="onnx-int8", cache_dir=tmp_path)
-    assert (int8.encode(texts) * reference).sum(axis=1).min() > 0.97  # int8 weights: close, not equal
-    assert sorted(path.name for path in tmp_path.rglob("*.onnx")) == ["model.int8.onnx", "model.onnx"]  # cached
+    for flags, graph in [({"avx2", "avx512_vnni"}, "model.int8.onnx"), ({"avx2"}, "model.int8-w7.onnx"),
+                         (set(), "model.int8.onnx")]:  # VNNI, AVX2 only (saturating), not x86
+        monkeypatch.setattr(embed_onnx, "cpu_flags", lambda: frozenset(flags))
+        int8 = Embedder(device="cpu", precision="onnx-int8", cache_dir=tmp_path)
+        assert int8.onnx.graph.name == graph
+        assert (int8.encode(texts) * reference).sum(axis=1).min() > 0.97  # int8 weights: close, not equal
+    cached = ["model.int8-w7.onnx", "model.int8.onnx", "model.onnx"]
+    assert sorted(path.name for path in tmp_path.rglob("*.onnx")) == cached
 
 
 def test_queries_embed_on_onnx_fp32_without_importing_sentence_transformers(tmp_path):
