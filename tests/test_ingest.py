@@ -1,5 +1,6 @@
 """The ingestion job: incremental, idempotent, safe against bad input, other models and network use."""
 
+import logging
 import shutil
 import socket
 from pathlib import Path
@@ -187,7 +188,7 @@ def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, 
     assert job.run(docs_dir).status_counts["new"] == 1  # the next run completes the work
 
 
-def test_onnx_embeddings_match_fp32(tmp_path, monkeypatch):
+def test_onnx_embeddings_match_fp32(tmp_path, monkeypatch, caplog):
     from rag import embed_onnx
     from rag.embed import Embedder
 
@@ -203,6 +204,7 @@ def test_onnx_embeddings_match_fp32(tmp_path, monkeypatch):
         assert (int8.encode(texts) * reference).sum(axis=1).min() > 0.97  # int8 weights: close, not equal
     cached = ["model.int8-w7.onnx", "model.int8.onnx", "model.onnx"]
     assert sorted(path.name for path in tmp_path.rglob("*.onnx")) == cached
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]  # quantised quietly
 
 
 def test_queries_embed_on_onnx_fp32_without_importing_sentence_transformers(tmp_path):
