@@ -216,15 +216,24 @@ def test_queries_embed_on_onnx_fp32_without_importing_sentence_transformers(tmp_
     from rag.embed import Embedder
 
     texts = ["How do I set a timeout?", "Net sales rose 14% to $1,250 million in the quarter ended March 31, 2024."]
-    assert Embedder(device="cpu").query_precision == "onnx"
     assert Embedder(device="cpu", precision="fp32").query_precision == "fp32"  # an explicit choice is kept
     script = ("import sys, numpy; from rag.embed import Embedder; "
-              f"e = Embedder(device='cpu', cache_dir={str(tmp_path)!r}); v = e.encode_queries({texts!r}); "
+              f"e = Embedder(device='cpu', precision='onnx', cache_dir={str(tmp_path)!r}); "
+              f"v = e.encode_queries({texts!r}); "
               "assert 'sentence_transformers' not in sys.modules, 'imported'; numpy.save(sys.argv[1], v)")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.npy")], check=True, timeout=600,
                    cwd=Path(__file__).resolve().parents[1])
     reference = Embedder(device="cpu", precision="fp32").encode(texts)
     assert (np.load(tmp_path / "v.npy") * reference).sum(axis=1).min() > 0.9999
+
+
+def test_auto_embeds_queries_in_the_graph_that_embeds_passages(monkeypatch):
+    from rag import embed
+
+    for native_bf16, passages, queries in ((True, "bf16", "onnx"), (False, "onnx-int8", "onnx-int8")):
+        monkeypatch.setattr(embed, "resolve_precision", lambda precision, device: "bf16" if native_bf16 else "fp32")
+        embedder = embed.Embedder(device="cpu")
+        assert (embedder.precision, embedder.query_precision) == (passages, queries)
 
 
 def test_bf16_embeddings_match_fp32():
