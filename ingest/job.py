@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -33,11 +35,15 @@ from rag.store import DEFAULT_COLLECTION, DocumentRecord, Store, begin_store
 from rag.types import Chunk
 
 log = logging.getLogger(__name__)
+T, R = TypeVar("T"), TypeVar("R")
 STATUSES = ("new", "changed", "unchanged", "removed", "skipped", "failed")  # skipped: not a supported file type
 
 # Chunks gathered across files before they are embedded: the embedder orders them by token count, so over this many
 # its batches carry under 1% padding (about 5% over 128).
 EMBED_WINDOW_CHUNKS = 1024
+# Files handed to the parse workers ahead of the embedder, per worker: enough that none waits for work, few enough that
+# parsed chunks do not pile up in memory where parsing outruns embedding (a folder of thousands of PDFs, many workers).
+PARSE_AHEAD_PER_WORKER = 2
 
 
 @dataclass(slots=True)
@@ -124,6 +130,16 @@ def doc_id_for(source: str, collection: str = DEFAULT_COLLECTION) -> str:
     of the collection and the path, so that one file can be in several collections."""
     key = source if collection == DEFAULT_COLLECTION else f"{collection}\0{source}"
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def in_order(submit: Callable[[T], Future[R]], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """Each item's result, in the items' order; while the caller works on one, at most `ahead` more are submitted."""
+    items = iter(items)
+    queued = deque(submit(item) for item in itertools.islice(items, ahead))
+    while queued:
+        result = queued.popleft().result()
+        queued.extend(submit(item) for item in itertools.islice(items, 1))  # before yielding: workers go on meanwhile
+        yield result
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -280,9 +296,8 @@ class IngestJob:
         # spawn, not fork: this process may already hold torch's thread pools, which do not survive a fork.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-            futures = [pool.submit(parse_file, *args) for args in arguments]
-            for item, future in zip(pending, futures):
-                yield item, future.result()
+            parsed = in_order(lambda args: pool.submit(parse_file, *args), arguments, workers * PARSE_AHEAD_PER_WORKER)
+            yield from zip(pending, parsed)
 
     def _parse_embed_add(self, pending: list[_Pending], store: Store, report: IngestReport) -> Iterator[FileResult]:
         """Embed chunks in batches that span files, so small files do not leave the model underused."""

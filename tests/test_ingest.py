@@ -171,6 +171,28 @@ def test_parallel_parsing_gives_the_same_index(docs_dir, settings, embedder, tmp
     assert texts(settings.index_dir) == texts(parallel_settings.index_dir)
 
 
+def test_parse_results_come_in_order_with_a_bounded_number_ahead():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ingest.job import in_order
+
+    outstanding, most = 0, 0
+
+    def submit(item):
+        nonlocal outstanding, most
+        outstanding += 1
+        most = max(most, outstanding)
+        return pool.submit(lambda: item * item)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = []
+        for result in in_order(submit, range(50), ahead=4):
+            outstanding -= 1
+            results.append(result)
+    assert results == [item * item for item in range(50)]
+    assert most == 4 + 1  # the one in hand: thousands of files do not all wait parsed in memory for the embedder
+
+
 def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, settings, embedder, monkeypatch):
     job = IngestJob(settings, embedder)
     before = job.run(docs_dir).index_counts
