@@ -20,8 +20,8 @@ PERIOD_PATTERNS = [
     re.compile(rf"\b(?:for\s+the\s+)?((?:fiscal\s+)?(?:year|quarter|quarterly\s+period|period|fiscal\s+year|"
                rf"(?:three|six|nine|twelve)\s+months|(?:13|26|39|52|53)\s+weeks)\s+ended:?\s+{DATE})", re.I),
     re.compile(rf"\b(date\s+of\s+report)[^:]{{0,60}}:?\s*({DATE})", re.I),
-    re.compile(rf"\b((?:first|second|third|fourth)\s+quarter\s+(?:of\s+)?(?:fiscal\s+)?(?:19|20)\d\d)\b", re.I),
-    re.compile(rf"\b((?:fiscal|FY)\s*(?:19|20)\d\d)\b", re.I),
+    re.compile(r"\b((?:first|second|third|fourth)\s+quarter\s+(?:of\s+)?(?:fiscal\s+)?(?:19|20)\d\d)\b", re.I),
+    re.compile(r"\b((?:fiscal|FY)\s*(?:19|20)\d\d)\b", re.I),
 ]
 FIRST_DATE = re.compile(DATE)
 REGISTRANT = re.compile(r"exact\s+name\s+of\s+(?:the\s+)?registrant", re.I)

@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -28,6 +28,7 @@ import numpy as np
 
 from ingest.chunk import CHUNKER_VERSION, Chunker, ChunkSettings
 from ingest.load import LoadError, load, unsupported_type
+from ingest.pdf import page_count
 from rag.config import Settings
 from rag.embed import Embedder
 from rag.models import sha256_files
@@ -44,6 +45,8 @@ EMBED_WINDOW_CHUNKS = 1024
 # Files handed to the parse workers ahead of the embedder, per worker: enough that none waits for work, few enough that
 # parsed chunks do not pile up in memory where parsing outruns embedding (a folder of thousands of PDFs, many workers).
 PARSE_AHEAD_PER_WORKER = 2
+# A longer PDF has its pages read across the parse workers in ranges of this many (about 0.3 s of work each here).
+PAGES_PER_TASK = 16
 
 
 @dataclass(slots=True)
@@ -162,11 +165,13 @@ def _worker_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, 
 
 
 def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, chunk_overlap: int,
-               max_tokens: int, collection: str = DEFAULT_COLLECTION) -> tuple[list[Chunk] | str, float, float]:
-    """Load and chunk one file. Returns (chunks, or the error message), parse seconds, chunk seconds."""
+               max_tokens: int, collection: str = DEFAULT_COLLECTION, map_pages: Callable = map,
+               pages_per_task: int | None = None) -> tuple[list[Chunk] | str, float, float]:
+    """Load and chunk one file (a PDF's pages read by `map_pages`, see `parse_pdf`). Returns (chunks, or the error
+    message), parse seconds, chunk seconds."""
     started = time.perf_counter()
     try:
-        document = load(path)
+        document = load(path, map_pages, pages_per_task)
     except LoadError as error:
         return str(error), time.perf_counter() - started, 0.0
     parsed = time.perf_counter()
@@ -282,22 +287,35 @@ class IngestJob:
         return None, _Pending(path, source, status, content_hash, stat.st_size, stat.st_mtime_ns), False
 
     def _parsed(self, pending: list[_Pending]) -> Iterator[tuple[_Pending, tuple]]:
-        """Parse results in input order; in worker processes when there is more than one file to parse."""
+        """Parse results in input order: with `parse_workers` > 1, files are parsed in worker processes, and the
+        pages of a PDF longer than PAGES_PER_TASK are read across them (one long upload is not left to one core)."""
         arguments = [
             (str(item.path), item.source, str(self.embedder.path), self.chunk_settings.chunk_tokens,
              self.chunk_settings.chunk_overlap, self.embedder.max_tokens, self.collection)
             for item in pending
         ]
-        workers = min(self.settings.parse_workers, len(pending))
-        if workers <= 1:
+        workers = self.settings.parse_workers
+
+        def split(item: _Pending) -> bool:
+            return item.path.suffix.lower() == ".pdf" and page_count(item.path) > PAGES_PER_TASK
+
+        if workers <= 1 or (len(pending) == 1 and not split(pending[0])):
             for item, args in zip(pending, arguments):
                 yield item, parse_file(*args)
             return
-        # spawn, not fork: this process may already hold torch's thread pools, which do not survive a fork.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-            parsed = in_order(lambda args: pool.submit(parse_file, *args), arguments, workers * PARSE_AHEAD_PER_WORKER)
-            yield from zip(pending, parsed)
+        # spawn, not fork: this process may already hold torch's thread pools, which do not survive a fork. The
+        # thread that reads long PDFs starts workers too (pool.map), and Linux kills a worker when the thread that
+        # started it ends (PR_SET_PDEATHSIG, _die_with_parent): so that thread ends last, after every worker.
+        with ThreadPoolExecutor(1, "long-pdf") as long_pdfs, ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
+                initargs=(os.getpid(),)) as pool:
+            def submit(entry: tuple[_Pending, tuple]) -> Future:
+                item, args = entry
+                if split(item):  # pages read by the workers; page furniture, elements and chunks found here
+                    return long_pdfs.submit(parse_file, *args, map_pages=pool.map, pages_per_task=PAGES_PER_TASK)
+                return pool.submit(parse_file, *args)
+
+            yield from zip(pending, in_order(submit, zip(pending, arguments), workers * PARSE_AHEAD_PER_WORKER))
 
     def _parse_embed_add(self, pending: list[_Pending], store: Store, report: IngestReport) -> Iterator[FileResult]:
         """Embed chunks in batches that span files, so small files do not leave the model underused."""

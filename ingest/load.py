@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +107,9 @@ def _partition(path: Path) -> list:
     raise LoadError(unsupported_type(path) or f"no loader for '{suffix}'")
 
 
-def _load_pdf(path: Path) -> LoadedDocument:
+def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> LoadedDocument:
     try:
-        parsed = parse_pdf(path)
+        parsed = parse_pdf(path, map_pages, pages_per_task)
     except PdfError as error:
         raise LoadError(str(error)) from None
     elements, heading = [], None
@@ -120,10 +121,11 @@ def _load_pdf(path: Path) -> LoadedDocument:
     return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author)
 
 
-def load(path: str | Path) -> LoadedDocument:
+def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None) -> LoadedDocument:
     """Parse a file into content elements, each with its page and the heading it sits under.
 
-    PDFs are read with pypdfium2 (ingest/pdf.py); every other format with unstructured.
+    PDFs are read with pypdfium2 (ingest/pdf.py; its pages by `map_pages`, see `parse_pdf`); every other format
+    with unstructured.
 
     >>> [e.category for e in load("corpus/httpx/quickstart.md").elements][:2]  # doctest: +SKIP
     ['Title', 'NarrativeText']
@@ -135,7 +137,7 @@ def load(path: str | Path) -> LoadedDocument:
         raise LoadError("empty file")
     try:
         if path.suffix.lower() == ".pdf":
-            return _load_pdf(path)
+            return _load_pdf(path, map_pages, pages_per_task)
         _use_packaged_spacy_model()
         raw_elements = _partition(path)
     except LoadError:

@@ -17,6 +17,7 @@ import ctypes
 import re
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,26 +312,38 @@ def _mask(text: str) -> str:
     return re.sub(r"\d+", "#", text.strip().lower())
 
 
-def parse_pdf(path: str | Path) -> ParsedPdf:
-    """Elements of a PDF's text layer, page by page (raises PdfError for unreadable files)."""
+def _open(path: str):
     import pypdfium2 as pdfium
-    import pypdfium2.raw as raw
 
     try:
-        document = pdfium.PdfDocument(str(path))
+        return pdfium.PdfDocument(path)
     except pdfium.PdfiumError as error:
         if "password" in str(error).lower():
             raise PdfError("PDF needs a password to open") from None
         raise PdfError(f"corrupt PDF: {error}") from None
+
+
+def page_count(path: str | Path) -> int:
+    """Pages of a PDF; 0 where it cannot be opened (parsing it then reports why)."""
     try:
-        parsed = ParsedPdf(pages=len(document))
-        if parsed.pages == 0:
-            raise PdfError("PDF has no pages")
-        metadata = document.get_metadata_dict(skip_empty=True)
-        parsed.metadata_title = " ".join(metadata.get("Title", "").split())
-        parsed.metadata_author = " ".join(metadata.get("Author", "").split())
-        pages: list[tuple[list[Line], float]] = []
-        for number in range(parsed.pages):
+        document = _open(str(path))
+    except PdfError:
+        return 0
+    try:
+        return len(document)
+    finally:
+        document.close()
+
+
+def read_pages(path: str, start: int, stop: int) -> list[tuple[list[Line], float]]:
+    """The lines and height of pages [start, stop) (0-based): the costly part of parsing, mapped over page ranges
+    in worker processes for large files (`parse_pdf`'s map_pages)."""
+    import pypdfium2.raw as raw
+
+    document = _open(path)
+    try:
+        pages = []
+        for number in range(start, stop):
             page = document[number]
             textpage = page.get_textpage()
             try:
@@ -338,8 +351,28 @@ def parse_pdf(path: str | Path) -> ParsedPdf:
             finally:
                 textpage.close()
                 page.close()
+        return pages
     finally:
         document.close()
+
+
+def parse_pdf(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None) -> ParsedPdf:
+    """Elements of a PDF's text layer, page by page (raises PdfError for unreadable files). Pages are read by
+    `map_pages(read_pages, paths, starts, stops)` in ranges of `pages_per_task` (default: all at once), e.g. a
+    process pool's map; furniture and elements need every page, so they are found here."""
+    document = _open(str(path))
+    try:
+        parsed = ParsedPdf(pages=len(document))
+        metadata = document.get_metadata_dict(skip_empty=True)
+    finally:
+        document.close()
+    if parsed.pages == 0:
+        raise PdfError("PDF has no pages")
+    parsed.metadata_title = " ".join(metadata.get("Title", "").split())
+    parsed.metadata_author = " ".join(metadata.get("Author", "").split())
+    starts = range(0, parsed.pages, pages_per_task or parsed.pages)
+    stops = [min(start + (pages_per_task or parsed.pages), parsed.pages) for start in starts]
+    pages = [page for pages in map_pages(read_pages, [str(path)] * len(starts), starts, stops) for page in pages]
     if not any(lines for lines, _ in pages):
         raise PdfError(f"PDF has no text layer on its {parsed.pages} page(s) (scanned image? OCR is not available)")
     furniture = _furniture(pages) if len(pages) >= 3 else set()

@@ -83,3 +83,17 @@ def statement_with_caption(rows: int = 30) -> bytes:
         statement += [(72, y, 10, f"Balance sheet line item {row}"), (300, y, 10, f"{1000 + row:,}"),
                       (380, y, 10, f"{900 + row:,}")]
     return make_pdf([cover, statement])
+
+
+def long_report(pages: int) -> bytes:
+    """A report of many pages, each under a running header and over a page number (page furniture), with a section
+    title, a paragraph and a small table, as a long filing has."""
+    cover = [(72, 720, 20, "B:Annual Report"), (72, 690, 11, "Initech Holdings Inc."),
+             (72, 660, 11, "For the fiscal year ended June 30, 2024")]
+    body = [[(72, 760, 8, "Initech Holdings Inc. | Annual Report 2024"), (72, 700, 14, f"B:Segment {n} results"),
+             (72, 685, 10, f"Segment {n} sales grew as its customers renewed; the table shows the two years."),
+             (300, 670, 10, "2024"), (380, 670, 10, "2023"),
+             (72, 650, 10, "Net sales"), (300, 650, 10, f"{n},250"), (380, 650, 10, f"{n},100"),
+             (72, 635, 10, "Operating income"), (300, 635, 10, f"{n}10"), (380, 635, 10, f"{n}05"),
+             (300, 30, 9, str(n + 1))] for n in range(1, pages)]
+    return make_pdf([cover, *body])

@@ -171,6 +171,28 @@ def test_parallel_parsing_gives_the_same_index(docs_dir, settings, embedder, tmp
     assert texts(settings.index_dir) == texts(parallel_settings.index_dir)
 
 
+def test_a_long_pdfs_pages_read_across_workers_give_the_same_chunks(tmp_path, settings, embedder, monkeypatch):
+    from ingest import job
+    from tests.pdfs import long_report
+
+    folder = tmp_path / "long"
+    folder.mkdir()
+    (folder / "annual.pdf").write_bytes(long_report(pages=2 * job.PAGES_PER_TASK + 5))
+    split = []
+    parse_file = job.parse_file
+    monkeypatch.setattr(job, "parse_file", lambda *args, **kwargs: split.append(kwargs) or parse_file(*args, **kwargs))
+    serial = IngestJob(settings, embedder).run(folder)
+    parallel_settings = settings.with_overrides(index_dir=tmp_path / "parallel", parse_workers=2)
+    parallel = IngestJob(parallel_settings, embedder).run(folder)
+    assert [kwargs.get("pages_per_task") for kwargs in split] == [None, job.PAGES_PER_TASK]  # 3 ranges in 2 workers
+    assert not serial.failed and parallel.index_counts == serial.index_counts
+    chunks = lambda index: sorted((c.ordinal, c.page, c.heading, c.text) for c in Store.open(index).iter_chunks())  # noqa: E731
+    assert chunks(parallel_settings.index_dir) == chunks(settings.index_dir)
+    headings = {page: heading for _, page, heading, _ in chunks(settings.index_dir)}
+    assert headings[2 * job.PAGES_PER_TASK + 5] == f"Segment {2 * job.PAGES_PER_TASK + 4} results"  # in the last range
+    assert not [text for *_, text in chunks(settings.index_dir) if "Annual Report 2024" in text]  # furniture: all pages
+
+
 def test_parse_results_come_in_order_with_a_bounded_number_ahead():
     from concurrent.futures import ThreadPoolExecutor
 
