@@ -32,25 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_flags, markdown_table, shared_dataset  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
+from ingest.pdf import page_count  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
 from rag.retrieve import Retriever, RetrieverKind  # noqa: E402
 from rag.store import Store  # noqa: E402
 
 DEPTH = 40  # chunks retrieved per question, from which the distinct documents are ranked
-
-
-def page_count(path: Path) -> int:
-    import pypdfium2
-
-    try:
-        document = pypdfium2.PdfDocument(str(path))
-    except pypdfium2.PdfiumError:
-        return 0
-    try:
-        return len(document)
-    finally:
-        document.close()
 
 
 def score(rankings: list[list[tuple[str, int | None]]], questions: list[dict]) -> dict[str, float]:
