@@ -370,8 +370,9 @@ def parse_pdf(path: str | Path, map_pages: Callable = map, pages_per_task: int |
         raise PdfError("PDF has no pages")
     parsed.metadata_title = " ".join(metadata.get("Title", "").split())
     parsed.metadata_author = " ".join(metadata.get("Author", "").split())
-    starts = range(0, parsed.pages, pages_per_task or parsed.pages)
-    stops = [min(start + (pages_per_task or parsed.pages), parsed.pages) for start in starts]
+    size = pages_per_task or parsed.pages
+    starts = range(0, parsed.pages, size)
+    stops = [min(start + size, parsed.pages) for start in starts]
     pages = [page for pages in map_pages(read_pages, [str(path)] * len(starts), starts, stops) for page in pages]
     if not any(lines for lines, _ in pages):
         raise PdfError(f"PDF has no text layer on its {parsed.pages} page(s) (scanned image? OCR is not available)")
