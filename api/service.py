@@ -100,7 +100,10 @@ class Service:
                 return False
             index.refresh()  # load the vectors now, not on the first query
             self.index = index
-            self._retriever = Retriever(index.store, self._query_embedder)
+            warm = self._query_embedder.query_precision
+            self._retriever = Retriever(index.store, self._query_embedder)  # queries follow the index's weights
+            if self._query_embedder.query_precision != warm:
+                self._query_embedder.encode_queries(["load the index's query encoder now"])
             self.pipeline.retriever = self._retriever  # the pipeline's retriever is a cached attribute
             self.index_error = None
             logger.info("index opened", extra={"snapshot": self.snapshot, **index.store.counts()})

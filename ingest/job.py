@@ -32,7 +32,7 @@ from ingest.pdf import page_count
 from rag.config import Settings
 from rag.embed import Embedder
 from rag.models import sha256_files
-from rag.store import DEFAULT_COLLECTION, DocumentRecord, Store, begin_store
+from rag.store import DEFAULT_COLLECTION, DocumentRecord, Store, begin_store, recorded_chunking
 from rag.types import Chunk
 
 log = logging.getLogger(__name__)
@@ -203,9 +203,13 @@ class IngestJob:
         self.embedder = embedder or Embedder.from_settings(settings)
         self.chunk_settings = ChunkSettings(settings.chunk_tokens, settings.chunk_overlap)
         self.collection = settings.collection
-        self.chunking_key = json.dumps(
-            {**asdict(self.chunk_settings), "tokenizer": self.embedder.name, "chunker": CHUNKER_VERSION}, sort_keys=True
-        )
+
+    @property
+    def chunking_key(self) -> str:
+        """How this job chunks and embeds, recorded per document: one made otherwise is stale (re-ingested). Read
+        after the embedder followed the index's weights (`run`)."""
+        return json.dumps({**asdict(self.chunk_settings), "tokenizer": self.embedder.name, "chunker": CHUNKER_VERSION,
+                           "embedding_weights": self.embedder.weights}, sort_keys=True)
 
     def run(self, root: Path, include: Iterable[str] = (), exclude: Iterable[str] = (), prune: bool | None = None,
             on_file: Callable[[FileResult], None] | None = None, on_plan: Callable[[int], None] | None = None
@@ -217,6 +221,7 @@ class IngestJob:
         report = IngestReport()
         notify = on_file or (lambda result: None)
 
+        self.embedder.follow(recorded_chunking(self.settings).get("embedding_weights"))
         store = begin_store(self.settings, self.embedder.name, self.embedder.dimension, json.loads(self.chunking_key))
         try:
             known = {record.source: record for record in store.documents(self.collection).values()}
@@ -233,8 +238,8 @@ class IngestJob:
                     report.files.append(result)
                     notify(result)
             if report.stale:
-                log.warning("%d documents were built by an older parser or with other chunk settings; re-ingesting",
-                            report.stale)
+                log.warning("%d documents were built by an older parser, with other chunk settings or embedding "
+                            "weights; re-ingesting", report.stale)
             if on_plan:
                 on_plan(len(pending))
             for result in self._parse_embed_add(pending, store, report):

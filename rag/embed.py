@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from rag.models import (PRECISIONS, autocast, default_embedding_path, existing_p
                         resolve_precision)
 
 EMBEDDING_PRECISIONS = (*PRECISIONS, *ONNX_PRECISIONS)
+log = logging.getLogger(__name__)
+
+
+def weights_of(precision: str) -> str:
+    """The weights a precision's vectors are computed with: 'int8' (the quantised ONNX graph), or 'fp32' (torch fp32,
+    bf16 autocast over fp32 weights and ONNX fp32 give the same vectors, within cosine 0.9999). Vectors of the two
+    differ enough to cost retrieval when passages and queries mix them (README: hybrid doc hit@1 0.771 vs 0.729)."""
+    return "int8" if precision == "onnx-int8" else "fp32"
 
 
 def check_embedding_precision(precision: str) -> str:
@@ -57,6 +66,7 @@ class Embedder:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         # Resolved on first use: deciding 'auto' imports torch (~1 s), which a no-op re-ingest never needs.
         self._device, self._precision = device, check_embedding_precision(precision)
+        self._index_weights: str | None = None  # the weights of the index's vectors, once `follow` was told
 
     @cached_property
     def device(self) -> str:
@@ -65,13 +75,40 @@ class Embedder:
     @cached_property
     def precision(self) -> str:
         """fp32 or bf16 (torch), onnx or onnx-int8 (ONNX Runtime, CPU). 'auto': bf16 on CUDA and on CPUs with
-        native bf16; on other CPUs onnx-int8 (measured faster than torch fp32, same retrieval: see README)."""
+        native bf16; on other CPUs onnx-int8 (measured faster than torch fp32, same retrieval: see README). An index
+        whose vectors are int8 (`follow`) gets onnx-int8 on every device; one whose vectors are fp32, never."""
         if self._precision in ONNX_PRECISIONS:
             return self._precision
+        if self._precision == "auto" and self._index_weights == "int8":
+            return "onnx-int8"
         resolved = resolve_precision(self._precision, self.device)
-        if self._precision == "auto" and resolved == "fp32" and self.device == "cpu":
+        if self._precision == "auto" and resolved == "fp32" and self.device == "cpu" and self._index_weights is None:
             return "onnx-int8"
         return resolved
+
+    @property
+    def weights(self) -> str:
+        """'fp32' or 'int8': what the vectors this embedder writes are computed with (`weights_of`), recorded with
+        every document it embeds. Known without loading anything once `follow` was told the index's."""
+        if self._precision == "auto" and self._index_weights:
+            return self._index_weights
+        return weights_of(self._precision if self._precision != "auto" else self.precision)
+
+    def follow(self, index_weights: str | None) -> None:
+        """Embed like the index whose vectors were computed with `index_weights` (None: a new index, or one built
+        before they were recorded: this machine's own choice). With 'auto', passages and queries use those weights
+        whatever this machine would pick for a new index, so machines with different CPUs (or a GPU) write and query
+        one index alike. An explicit precision is kept, with a warning when it differs."""
+        if index_weights == self._index_weights:
+            return
+        self._index_weights = index_weights
+        if self._precision == "auto":
+            for resolved in ("precision", "query_precision"):  # decided again, now by the index
+                self.__dict__.pop(resolved, None)
+        elif index_weights and weights_of(self._precision) != index_weights:
+            log.warning("the index's vectors were computed with %s weights, RAG_EMBEDDING_PRECISION=%s computes %s "
+                        "ones: queries match them less well, and documents ingested now are re-embedded (set 'auto' "
+                        "to follow the index)", index_weights, self._precision, weights_of(self._precision))
 
     @classmethod
     def from_settings(cls, settings) -> Embedder:

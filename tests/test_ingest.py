@@ -278,6 +278,41 @@ def test_auto_embeds_queries_in_the_graph_that_embeds_passages(monkeypatch):
         monkeypatch.setattr(embed, "resolve_precision", lambda precision, device: "bf16" if native_bf16 else "fp32")
         embedder = embed.Embedder(device="cpu")
         assert (embedder.precision, embedder.query_precision) == (passages, queries)
+        # An index's recorded weights decide over this CPU's choice, for passages and queries alike.
+        embedder.follow("int8")
+        assert (embedder.precision, embedder.query_precision, embedder.weights) == ("onnx-int8", "onnx-int8", "int8")
+        embedder.follow("fp32")
+        fp32 = "bf16" if native_bf16 else "fp32"
+        assert (embedder.precision, embedder.query_precision, embedder.weights) == (fp32, "onnx", "fp32")
+        embedder.follow(None)  # a new index: this CPU's own choice again
+        assert (embedder.precision, embedder.query_precision) == (passages, queries)
+
+
+def test_writers_and_readers_follow_the_weights_the_index_was_embedded_with(docs_dir, settings, tmp_path, caplog):
+    """Machines whose `auto` differs (a CPU without bf16 embeds in int8, one with it or a GPU in fp32) write and
+    query one index alike; an explicit other precision re-embeds what it ingests, with a warning."""
+    from rag.embed import Embedder
+    from rag.retrieve import Retriever
+
+    def embedder(precision: str = "auto") -> Embedder:
+        return Embedder(device="cpu", precision=precision, cache_dir=tmp_path / "graphs")
+
+    IngestJob(settings, embedder("onnx-int8")).run(docs_dir)  # as `auto` does on a CPU without bf16
+    assert Store.open(settings.index_dir).manifest.chunking["embedding_weights"] == "int8"
+    writer = embedder()
+    report = IngestJob(settings, writer).run(docs_dir)
+    assert report.status_counts["unchanged"] == 6 and report.stale == 0 and writer.weights == "int8"
+    reader = Retriever(Store.open(settings.index_dir), embedder()).embedder
+    assert (reader.precision, reader.query_precision) == ("onnx-int8", "onnx-int8")
+
+    report = IngestJob(settings, embedder("onnx")).run(docs_dir)
+    assert report.stale == 6 and report.status_counts["changed"] == 6
+    assert "computed with int8 weights, RAG_EMBEDDING_PRECISION=onnx computes fp32" in caplog.text
+    store = Store.open(settings.index_dir)
+    assert store.manifest.chunking["embedding_weights"] == "fp32" and _duplicates(store) == 0
+    follower = Retriever(store, embedder()).embedder
+    assert follower.precision in ("bf16", "fp32") and follower.query_precision == "onnx"
+    assert IngestJob(settings, follower).run(docs_dir).status_counts["unchanged"] == 6
 
 
 def test_bf16_embeddings_match_fp32():

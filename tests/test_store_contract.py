@@ -204,6 +204,25 @@ def test_collections_are_isolated_in_every_read(backend):
     assert store.ids_with_source("ntsb.txt", collection="a").tolist() == []
 
 
+def test_the_index_records_how_its_last_writer_chunked_and_embedded(backend):
+    """What a writer reads before it begins (`recorded_chunking`) to embed like the index: nothing before the first
+    commit, then the chunk settings and embedding weights of the last commit."""
+    from rag.store import recorded_chunking
+
+    settings = (Settings(index_dir=backend.location) if backend.kind == "embedded"
+                else Settings(store_url=backend.location))
+    writer = backend.begin()
+    writer.add_document(*document("timeouts.md", TIMEOUTS))
+    assert recorded_chunking(settings) == {}
+    writer.commit()
+    assert recorded_chunking(settings) == CHUNKING
+    int8 = {**CHUNKING, "embedding_weights": "int8"}
+    other = backend._keep(backend.store_class.begin(backend.location, MODEL, DIMENSION, int8))
+    other.add_document(*document("proxies.md", PROXIES, seed=2))
+    other.commit()
+    assert recorded_chunking(settings) == int8 == backend.open().manifest.chunking
+
+
 def test_abort_leaves_the_index_as_it_was(backend):
     writer = backend.begin()
     writer.add_document(*document("timeouts.md", TIMEOUTS, seed=1))

@@ -31,6 +31,19 @@ def open_store(settings: Settings, embedding_model: str | None = None,
     return EmbeddedStore.open(settings.index_dir, embedding_model, dimension)
 
 
+def recorded_chunking(settings: Settings) -> dict:
+    """How the configured index's documents were last chunked and embedded (its manifest's `chunking`), {} when
+    there is no index yet: a writer reads it before `begin_store` to embed like the index (`Embedder.follow`)."""
+    try:
+        store = open_store(settings)
+    except (IndexNotFoundError, IndexMismatchError):  # none yet, or one in the old snapshot format (no record)
+        return {}
+    try:
+        return store.manifest.chunking
+    finally:
+        store.close()
+
+
 def begin_store(settings: Settings, embedding_model: str, dimension: int, chunking: dict) -> StoreProtocol:
     """A writer of the configured index (created if needed); changes are buffered until its `commit`."""
     if settings.store_url:
@@ -61,4 +74,5 @@ def open_key_store(settings: Settings):
 
 __all__ = ["DEFAULT_COLLECTION", "CommitInfo", "CompactionInfo", "DocumentRecord", "EmbeddedStore", "IndexBusyError",
            "IndexMismatchError", "IndexNotFoundError", "Manifest", "Store", "StoreError", "begin_store",
-           "check_collection", "compact", "open_job_log", "open_key_store", "open_store"]
+           "check_collection", "compact", "open_job_log", "open_key_store", "open_store",
+           "recorded_chunking"]
