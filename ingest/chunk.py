@@ -55,6 +55,14 @@ class Chunker:
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def counts(self, texts: list[str]) -> list[int]:
+        """`count` of each text, in one call: the fast tokenizer encodes a batch on every core."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
     def _splitter(self, size: int) -> RecursiveCharacterTextSplitter:
         return RecursiveCharacterTextSplitter.from_huggingface_tokenizer(
             self.tokenizer,
@@ -69,23 +77,23 @@ class Chunker:
     def chunk(self, document: LoadedDocument, doc_id: str, source: str) -> list[Chunk]:
         """Elements packed in order into chunks of up to `chunk_tokens`, each with its document's context line."""
         facts = describe(document, source)
-        chunks: list[Chunk] = []
-        for text, page, heading, element_type in self._pack(document.elements, facts):
-            chunks.append(
-                Chunk(
-                    doc_id=doc_id,
-                    ordinal=len(chunks),
-                    text=text,
-                    source=source,
-                    page=page,
-                    heading=heading,
-                    element_type=element_type,
-                    tokens=self.count(text),
-                    hash=text_hash(text),
-                    context=facts.context(heading, page),
-                )
+        packed = list(self._pack(document.elements, facts))
+        return [
+            Chunk(
+                doc_id=doc_id,
+                ordinal=ordinal,
+                text=text,
+                source=source,
+                page=page,
+                heading=heading,
+                element_type=element_type,
+                tokens=tokens,
+                hash=text_hash(text),
+                context=facts.context(heading, page),
             )
-        return chunks
+            for ordinal, ((text, page, heading, element_type), tokens)
+            in enumerate(zip(packed, self.counts([text for text, *_ in packed])))
+        ]
 
     def _budget(self, facts: DocumentFacts, heading: str | None, page: int | None) -> int:
         """Tokens left for a chunk's text once its context line (embedded with it) is counted."""
@@ -113,8 +121,7 @@ class Chunker:
             page, heading, kind = element.page, element.heading, element.category
             budget = self._budget(facts, heading, page)
 
-        for element in elements:
-            size = self.count(element.text)
+        for element, size in zip(elements, self.counts([element.text for element in elements])):
             if parts and (used >= budget // 4 and element.heading != heading or used >= budget // 2 and element.page != page):
                 yield from close()
             if parts and used + size + 1 > budget and size < budget:  # (one too big for any chunk is split below)
