@@ -49,6 +49,19 @@ def test_three_runs_leave_identical_counts_and_no_duplicates(docs_dir, settings,
     assert _duplicates(store) == 0
 
 
+def test_a_run_that_finds_nothing_changed_loads_no_model(docs_dir, settings, embedder):
+    """Deciding that nothing changed needs the embedder's name and the index's recorded weights, not torch."""
+    import subprocess
+    import sys
+
+    IngestJob(settings, embedder).run(docs_dir)
+    script = ("import sys; from pathlib import Path; from rag.config import Settings; from ingest.job import IngestJob; "
+              f"report = IngestJob(Settings(index_dir={str(settings.index_dir)!r})).run(Path({str(docs_dir)!r})); "
+              "assert report.status_counts['unchanged'] == 6, report.status_counts; "
+              "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+
+
 def test_touched_but_identical_file_is_not_reparsed(docs_dir, settings, embedder):
     job = IngestJob(settings, embedder)
     job.run(docs_dir)
