@@ -112,6 +112,11 @@ def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> Lo
         parsed = parse_pdf(path, map_pages, pages_per_task)
     except PdfError as error:
         raise LoadError(str(error)) from None
+    if parsed.scanned_pages:
+        shown = ", ".join(map(str, parsed.scanned_pages[:10])) + (", ..." if len(parsed.scanned_pages) > 10 else "")
+        log.warning("%s: %d of %d pages are page-sized images without a text layer (scans or photos; OCR is not "
+                    "available), so what they show is not indexed: page %s", path, len(parsed.scanned_pages),
+                    parsed.pages, shown)
     elements, heading = [], None
     for element in parsed.elements:
         if element.category == "Title" or element.heading:

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 PARSER_VERSION = "pdfium-layout-2"
 NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
@@ -30,6 +31,10 @@ FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers 
 # the table repeats them with its header rows.
 CAPTION_LINES = 6
 CAPTION_WORDS = 14
+# A page with fewer characters of text than this under an image covering at least this share of it is a scanned
+# page (a stamp or page number aside), whose words only OCR would find: reported, as its content is not indexed.
+SCANNED_PAGE_CHARS = 20
+SCANNED_IMAGE_SHARE = 0.5
 
 
 class PdfError(Exception):
@@ -71,10 +76,17 @@ class PageElement:
     heading: str = ""  # tables: the heading found in the caption, which the table and what follows sit under
 
 
+class PageText(NamedTuple):
+    lines: list[Line]
+    height: float
+    scanned: bool  # a page-sized image and (almost) no text: see SCANNED_PAGE_CHARS
+
+
 @dataclass(slots=True)
 class ParsedPdf:
     elements: list[PageElement] = field(default_factory=list)
     pages: int = 0
+    scanned_pages: list[int] = field(default_factory=list)  # 1-based: images without a text layer, not indexed
     metadata_title: str = ""
     metadata_author: str = ""
 
@@ -297,10 +309,10 @@ def _page_elements(lines: list[Line], page: int, body_size: float) -> list[PageE
     return elements
 
 
-def _furniture(pages: list[tuple[list[Line], float]]) -> set[str]:
+def _furniture(pages: list[PageText]) -> set[str]:
     """Line texts (digits masked) found in the top/bottom band of at least half the pages (3 or more)."""
     counts: Counter[str] = Counter()
-    for lines, height in pages:
+    for lines, height, _ in pages:
         seen = {_mask(line.text) for line in lines
                 if line.top > height * (1 - FURNITURE_BAND) or line.bottom < height * FURNITURE_BAND}
         counts.update(seen)
@@ -335,9 +347,20 @@ def page_count(path: str | Path) -> int:
         document.close()
 
 
-def read_pages(path: str, start: int, stop: int) -> list[tuple[list[Line], float]]:
-    """The lines and height of pages [start, stop) (0-based): the costly part of parsing, mapped over page ranges
-    in worker processes for large files (`parse_pdf`'s map_pages)."""
+def _has_page_sized_image(page, raw) -> bool:
+    """An image covering at least half the page: what a scanner makes (not a logo on an otherwise blank page)."""
+    width, height = page.get_size()
+    for image in page.get_objects(filter=[raw.FPDF_PAGEOBJ_IMAGE], max_depth=2):
+        left, bottom, right, top = image.get_bounds()
+        covered = (min(right, width) - max(left, 0)) * (min(top, height) - max(bottom, 0))
+        if covered >= SCANNED_IMAGE_SHARE * width * height:
+            return True
+    return False
+
+
+def read_pages(path: str, start: int, stop: int) -> list[PageText]:
+    """The text of pages [start, stop) (0-based): the costly part of parsing, mapped over page ranges in worker
+    processes for large files (`parse_pdf`'s map_pages)."""
     import pypdfium2.raw as raw
 
     document = _open(path)
@@ -347,7 +370,10 @@ def read_pages(path: str, start: int, stop: int) -> list[tuple[list[Line], float
             page = document[number]
             textpage = page.get_textpage()
             try:
-                pages.append((_lines(_segments(textpage, raw)), page.get_height()))
+                lines = _lines(_segments(textpage, raw))
+                scanned = (sum(len(line.text) for line in lines[:SCANNED_PAGE_CHARS]) < SCANNED_PAGE_CHARS
+                           and _has_page_sized_image(page, raw))
+                pages.append(PageText(lines, page.get_height(), scanned))
             finally:
                 textpage.close()
                 page.close()
@@ -374,10 +400,11 @@ def parse_pdf(path: str | Path, map_pages: Callable = map, pages_per_task: int |
     starts = range(0, parsed.pages, size)
     stops = [min(start + size, parsed.pages) for start in starts]
     pages = [page for pages in map_pages(read_pages, [str(path)] * len(starts), starts, stops) for page in pages]
-    if not any(lines for lines, _ in pages):
+    if not any(page.lines for page in pages):
         raise PdfError(f"PDF has no text layer on its {parsed.pages} page(s) (scanned image? OCR is not available)")
+    parsed.scanned_pages = [number for number, page in enumerate(pages, start=1) if page.scanned]
     furniture = _furniture(pages) if len(pages) >= 3 else set()
-    for number, (lines, height) in enumerate(pages, start=1):
+    for number, (lines, height, _) in enumerate(pages, start=1):
         kept = [line for line in lines if not (
             (line.top > height * (1 - FURNITURE_BAND) or line.bottom < height * FURNITURE_BAND)
             and (_mask(line.text) in furniture or re.fullmatch(r"(page\s*)?\d{1,4}|[ivxl]{1,6}", line.text.strip(), re.I)))]

@@ -13,7 +13,8 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
-def make_pdf(pages: list[list[Line]], title: str | None = None, author: str | None = None) -> bytes:
+def make_pdf(pages: list[list[Line] | None], title: str | None = None, author: str | None = None) -> bytes:
+    """Pages of text lines; None: a scanned page (one grey image over the whole page, no text)."""
     objects: list[bytes] = []
     page_ids = []
     font_ids = {"F1": 3, "F2": 4}
@@ -21,17 +22,23 @@ def make_pdf(pages: list[list[Line]], title: str | None = None, author: str | No
     objects.append(b"")  # pages tree, filled in below
     objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
     objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica-Bold /Encoding /WinAnsiEncoding >>")
+    objects.append(b"<< /Type /XObject /Subtype /Image /Width 1 /Height 1 /ColorSpace /DeviceGray "
+                   b"/BitsPerComponent 8 /Length 1 >>\nstream\n\x80\nendstream")
+    image_id = len(objects)
     for lines in pages:
-        stream = []
-        for x, y, size, text in lines:
-            font = "F2" if text.startswith("B:") else "F1"
-            stream.append(f"BT /{font} {size} Tf {x} {y} Td ({_escape(text.removeprefix('B:'))}) Tj ET")
+        if lines is None:
+            stream = ["q 612 0 0 792 0 0 cm /Im1 Do Q"]
+        else:
+            stream = []
+            for x, y, size, text in lines:
+                font = "F2" if text.startswith("B:") else "F1"
+                stream.append(f"BT /{font} {size} Tf {x} {y} Td ({_escape(text.removeprefix('B:'))}) Tj ET")
         content = "\n".join(stream).encode("latin-1")
         objects.append(b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream")
         content_id = len(objects)
         fonts = " ".join(f"/{name} {number} 0 R" for name, number in font_ids.items())
         objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content_id} 0 R "
-                       f"/Resources << /Font << {fonts} >> >> >>".encode())
+                       f"/Resources << /Font << {fonts} >> /XObject << /Im1 {image_id} 0 R >> >> >>".encode())
         page_ids.append(len(objects))
     kids = " ".join(f"{number} 0 R" for number in page_ids)
     objects[1] = f"<< /Type /Pages /Kids [{kids}] /Count {len(page_ids)} >>".encode()
@@ -67,8 +74,15 @@ def report_with_table() -> bytes:
 
 
 def scan_without_text() -> bytes:
-    """Pages with no text objects at all, as a scanned image PDF has (the image itself does not matter here)."""
-    return make_pdf([[], []])
+    """Two scanned pages: images, no text layer."""
+    return make_pdf([None, None])
+
+
+def report_with_scanned_pages() -> bytes:
+    """A typed report whose signed pages 2 and 4 were scanned in (images only), as filings' exhibits often are."""
+    typed = [(72, 720, 11, "Quarterly Operations Report"),
+             (72, 700, 10, "Deliveries rose in every region; the warehouse in Leeds reopened in March.")]
+    return make_pdf([typed, None, [(72, 720, 10, "Staffing stayed flat at 412 people through the quarter.")], None])
 
 
 def statement_with_caption(rows: int = 30) -> bytes:

@@ -6,7 +6,7 @@ import pytest
 
 from ingest.load import LoadError, load
 from tests.conftest import CORPUS, DATA
-from tests.pdfs import report_with_table, statement_with_caption, scan_without_text
+from tests.pdfs import report_with_scanned_pages, report_with_table, scan_without_text, statement_with_caption
 
 
 @pytest.mark.parametrize(
@@ -51,6 +51,18 @@ def test_scanned_pdf_without_text_layer_is_an_error_not_silence(tmp_path: Path):
     (tmp_path / "blank.pdf").write_bytes(scan_without_text())
     with pytest.raises(LoadError, match="no text layer on its 2 page"):
         load(tmp_path / "blank.pdf")
+
+
+def test_scanned_pages_among_typed_ones_are_reported_and_the_typed_ones_load(tmp_path: Path, caplog):
+    (tmp_path / "report.pdf").write_bytes(report_with_scanned_pages())
+    elements = load(tmp_path / "report.pdf").elements
+    assert {element.page for element in elements} == {1, 3}
+    assert "2 of 4 pages are page-sized images without a text layer" in caplog.text
+    assert caplog.text.rstrip().endswith("page 2, 4")
+    caplog.clear()
+    (tmp_path / "table.pdf").write_bytes(report_with_table())  # typed pages only: nothing to say
+    load(tmp_path / "table.pdf")
+    assert "text layer" not in caplog.text
 
 
 def test_pdf_table_rows_come_with_their_header_and_headings_are_found(tmp_path: Path):
