@@ -90,9 +90,9 @@ class Embedder:
     def weights(self) -> str:
         """'fp32' or 'int8': what the vectors this embedder writes are computed with (`weights_of`), recorded with
         every document it embeds. Known without loading anything once `follow` was told the index's."""
-        if self._precision == "auto" and self._index_weights:
-            return self._index_weights
-        return weights_of(self._precision if self._precision != "auto" else self.precision)
+        if self._precision != "auto":
+            return weights_of(self._precision)
+        return self._index_weights or weights_of(self.precision)
 
     def follow(self, index_weights: str | None) -> None:
         """Embed like the index whose vectors were computed with `index_weights` (None: a new index, or one built

@@ -106,7 +106,7 @@ class Retriever:
                  candidates: int = HYBRID_CANDIDATES):
         self.store = store
         self.embedder = embedder
-        embedder.follow(store.manifest.chunking.get("embedding_weights"))  # queries in the passages' weights
+        embedder.follow(store.chunking.get("embedding_weights"))  # queries in the passages' weights
         self.kind = RetrieverKind.parse(kind)
         self.candidates = candidates  # per retriever, before fusion
 

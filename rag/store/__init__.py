@@ -39,7 +39,7 @@ def recorded_chunking(settings: Settings) -> dict:
     except (IndexNotFoundError, IndexMismatchError):  # none yet, or one in the old snapshot format (no record)
         return {}
     try:
-        return store.manifest.chunking
+        return store.chunking
     finally:
         store.close()
 

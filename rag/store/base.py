@@ -140,6 +140,9 @@ class Store(Protocol):
     @property
     def manifest(self) -> Manifest: ...
 
+    @property
+    def chunking(self) -> dict: ...  # the manifest's `chunking`, read without counting what the index holds
+
     # reading (committed state); `collection` None = every collection
     def refresh(self) -> bool: ...  # True when another commit became visible
     def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None,

@@ -391,6 +391,12 @@ class EmbeddedStore:
         return int(row[0]) if row else 0
 
     @property
+    def chunking(self) -> dict:
+        """How the index's documents were last chunked and embedded (a writer's own settings before its commit)."""
+        chunking = self._meta().get("chunking")
+        return json.loads(chunking) if chunking is not None else self._writer_config[2]
+
+    @property
     def manifest(self) -> Manifest:
         meta = self._meta()
         if "embedding_model" not in meta:

@@ -150,6 +150,11 @@ class PostgresStore:
         return meta
 
     @property
+    def chunking(self) -> dict:
+        """How the index's documents were last chunked and embedded: one row read, no counting."""
+        return self._meta()["chunking"]
+
+    @property
     def manifest(self) -> Manifest:
         meta = self._meta()  # a writer's `begin` created it
         return Manifest(embedding_model=meta["embedding_model"], dimension=meta["dimension"],
