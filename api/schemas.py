@@ -162,6 +162,9 @@ class FileOutcomeOut(BaseModel):
     chunks: int
     error: str | None
     doc_id: str | None
+    warnings: list[str] = Field(default_factory=list, description="An ingested file's content that was not indexed "
+                                "(pages that are images without a text layer) or was read by a guess (the encoding "
+                                "of a text file that is not UTF-8).")
 
 
 class JobOut(BaseModel):

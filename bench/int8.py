@@ -38,9 +38,9 @@ def filing_chunks(dataset: Path, count: int) -> list[str]:
     embedder = Embedder(precision="fp32")
     texts: list[str] = []
     for path in sorted((dataset / "pdfs").glob("*.pdf"))[:3]:
-        chunks, _, _ = parse_file(str(path), path.name, str(embedder.path), DEFAULT_CHUNK_TOKENS,
-                                    DEFAULT_CHUNK_OVERLAP, embedder.max_tokens)
-        texts += [chunk.indexed_text for chunk in chunks] if isinstance(chunks, list) else []
+        parsed = parse_file(str(path), path.name, str(embedder.path), DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_OVERLAP,
+                            embedder.max_tokens)
+        texts += [chunk.indexed_text for chunk in parsed.chunks]
     step = max(1, len(texts) // count)
     return texts[::step][:count]
 

@@ -55,6 +55,18 @@ class FileResult:
     status: str  # one of STATUSES
     chunks: int = 0
     error: str | None = None
+    warnings: tuple[str, ...] = ()  # an ingested file's content that was not indexed, or was read by a guess
+
+
+@dataclass(slots=True)
+class ParsedFile:
+    """One file's chunks (or why it could not be read) and what a worker spent on it."""
+
+    chunks: list[Chunk]
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
+    parse_seconds: float = 0.0
+    chunk_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -83,12 +95,17 @@ class IngestReport:
         return [result for result in self.files if result.status == "skipped"]
 
     @property
+    def warned(self) -> list[FileResult]:
+        return [result for result in self.files if result.warnings]
+
+    @property
     def chunks_per_second(self) -> float:
         return self.chunks_added / self.total_seconds if self.total_seconds else 0.0
 
     def to_dict(self) -> dict:
         return {
-            "files": {"seen": sum(1 for r in self.files if r.status != "removed"), **self.status_counts},
+            "files": {"seen": sum(1 for r in self.files if r.status != "removed"), **self.status_counts,
+                      "with_warnings": len(self.warned)},
             "chunks_added": self.chunks_added,
             "stale_rechunked": self.stale,
             "seconds": {"parse": round(self.parse_seconds, 3), "chunk": round(self.chunk_seconds, 3),
@@ -166,18 +183,17 @@ def _worker_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, 
 
 def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, chunk_overlap: int,
                max_tokens: int, collection: str = DEFAULT_COLLECTION, map_pages: Callable = map,
-               pages_per_task: int | None = None) -> tuple[list[Chunk] | str, float, float]:
-    """Load and chunk one file (a PDF's pages read by `map_pages`, see `parse_pdf`). Returns (chunks, or the error
-    message), parse seconds, chunk seconds."""
+               pages_per_task: int | None = None) -> ParsedFile:
+    """Load and chunk one file (a PDF's pages read by `map_pages`, see `parse_pdf`)."""
     started = time.perf_counter()
     try:
         document = load(path, map_pages, pages_per_task)
     except LoadError as error:
-        return str(error), time.perf_counter() - started, 0.0
+        return ParsedFile([], str(error), parse_seconds=time.perf_counter() - started)
     parsed = time.perf_counter()
     chunker = _worker_chunker(tokenizer_path, chunk_tokens, chunk_overlap, max_tokens)
     chunks = chunker.chunk(document, doc_id_for(source, collection), source)
-    return chunks, parsed - started, time.perf_counter() - parsed
+    return ParsedFile(chunks, None, document.warnings, parsed - started, time.perf_counter() - parsed)
 
 
 @dataclass(slots=True)
@@ -291,7 +307,7 @@ class IngestJob:
         status = "changed" if record else "new"
         return None, _Pending(path, source, status, content_hash, stat.st_size, stat.st_mtime_ns), False
 
-    def _parsed(self, pending: list[_Pending]) -> Iterator[tuple[_Pending, tuple]]:
+    def _parsed(self, pending: list[_Pending]) -> Iterator[tuple[_Pending, ParsedFile]]:
         """Parse results in input order: with `parse_workers` > 1, files are parsed in worker processes, and the
         pages of a PDF longer than PAGES_PER_TASK are read across them (one long upload is not left to one core)."""
         arguments = [
@@ -324,37 +340,40 @@ class IngestJob:
 
     def _parse_embed_add(self, pending: list[_Pending], store: Store, report: IngestReport) -> Iterator[FileResult]:
         """Embed chunks in batches that span files, so small files do not leave the model underused."""
-        batch: list[tuple[_Pending, list[Chunk]]] = []
+        batch: list[tuple[_Pending, ParsedFile]] = []
         batch_chunks = 0
         flush_at = max(EMBED_WINDOW_CHUNKS, self.settings.embedding_batch_size)
-        for item, (chunks_or_error, parse_seconds, chunk_seconds) in self._parsed(pending):
-            report.parse_seconds += parse_seconds
-            report.chunk_seconds += chunk_seconds
-            if isinstance(chunks_or_error, str):
+        for item, parsed in self._parsed(pending):
+            report.parse_seconds += parsed.parse_seconds
+            report.chunk_seconds += parsed.chunk_seconds
+            if parsed.error is not None:
                 kept = " (previous version kept in the index)" if item.status == "changed" else ""
-                yield FileResult(item.source, "failed", error=chunks_or_error + kept)
+                yield FileResult(item.source, "failed", error=parsed.error + kept)
                 continue
-            batch.append((item, chunks_or_error))
-            batch_chunks += len(chunks_or_error)
+            for warning in parsed.warnings:
+                log.warning("%s: %s", item.source, warning)
+            batch.append((item, parsed))
+            batch_chunks += len(parsed.chunks)
             if batch_chunks >= flush_at:
                 yield from self._embed_and_add(batch, store, report)
                 batch, batch_chunks = [], 0
         yield from self._embed_and_add(batch, store, report)
 
-    def _embed_and_add(self, batch: list[tuple[_Pending, list[Chunk]]], store: Store,
+    def _embed_and_add(self, batch: list[tuple[_Pending, ParsedFile]], store: Store,
                        report: IngestReport) -> Iterator[FileResult]:
         if not batch:
             return
-        texts = [chunk.indexed_text for _, chunks in batch for chunk in chunks]
+        texts = [chunk.indexed_text for _, parsed in batch for chunk in parsed.chunks]
         started = time.perf_counter()
         vectors = self.embedder.encode(texts) if texts else np.zeros((0, self.embedder.dimension), np.float32)
         report.embed_seconds += time.perf_counter() - started
         offset = 0
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for item, chunks in batch:
+        for item, parsed in batch:
+            chunks = parsed.chunks
             record = DocumentRecord(doc_id_for(item.source, self.collection), item.source, item.content_hash,
                                     item.size, item.mtime_ns, self.chunking_key, len(chunks), now, self.collection)
             store.add_document(record, chunks, vectors[offset:offset + len(chunks)])
             offset += len(chunks)
             report.chunks_added += len(chunks)
-            yield FileResult(item.source, item.status, len(chunks))
+            yield FileResult(item.source, item.status, len(chunks), warnings=parsed.warnings)

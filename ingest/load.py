@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +9,6 @@ from pathlib import Path
 from rag import offline  # noqa: F401  (telemetry off before unstructured is imported)
 from ingest.pdf import PdfError, parse_pdf
 from rag.models import package_dir
-
-log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | {".html", ".htm", ".pdf", ".docx", ".pptx", ".xlsx"}
@@ -35,11 +32,13 @@ class Element:
 
 @dataclass(frozen=True, slots=True)
 class LoadedDocument:
-    """A file's content elements and what its metadata says about it (empty where it says nothing)."""
+    """A file's content elements, what its metadata says about it (empty where it says nothing), and what the
+    uploader should know about how it was read (content that could not be indexed, a guessed encoding)."""
 
     elements: list[Element]
     metadata_title: str = ""
     metadata_author: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 def _use_packaged_spacy_model() -> None:
@@ -53,20 +52,20 @@ def _use_packaged_spacy_model() -> None:
     tokenize._SPACY_MODEL_NAME = str(model_dir)
 
 
-def decode_text(data: bytes, path: Path) -> str:
-    """Text files must be text: reject binary content and undecodable bytes instead of indexing garbage."""
+def decode_text(data: bytes) -> tuple[str, str | None]:
+    """Text files must be text: reject binary content and undecodable bytes instead of indexing garbage. Returns the
+    text and, where it is not UTF-8, the encoding it was read in (a guess, so the uploader is told)."""
     if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise LoadError("binary content (NUL bytes) in a text file")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig"), None
     except UnicodeDecodeError as utf8_error:
         from charset_normalizer import from_bytes
 
         best = from_bytes(data).best()
         if best is None or best.chaos > 0.2:
             raise LoadError(f"not valid UTF-8 and no other encoding fits ({utf8_error.reason} at byte {utf8_error.start})")
-        log.warning("%s: decoded as %s, not UTF-8", path, best.encoding)
-        return str(best)
+        return str(best), best.encoding
 
 
 def unsupported_type(path: Path) -> str | None:
@@ -77,33 +76,35 @@ def unsupported_type(path: Path) -> str | None:
     return f"unsupported file type '{suffix or path.name}' (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})"
 
 
-def _partition(path: Path) -> list:
+def _partition(path: Path) -> tuple[list, tuple[str, ...]]:
+    """unstructured's elements of a file other than a PDF, and warnings about how it was read."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        text = decode_text(path.read_bytes(), path)
+        text, encoding = decode_text(path.read_bytes())
+        warnings = (f"not UTF-8: read as {encoding} (a guess; check accented letters and symbols)",) if encoding else ()
         if suffix in {".md", ".markdown"}:
             from unstructured.partition.md import partition_md
 
-            return partition_md(text=text)
+            return partition_md(text=text), warnings
         from unstructured.partition.text import partition_text
 
-        return partition_text(text=text)
+        return partition_text(text=text), warnings
     if suffix in {".html", ".htm"}:
         from unstructured.partition.html import partition_html
 
-        return partition_html(filename=str(path))
+        return partition_html(filename=str(path)), ()
     if suffix == ".docx":
         from unstructured.partition.docx import partition_docx
 
-        return partition_docx(filename=str(path))
+        return partition_docx(filename=str(path)), ()
     if suffix == ".pptx":
         from unstructured.partition.pptx import partition_pptx
 
-        return partition_pptx(filename=str(path))
+        return partition_pptx(filename=str(path)), ()
     if suffix == ".xlsx":
         from unstructured.partition.xlsx import partition_xlsx
 
-        return partition_xlsx(filename=str(path))
+        return partition_xlsx(filename=str(path)), ()
     raise LoadError(unsupported_type(path) or f"no loader for '{suffix}'")
 
 
@@ -112,18 +113,18 @@ def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> Lo
         parsed = parse_pdf(path, map_pages, pages_per_task)
     except PdfError as error:
         raise LoadError(str(error)) from None
+    warnings = []
     if parsed.scanned_pages:
         shown = ", ".join(map(str, parsed.scanned_pages[:10])) + (", ..." if len(parsed.scanned_pages) > 10 else "")
-        log.warning("%s: %d of %d pages are page-sized images without a text layer (scans or photos; OCR is not "
-                    "available), so what they show is not indexed: page %s", path, len(parsed.scanned_pages),
-                    parsed.pages, shown)
+        warnings.append(f"{len(parsed.scanned_pages)} of {parsed.pages} pages are page-sized images without a text "
+                        f"layer (scans or photos; OCR is not available), so what they show is not indexed: page {shown}")
     elements, heading = [], None
     for element in parsed.elements:
         if element.category == "Title" or element.heading:
             heading = (element.heading or element.text)[:200]
         text = f"{element.header}\n{element.text}" if element.header else element.text  # a table whole, header first
         elements.append(Element(text, element.category, element.page, heading, element.header))
-    return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author)
+    return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author, tuple(warnings))
 
 
 def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None) -> LoadedDocument:
@@ -144,7 +145,7 @@ def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None
         if path.suffix.lower() == ".pdf":
             return _load_pdf(path, map_pages, pages_per_task)
         _use_packaged_spacy_model()
-        raw_elements = _partition(path)
+        raw_elements, warnings = _partition(path)
     except LoadError:
         raise
     except Exception as error:  # a parser's failure on one file must not stop the job
@@ -161,4 +162,4 @@ def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None
         elements.append(Element(text=text, category=raw.category, page=raw.metadata.page_number, heading=heading))
     if not elements:
         raise LoadError("no text found in the document")
-    return LoadedDocument(elements)
+    return LoadedDocument(elements, warnings=warnings)

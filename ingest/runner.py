@@ -223,6 +223,7 @@ class JobRunner:
             outcome = by_source.get(result.source)
             if outcome is not None:
                 outcome.status, outcome.chunks, outcome.error = result.status, result.chunks, result.error
+                outcome.warnings = list(result.warnings)
                 outcome.doc_id = doc_id_for(result.source, job.collection) if result.status != "failed" else None
                 self.log.save(job)
             on_file(result)

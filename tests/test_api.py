@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CORPUS
+from tests.pdfs import report_with_scanned_pages
 
 KEY, OTHER_KEY, REVOKED = "test-key-1", "test-key-2", "revoked-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -399,14 +400,17 @@ def test_upload_ingests_in_background_then_delete(fresh_client):
     client = fresh_client()
     text = b"# Quokka mode\n\nThe quokka-mode switch makes every retry hop like a marsupial.\n"
     response = client.post("/v1/documents", files=[("files", ("../../etc/Quokka notes.md", text, "text/markdown")),
-                                                   ("files", ("extra.txt", b"A second plain text file.\n",
-                                                              "text/plain"))])
+                                                   ("files", ("signed.pdf", report_with_scanned_pages(),
+                                                              "application/pdf"))])
     assert response.status_code == 202
     accepted = response.json()
-    assert accepted["files"] == ["Quokka_notes.md", "extra.txt"]
+    assert accepted["files"] == ["Quokka_notes.md", "signed.pdf"]
     job = wait_job(client, accepted["job_id"])
     assert job["status"] == "succeeded" and job["progress"] == {"files_total": 2, "files_done": 2}
     assert [f["status"] for f in job["files"]] == ["new", "new"] and job["snapshot"]
+    # the PDF's scanned signature pages held nothing to index: the uploader is told, the rest is ingested
+    assert [len(f["warnings"]) for f in job["files"]] == [0, 1] and job["files"][1]["chunks"] > 0
+    assert job["files"][1]["warnings"][0].endswith("not indexed: page 2, 4")
     uploads = client.app.state.ingest.runner.collection_dir("default").resolve()
     assert all(Path(f["source"]).parent == uploads for f in job["files"])  # sanitised: inside the upload area
 

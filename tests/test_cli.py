@@ -56,15 +56,21 @@ def test_unsupported_files_are_skipped_and_do_not_fail_the_run(tmp_path, monkeyp
     docs.mkdir()
     (docs / "notes.md").write_text("# Notes\n\nThe release train leaves every second Tuesday.\n")
     (docs / "LICENSE").write_text("Permission is hereby granted, free of charge, ...\n")
+    (docs / "legacy.txt").write_bytes("Déjà vu: the café's façade was repainted in the naïve style.\n".encode("cp1252"))
     monkeypatch.setenv("RAG_PARSE_WORKERS", "1")
     result = runner.invoke(app, ["ingest", str(docs), "--index", str(tmp_path / "index"), "--json"])
     assert result.exit_code == EXIT_OK, result.output
     report = json.loads(result.stdout)
-    assert report["files"]["skipped"] == 1 and report["files"]["failed"] == 0 and report["files"]["new"] == 1
+    assert report["files"]["skipped"] == 1 and report["files"]["failed"] == 0 and report["files"]["new"] == 2
     skipped = [r for r in report["results"] if r["status"] == "skipped"]
     assert skipped[0]["source"].endswith("LICENSE") and "unsupported file type" in skipped[0]["error"]
-    result = runner.invoke(app, ["ingest", str(docs), "--index", str(tmp_path / "index")], env={"COLUMNS": "200"})
+    # an ingested file read by a guessed encoding is not a failure either, but the run says so
+    assert report["files"]["with_warnings"] == 1
+    [legacy] = [r for r in report["results"] if r["source"].endswith("legacy.txt")]
+    assert legacy["status"] == "new" and legacy["warnings"][0].startswith("not UTF-8: read as ")
+    result = runner.invoke(app, ["ingest", str(docs), "--index", str(tmp_path / "other")], env={"COLUMNS": "200"})
     assert result.exit_code == EXIT_OK and "Files skipped" in result.stdout and "LICENSE" in result.stdout
+    assert "Files ingested with warnings" in result.stdout and "not UTF-8: read as" in result.stdout
 
 
 def test_missing_index_exits_with_index_error(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from ingest.job import IngestJob
 from rag.store import IndexMismatchError, IndexNotFoundError, Store
 from tests.conftest import CORPUS
-from tests.pdfs import scan_without_text
+from tests.pdfs import report_with_scanned_pages, scan_without_text
 
 
 def _duplicates(store: Store) -> int:
@@ -118,6 +118,21 @@ def test_bad_inputs_are_reported_and_everything_else_ingests(docs_dir, settings,
     assert [(Path(r.source).name, "unsupported file type" in r.error) for r in report.skipped] == [("table.numbers", True)]
     assert report.status_counts["new"] == 6 and report.status_counts["skipped"] == 1
     assert Store.open(settings.index_dir).counts()["documents"] == 6
+
+
+def test_what_an_ingested_file_could_not_give_the_index_is_reported_with_it(tmp_path, settings, embedder, caplog):
+    folder = tmp_path / "signed"
+    folder.mkdir()
+    (folder / "signed.pdf").write_bytes(report_with_scanned_pages())  # pages 2 and 4 are scanned signatures
+    shutil.copy(CORPUS / "httpx" / "quickstart.md", folder / "quickstart.md")
+    settings = settings.with_overrides(parse_workers=2)  # the warnings come back from the worker processes
+    report = IngestJob(settings, embedder).run(folder)
+    assert not report.failed and report.status_counts["new"] == 2
+    [signed] = report.warned
+    assert Path(signed.source).name == "signed.pdf" and signed.chunks > 0
+    assert signed.warnings[0].startswith("2 of 4 pages are page-sized images") and signed.warnings[0].endswith("page 2, 4")
+    assert report.to_dict()["files"]["with_warnings"] == 1
+    assert f"{signed.source}: 2 of 4 pages" in caplog.text  # logged by the writer, naming the file
 
 
 def test_documents_built_by_an_older_chunker_are_rechunked_without_duplicates(docs_dir, settings, embedder,

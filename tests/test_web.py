@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import CORPUS, ROOT, free_port, wait_until_ready
+from tests.pdfs import report_with_scanned_pages
 from tests.test_api import KEY, api_base_index  # noqa: F401  (session fixture re-exported)
 
 CHROMIUM = Path(os.environ.get("RAG_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -240,28 +241,33 @@ def test_upload_markdown_and_pdf_then_delete(server, browser, tmp_path):
     shutil.copy(CORPUS / "ntsb" / "20071229X02007.pdf", pdf)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    find(browser, "#file-input").send_keys(f"{note}\n{pdf}\n{empty}")
-    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#upload-results li")) == 3,
+    signed = tmp_path / "signed.pdf"
+    signed.write_bytes(report_with_scanned_pages())
+    find(browser, "#file-input").send_keys(f"{note}\n{pdf}\n{empty}\n{signed}")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#upload-results > li")) == 4,
          message="the ingestion job did not finish")
     assert find(browser, "#upload").get_attribute("data-state") == "succeeded"
     assert float(find(browser, "#upload-progress").get_attribute("value")) == 1
-    assert find(browser, "#upload-label").text == "Done: 2 ingested, 1 failed."
-    results = browser.find_elements(By.CSS_SELECTOR, "#upload-results li")
-    assert [li.get_attribute("data-status") for li in results] == ["new", "new", "failed"]
+    assert find(browser, "#upload-label").text == "Done: 3 ingested, 1 failed, 1 with warnings."
+    results = browser.find_elements(By.CSS_SELECTOR, "#upload-results > li")
+    assert [li.get_attribute("data-status") for li in results] == ["new", "new", "failed", "new"]
     assert results[2].text.startswith("empty.txt: failed (") and len(results[2].text) > 25  # with its reason
-    rows = wait(browser, lambda d: len(found := d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 5 and found)
+    [warning] = results[3].find_elements(By.CSS_SELECTOR, ".warning")  # ingested, and what it could not give
+    assert warning.text.startswith("2 of 4 pages are page-sized images") and warning.text.endswith("page 2, 4")
+    assert not results[0].find_elements(By.CSS_SELECTOR, ".warning")
+    rows = wait(browser, lambda d: len(found := d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 6 and found)
     names = [row.find_element(By.CSS_SELECTOR, "th").text for row in rows]
-    assert {"wombat-notes.md", "ntsb-report.pdf"} <= set(names)
+    assert {"wombat-notes.md", "ntsb-report.pdf", "signed.pdf"} <= set(names)
     screenshot(browser, "documents")
 
     row = next(row for row in rows if row.find_element(By.CSS_SELECTOR, "th").text == "wombat-notes.md")
     row.find_element(By.CSS_SELECTOR, "button.danger").click()
     visible(browser, "#confirm")
     find(browser, "#confirm-cancel").click()  # nothing happens without confirmation
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 5
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 6
     row.find_element(By.CSS_SELECTOR, "button.danger").click()
     visible(browser, "#confirm-ok").click()
-    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 4)
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 5)
     assert "wombat-notes.md" not in find(browser, "#documents tbody").text
     assert "Deleted wombat-notes.md" in find(browser, "#documents-status").text
 

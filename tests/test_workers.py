@@ -127,6 +127,18 @@ def test_jobs_are_read_within_their_collection(pg_url, tmp_path):
         log.close()
 
 
+def test_file_outcomes_keep_their_warnings_in_both_logs(pg_url, tmp_path):
+    for log in (_log(pg_url), JobLog(tmp_path)):
+        job = log.create(_upload(2))
+        assert log.claim(job)
+        job.files[0].status, job.files[0].chunks = "new", 3
+        job.files[0].warnings = ["1 of 2 pages are page-sized images without a text layer ...: page 2"]
+        log.save(job)
+        files = log.get(job.id).files
+        assert [f.warnings for f in files] == [job.files[0].warnings, []]
+        log.close()
+
+
 def test_an_older_embedded_job_log_gains_the_new_columns(tmp_path):
     from rag.store.embedded import connect
 
@@ -134,12 +146,40 @@ def test_an_older_embedded_job_log_gains_the_new_columns(tmp_path):
     db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, "
                "spec TEXT NOT NULL, owner TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, "
                "snapshot TEXT, error TEXT, index_counts TEXT NOT NULL DEFAULT '{}')")
+    db.execute("CREATE TABLE job_files (job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, "
+               "position INTEGER NOT NULL, filename TEXT NOT NULL, source TEXT NOT NULL, "
+               "status TEXT NOT NULL DEFAULT 'pending', chunks INTEGER NOT NULL DEFAULT 0, error TEXT, doc_id TEXT, "
+               "PRIMARY KEY (job_id, position))")
     db.execute("INSERT INTO jobs (id, kind, status, spec, created_at) VALUES ('old', 'upload', 'succeeded', '{}', "
                "'2026-01-01T00:00:00+00:00')")
+    db.execute("INSERT INTO job_files (job_id, position, filename, source, status, chunks) "
+               "VALUES ('old', 0, 'a.md', '/u/a.md', 'new', 4)")
     db.close()
     log = JobLog(tmp_path)
     old = log.get("old")
     assert (old.collection, old.attempts) == ("default", 0)
+    assert [(f.filename, f.chunks, f.warnings) for f in old.files] == [("a.md", 4, [])]
+    log.close()
+
+
+def test_a_job_queue_of_the_previous_schema_is_migrated_with_its_jobs(pg_url):
+    import psycopg
+
+    from rag.store.pg_schema import MIGRATIONS, migrate
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # the database as the release before warnings left it
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        for version, step in enumerate(MIGRATIONS[:2], start=1):
+            conn.execute(step)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        conn.execute("INSERT INTO jobs (id, kind, collection, status, spec, created_at) "
+                     "VALUES ('old', 'upload', 'default', 'succeeded', '{}', now())")
+        conn.execute("INSERT INTO job_files (job_id, position, filename, source, status, chunks) "
+                     "VALUES ('old', 0, 'a.md', '/u/a.md', 'new', 4)")
+        assert migrate(conn) == len(MIGRATIONS)
+    log = _log(pg_url)
+    assert [(f.filename, f.chunks, f.warnings) for f in log.get("old").files] == [("a.md", 4, [])]
     log.close()
 
 

@@ -93,6 +93,14 @@ def _print_ingest_report(report, index_dir: Path) -> None:
             for result in results:
                 table.add_row(display(result.source), result.error)
             console.print(table)
+    if report.warned:
+        table = Table(title="Files ingested with warnings (what the index could not take from them)",
+                      title_justify="left")
+        table.add_column("file", overflow="fold")
+        table.add_column("warning", overflow="fold")
+        for result in report.warned:
+            table.add_row(display(result.source), "\n".join(result.warnings))
+        console.print(table)
     counts = report.status_counts
     summary = Table(title=f"Ingest summary → {index_dir}", title_justify="left", show_header=False)
     summary.add_column(justify="left")

@@ -48,8 +48,9 @@ CREATE TABLE IF NOT EXISTS job_files (
 );
 """
 # Columns added after the first release, to new logs and to those of older versions alike, at open.
-ADDED_COLUMNS = {"collection": f"TEXT NOT NULL DEFAULT '{DEFAULT_COLLECTION}'",
-                 "attempts": "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {"jobs": {"collection": f"TEXT NOT NULL DEFAULT '{DEFAULT_COLLECTION}'",
+                          "attempts": "INTEGER NOT NULL DEFAULT 0"},
+                 "job_files": {"warnings": "TEXT NOT NULL DEFAULT '[]'"}}  # JSON list
 FINISHED = ("succeeded", "failed")
 
 
@@ -86,6 +87,7 @@ class FileOutcome:
     chunks: int = 0
     error: str | None = None
     doc_id: str | None = None
+    warnings: list[str] = field(default_factory=list)  # see ingest.job.FileResult
 
 
 @dataclass
@@ -122,10 +124,11 @@ class JobLog:
         index_dir.mkdir(parents=True, exist_ok=True)
         self.db = connect(index_dir)
         self.db.executescript(SCHEMA)
-        present = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        for column, definition in ADDED_COLUMNS.items():
-            if column not in present:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, definition in columns.items():
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self._lock = threading.Lock()
 
     def create(self, job: Job) -> Job:
@@ -151,8 +154,10 @@ class JobLog:
                     (job.status, job.owner, job.started_at, job.finished_at, job.snapshot, job.error,
                      json.dumps(job.index), json.dumps(job.spec), job.id))
                 self.db.executemany(
-                    "UPDATE job_files SET status = ?, chunks = ?, error = ?, doc_id = ? WHERE job_id = ? AND position = ?",
-                    [(f.status, f.chunks, f.error, f.doc_id, job.id, position) for position, f in enumerate(job.files)])
+                    "UPDATE job_files SET status = ?, chunks = ?, error = ?, doc_id = ?, warnings = ? "
+                    "WHERE job_id = ? AND position = ?",
+                    [(f.status, f.chunks, f.error, f.doc_id, json.dumps(f.warnings), job.id, position)
+                     for position, f in enumerate(job.files)])
 
     def claim(self, job: Job) -> bool:
         """Make this process the job's owner, unless another process took it since `job` was read."""
@@ -174,8 +179,8 @@ class JobLog:
                                   "AND (? IS NULL OR collection = ?)", (job_id, collection, collection)).fetchone()
             if row is None:
                 return None
-            files = [FileOutcome(*f) for f in self.db.execute(
-                "SELECT filename, source, status, chunks, error, doc_id FROM job_files WHERE job_id = ? "
+            files = [FileOutcome(*f, json.loads(warnings)) for *f, warnings in self.db.execute(
+                "SELECT filename, source, status, chunks, error, doc_id, warnings FROM job_files WHERE job_id = ? "
                 "ORDER BY position", (job_id,))]
         (id_, kind, status, spec, owner, created, started, finished, snapshot, error, counts, collection,
          attempts) = row

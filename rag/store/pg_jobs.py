@@ -110,9 +110,9 @@ class PostgresJobLog:
                 raise LeaseLostError(f"Ingestion job {job.id} was taken over by another worker.")
             with db.cursor() as cursor:
                 cursor.executemany(
-                    "UPDATE job_files SET status = %s, chunks = %s, error = %s, doc_id = %s "
+                    "UPDATE job_files SET status = %s, chunks = %s, error = %s, doc_id = %s, warnings = %s "
                     "WHERE job_id = %s AND position = %s",
-                    [(f.status, f.chunks, f.error, f.doc_id, job.id, position)
+                    [(f.status, f.chunks, f.error, f.doc_id, Jsonb(f.warnings), job.id, position)
                      for position, f in enumerate(job.files)])
 
     def claim(self, job: Job) -> bool:
@@ -139,7 +139,7 @@ class PostgresJobLog:
                              {"id": job_id, "scope": collection}).fetchone()
             if row is None:
                 return None
-            files = db.execute("SELECT filename, source, status, chunks, error, doc_id FROM job_files "
+            files = db.execute("SELECT filename, source, status, chunks, error, doc_id, warnings FROM job_files "
                                "WHERE job_id = %s ORDER BY position", (job_id,)).fetchall()
         return _job(row, files)
 

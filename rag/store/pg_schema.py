@@ -126,6 +126,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (job_id, position)
     );
     """,
+    # 3: what an ingested file's uploader should know (pages without a text layer, a guessed encoding).
+    """
+    ALTER TABLE job_files ADD COLUMN warnings jsonb NOT NULL DEFAULT '[]';
+    """,
 ]
 
 

@@ -68,11 +68,14 @@ async function uploadFiles(files) {
     }
     progress.value = 1;
     const failed = job.files.filter((file) => file.status === "failed").length;
+    const warned = job.files.filter((file) => file.warnings.length).length;
     label.textContent = job.status === "failed" ? `Ingestion failed: ${job.error}`
-      : `Done: ${job.files.length - failed} ingested, ${failed} failed.`;
-    results.replaceChildren(...job.files.map((file) => h("li", { class: file.status === "failed" ? "error" : "ok",
+      : `Done: ${job.files.length - failed} ingested, ${failed} failed${warned ? `, ${warned} with warnings` : ""}.`;
+    results.replaceChildren(...job.files.map((file) => h("li", {
+      class: file.status === "failed" ? "error" : file.warnings.length ? "warned" : "ok",
       dataset: { status: file.status } }, `${file.filename}: ${file.status}`,
-      file.status === "failed" ? ` (${file.error})` : `, ${file.chunks} chunk${file.chunks === 1 ? "" : "s"}`)));
+      file.status === "failed" ? ` (${file.error})` : `, ${file.chunks} chunk${file.chunks === 1 ? "" : "s"}`,
+      file.warnings.map((warning) => h("span", { class: "warning" }, warning)))));
     panel.dataset.state = job.status;
     await loadDocuments();
   } catch (error) {
