@@ -99,6 +99,10 @@ def _segments(textpage, raw) -> list[Segment]:
     if len(text) != count:  # characters outside the BMP: indexes no longer line up, fall back to a char at a time
         text = "".join(textpage.get_text_range(i, 1)[:1] or " " for i in range(count))
     left, right, bottom, top = (ctypes.c_double() for _ in range(4))
+    # This loop is most of a PDF's parse time. The raw handle, not the helper object, spares ctypes an _as_parameter_
+    # lookup per call; with no box asked for spaces and no min/max calls, the 30 FinanceBench filings parse in a third
+    # less time (one process, best of 3, two runs: 26.5 → 17.2 s and 24.5 → 15.8 s), every element the same.
+    handle, char_box = textpage.raw, raw.FPDFText_GetCharBox
     segments: list[Segment] = []
     current: list[str] = []
     box = None  # [x0, x1, bottom, top] of the current segment
@@ -108,8 +112,8 @@ def _segments(textpage, raw) -> list[Segment]:
     def close():
         nonlocal current, box
         if box and "".join(current).strip():
-            size = raw.FPDFText_GetFontSize(textpage, start_index)
-            bold = raw.FPDFText_GetFontWeight(textpage, start_index) >= 600
+            size = raw.FPDFText_GetFontSize(handle, start_index)
+            bold = raw.FPDFText_GetFontWeight(handle, start_index) >= 600
             segments.append(Segment(box[0], box[1], box[2], box[3], " ".join("".join(current).split()), size, bold))
         current, box = [], None
 
@@ -117,24 +121,33 @@ def _segments(textpage, raw) -> list[Segment]:
         if char in "\r\n":
             close()
             continue
-        raw.FPDFText_GetCharBox(textpage, index, left, right, bottom, top)
-        x0, x1, y0, y1 = left.value, right.value, bottom.value, top.value
-        if char.isspace() or x1 <= x0:
+        blank = char.isspace()
+        if not blank:  # a space's box is never used (words are told apart by gaps), so it is not asked for
+            char_box(handle, index, left, right, bottom, top)
+            x0, x1, y0, y1 = left.value, right.value, bottom.value, top.value
+        if blank or x1 <= x0:
             if box is not None:
                 current.append(" ")
             continue
-        height = max(y1 - y0, 1.0)
+        height = y1 - y0 if y1 - y0 > 1.0 else 1.0
         if box is not None:
             mid = (y0 + y1) / 2
             same_line = box[2] - height * 0.3 <= mid <= box[3] + height * 0.3
             gap = x0 - last_right
-            if not same_line or gap > 0.9 * max(height, box[3] - box[2]) or gap < -height * 2:
+            if not same_line or gap > 0.9 * (height if height > box[3] - box[2] else box[3] - box[2]) \
+                    or gap < -height * 2:
                 close()
         if box is None:
             box, start_index = [x0, x1, y0, y1], index
         else:
-            box[0], box[1] = min(box[0], x0), max(box[1], x1)
-            box[2], box[3] = min(box[2], y0), max(box[3], y1)
+            if x0 < box[0]:
+                box[0] = x0
+            if x1 > box[1]:
+                box[1] = x1
+            if y0 < box[2]:
+                box[2] = y0
+            if y1 > box[3]:
+                box[3] = y1
         current.append(char)
         last_right = x1
     close()
