@@ -23,7 +23,7 @@ from rag.models import cpu_flags, model_imports, sha256_files
 log = logging.getLogger(__name__)
 
 ONNX_PRECISIONS = ("onnx", "onnx-int8")
-EXPORT_VERSION = 1  # bump when the export or quantisation recipe changes
+EXPORT_VERSION = 2  # bump when the export or quantisation recipe changes (2: no NaN guards after softmax)
 OPSET = 17
 
 
@@ -116,6 +116,7 @@ def export(model_dir: Path, cache_dir: Path, quantised: bool) -> Path:
             torch.onnx.export(model, tuple(sample.values()), str(temporary), input_names=list(sample),
                               output_names=["last_hidden_state"], dynamic_axes=dynamic, opset_version=OPSET,
                               dynamo=False)
+        _drop_nan_guards(temporary)
         temporary.replace(fp32_path)
     if quantised and not int8_path.exists():
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -134,6 +135,39 @@ def export(model_dir: Path, cache_dir: Path, quantised: bool) -> Path:
             logging.getLogger().removeFilter(advice)
         temporary.replace(int8_path)
     return int8_path if quantised else fp32_path
+
+
+def _drop_nan_guards(path: Path) -> int:
+    """Remove the guard torch's attention export puts after each softmax, Where(IsNaN(weights), 0, weights); returns
+    how many. A row of attention weights is NaN only when every key in it is masked, and a tokenised input always
+    has [CLS] and [SEP] unmasked. The guard is two more passes over batch × heads × tokens² weights in every layer:
+    a quarter of the int8 graph's time and a sixth of the fp32 one's (ONNX Runtime's profile, 16 chunks of 182
+    tokens); without it the outputs are bit for bit the same, padded batches included."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    replaced, dropped = {}, set()
+    for node in graph.node:
+        if node.op_type != "Where":
+            continue
+        guard, weights = producer.get(node.input[0]), producer.get(node.input[2])
+        if (guard is not None and weights is not None and guard.op_type == "IsNaN" and weights.op_type == "Softmax"
+                and guard.input[0] == node.input[2]):
+            replaced[node.output[0]] = node.input[2]
+            dropped.update((id(node), id(guard)))
+    if not replaced:
+        return 0
+    kept = [node for node in graph.node if id(node) not in dropped]
+    for node in kept:
+        node.input[:] = [replaced.get(name, name) for name in node.input]
+    used = {name for node in kept for name in node.input} | {output.name for output in graph.output}
+    kept = [node for node in kept if node.op_type != "Constant" or node.output[0] in used]  # the guards' zeros
+    del graph.node[:]
+    graph.node.extend(kept)
+    onnx.save(model, str(path))
+    return len(replaced)
 
 
 def longest_first(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
