@@ -1,6 +1,7 @@
 """Retrieval quality and latency on XQuAD: recall@1, recall@5 and MRR of the gold paragraph, per retriever.
 
     .venv/bin/python bench/retrieval.py [--dataset ../shared/datasets/xquad-en/xquad.en.json] [--index DIR]
+        [--precision auto|fp32|bf16|onnx|onnx-int8]
     .venv/bin/python bench/retrieval.py --store postgres [--store-url postgresql://...]
 
 All 240 paragraphs are ingested as documents (article title + paragraph index in the path) with the default
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=None)
     parser.add_argument("--index", type=Path, default=None, help="index directory (default: a temporary one)")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--precision", default="auto", help="embedding precision: auto | fp32 | bf16 | onnx | onnx-int8")
     parser.add_argument("--store", choices=["embedded", "postgres"], default="embedded",
                         help="postgres: compare the PostgreSQL store with the embedded one, in the same run")
     parser.add_argument("--store-url", default=None,
@@ -47,8 +49,8 @@ def main() -> None:
     dataset = read_dataset(args.dataset or shared_dataset("xquad-en/xquad.en.json"))
     workdir = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
     passages = write_contexts(dataset, workdir / "passages")
-    embedder = Embedder()
-    print(f"CPU flags: {cpu_flags()}")
+    embedder = Embedder(precision=args.precision)
+    print(f"CPU flags: {cpu_flags()}; embedding precision {args.precision} = {embedder.precision}")
 
     embedded = ingested(Settings(index_dir=args.index or workdir / "index"), embedder, passages, dataset)
     if args.store == "embedded":

@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(DEFAULT_EMBEDDING_BATCH_SIZE, ge=1, le=4096)
     device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'.")
     embedding_precision: Literal["auto", "fp32", "bf16", "onnx", "onnx-int8"] = Field(
-        "auto", description="'auto': bf16 autocast on CUDA and on CPUs with native bf16 (2.4x here); on other CPUs "
-        "onnx-int8 (ONNX Runtime, int8 weights). fp32/bf16: torch; onnx: ONNX Runtime fp32."
+        "auto", description="'auto': the fastest path: bf16 autocast on CUDA and on CPUs with AMX; on other CPUs "
+        "onnx-int8 (ONNX Runtime, int8 weights), also where bf16 has no AMX (AVX512-BF16 alone). An index's recorded "
+        "weights decide over the machine's choice. fp32/bf16: torch; onnx: ONNX Runtime fp32."
     )
     model_cache_dir: Path | None = Field(
         None, description="Where models derived from the packaged ones (ONNX exports) are cached; "

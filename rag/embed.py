@@ -11,10 +11,14 @@ import numpy as np
 from rag.config import DEFAULT_EMBEDDING_BATCH_SIZE
 from rag.embed_onnx import ONNX_PRECISIONS, OnnxEncoder, longest_first, max_seq_length
 from rag.errors import UserError
-from rag.models import (PRECISIONS, autocast, default_embedding_path, existing_path, model_imports, resolve_device,
-                        resolve_precision)
+from rag.models import (PRECISIONS, autocast, cpu_flags, default_embedding_path, existing_path, model_imports,
+                        resolve_device, resolve_precision)
 
 EMBEDDING_PRECISIONS = (*PRECISIONS, *ONNX_PRECISIONS)
+# The CPU flag under which `auto` embeds in bf16: AMX tiles make it the fastest path (FinanceBench embedding on 2 Xeon
+# cores: bf16 144 s, int8 163 s); with AVX512-BF16 alone int8 is faster (2 EPYC cores: 162-169 s against 181-208 s
+# in four runs, before the int8 graph lost its NaN guards and became ~1.5x faster). README, bench/documents.py.
+AMX_BF16 = "amx_bf16"
 log = logging.getLogger(__name__)
 
 
@@ -74,15 +78,17 @@ class Embedder:
 
     @cached_property
     def precision(self) -> str:
-        """fp32 or bf16 (torch), onnx or onnx-int8 (ONNX Runtime, CPU). 'auto': bf16 on CUDA and on CPUs with
-        native bf16; on other CPUs onnx-int8 (measured faster than torch fp32, same retrieval: see README). An index
-        whose vectors are int8 (`follow`) gets onnx-int8 on every device; one whose vectors are fp32, never."""
+        """fp32 or bf16 (torch), onnx or onnx-int8 (ONNX Runtime, CPU). 'auto' takes the fastest: bf16 on CUDA and
+        on CPUs with AMX; onnx-int8 on other CPUs, those with AVX512-BF16 only (AMD Zen 4) included (FinanceBench
+        filings, hybrid retrieval the same: README). An index whose vectors are int8 (`follow`) gets onnx-int8 on
+        every device; one whose vectors are fp32, never."""
         if self._precision in ONNX_PRECISIONS:
             return self._precision
         if self._precision == "auto" and self._index_weights == "int8":
             return "onnx-int8"
         resolved = resolve_precision(self._precision, self.device)
-        if self._precision == "auto" and resolved == "fp32" and self.device == "cpu" and self._index_weights is None:
+        if self._precision == "auto" and self.device == "cpu" and self._index_weights is None and (
+                resolved == "fp32" or AMX_BF16 not in cpu_flags()):
             return "onnx-int8"
         return resolved
 

@@ -306,14 +306,17 @@ def test_queries_embed_on_onnx_fp32_without_importing_sentence_transformers(tmp_
 def test_auto_embeds_queries_in_the_graph_that_embeds_passages(monkeypatch):
     from rag import embed
 
-    for native_bf16, passages, queries in ((True, "bf16", "onnx"), (False, "onnx-int8", "onnx-int8")):
+    # bf16 where AMX runs it (the fastest path there); int8 on other CPUs, those with AVX512-BF16 alone included
+    for native_bf16, amx, passages, queries in ((True, True, "bf16", "onnx"), (True, False, "onnx-int8", "onnx-int8"),
+                                                (False, False, "onnx-int8", "onnx-int8")):
         monkeypatch.setattr(embed, "resolve_precision", lambda precision, device: "bf16" if native_bf16 else "fp32")
+        monkeypatch.setattr(embed, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"} if amx else {"avx2"}))
         embedder = embed.Embedder(device="cpu")
         assert (embedder.precision, embedder.query_precision) == (passages, queries)
         # An index's recorded weights decide over this CPU's choice, for passages and queries alike.
         embedder.follow("int8")
         assert (embedder.precision, embedder.query_precision, embedder.weights) == ("onnx-int8", "onnx-int8", "int8")
-        embedder.follow("fp32")
+        embedder.follow("fp32")  # in bf16 wherever the CPU has it: the same vectors as fp32 to cosine 0.99997
         fp32 = "bf16" if native_bf16 else "fp32"
         assert (embedder.precision, embedder.query_precision, embedder.weights) == (fp32, "onnx", "fp32")
         embedder.follow(None)  # a new index: this CPU's own choice again

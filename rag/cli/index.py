@@ -29,7 +29,7 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=f"Embedding batch size (env: RAG_EMBEDDING_BATCH_SIZE; default {DEFAULT_EMBEDDING_BATCH_SIZE}).")] = None,
     embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model folder (env: RAG_EMBEDDING_MODEL; default: packaged all-MiniLM-L6-v2).")] = None,
-    embedding_precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | onnx | onnx-int8 (env: RAG_EMBEDDING_PRECISION; auto: bf16 on CUDA and on CPUs with native bf16, else onnx-int8).")] = None,
+    embedding_precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | onnx | onnx-int8 (env: RAG_EMBEDDING_PRECISION; auto: bf16 on CUDA and on CPUs with AMX, else onnx-int8).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Parse, chunk and embed documents into the index. Incremental: unchanged files are skipped.
