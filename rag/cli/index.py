@@ -84,23 +84,18 @@ def _print_ingest_report(report, index_dir: Path) -> None:
     if report.stale:
         console.print(f"{report.stale} documents were built by an older parser or with other chunk settings; "
                       "re-ingested them.")
-    for title, results in (("Files skipped (not a supported type)", report.skipped),
-                           ("Files that failed (everything else was ingested)", report.failed)):
+    for title, results, column, cell in (
+            ("Files skipped (not a supported type)", report.skipped, "reason", lambda result: result.error),
+            ("Files that failed (everything else was ingested)", report.failed, "reason", lambda result: result.error),
+            ("Files ingested with warnings (what the index could not take from them)", report.warned, "warning",
+             lambda result: "\n".join(result.warnings))):
         if results:
             table = Table(title=title, title_justify="left")
             table.add_column("file", overflow="fold")
-            table.add_column("reason", overflow="fold")
+            table.add_column(column, overflow="fold")
             for result in results:
-                table.add_row(display(result.source), result.error)
+                table.add_row(display(result.source), cell(result))
             console.print(table)
-    if report.warned:
-        table = Table(title="Files ingested with warnings (what the index could not take from them)",
-                      title_justify="left")
-        table.add_column("file", overflow="fold")
-        table.add_column("warning", overflow="fold")
-        for result in report.warned:
-            table.add_row(display(result.source), "\n".join(result.warnings))
-        console.print(table)
     counts = report.status_counts
     summary = Table(title=f"Ingest summary → {index_dir}", title_justify="left", show_header=False)
     summary.add_column(justify="left")
