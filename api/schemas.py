@@ -140,6 +140,9 @@ class DocumentOut(BaseModel):
     size: int
     chunk_count: int
     ingested_at: str
+    warnings: list[str] = Field(default_factory=list, description=(
+        "What of the file is not in the index or was read by a guess (pages without a text layer, a guessed "
+        "encoding), from the ingest that added it."))
 
 
 class DocumentList(BaseModel):

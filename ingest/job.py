@@ -372,7 +372,8 @@ class IngestJob:
         for item, parsed in batch:
             chunks = parsed.chunks
             record = DocumentRecord(doc_id_for(item.source, self.collection), item.source, item.content_hash,
-                                    item.size, item.mtime_ns, self.chunking_key, len(chunks), now, self.collection)
+                                    item.size, item.mtime_ns, self.chunking_key, len(chunks), now, self.collection,
+                                    parsed.warnings)
             store.add_document(record, chunks, vectors[offset:offset + len(chunks)])
             offset += len(chunks)
             report.chunks_added += len(chunks)

@@ -18,6 +18,15 @@ from rag.errors import NotFoundError
 from rag.store import CompactionInfo, DocumentRecord, begin_store, open_store
 
 
+# A document as `rag documents list --json` and GET /v1/documents show it: the record without what only ingestion
+# reads (modification time, chunk settings).
+LISTED_FIELDS = ("doc_id", "collection", "source", "content_hash", "size", "chunk_count", "ingested_at", "warnings")
+
+
+def listed(record: DocumentRecord) -> dict:
+    return {name: getattr(record, name) for name in LISTED_FIELDS}
+
+
 class DocumentNotFoundError(NotFoundError):
     """No document with this id in the collection."""
 

@@ -416,7 +416,9 @@ def test_upload_ingests_in_background_then_delete(fresh_client):
 
     hit = client.post("/v1/search", json={"query": "quokka-mode marsupial", "k": 1}).json()["results"][0]
     assert hit["source"].endswith("Quokka_notes.md")
-    assert len(client.get("/v1/documents").json()["documents"]) == 5
+    listed = {Path(d["source"]).name: d for d in client.get("/v1/documents").json()["documents"]}
+    assert len(listed) == 5 and listed["signed.pdf"]["warnings"] == job["files"][1]["warnings"]
+    assert listed["Quokka_notes.md"]["warnings"] == []
 
     doc_id = job["files"][0]["doc_id"]
     deleted = client.delete(f"/v1/documents/{doc_id}")

@@ -1,6 +1,7 @@
 """The `rag` command as a user and a script see it: options documented, JSON output, exit codes."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -68,6 +69,9 @@ def test_unsupported_files_are_skipped_and_do_not_fail_the_run(tmp_path, monkeyp
     assert report["files"]["with_warnings"] == 1
     [legacy] = [r for r in report["results"] if r["source"].endswith("legacy.txt")]
     assert legacy["status"] == "new" and legacy["warnings"][0].startswith("not UTF-8: read as ")
+    listing = runner.invoke(app, ["documents", "list", "--index", str(tmp_path / "index"), "--json"])
+    assert {Path(d["source"]).name: d["warnings"] for d in json.loads(listing.stdout)["documents"]} == {
+        "notes.md": [], "legacy.txt": legacy["warnings"]}
     result = runner.invoke(app, ["ingest", str(docs), "--index", str(tmp_path / "other")], env={"COLUMNS": "200"})
     assert result.exit_code == EXIT_OK and "Files skipped" in result.stdout and "LICENSE" in result.stdout
     assert "Files ingested with warnings" in result.stdout and "not UTF-8: read as" in result.stdout

@@ -133,6 +133,13 @@ def test_what_an_ingested_file_could_not_give_the_index_is_reported_with_it(tmp_
     assert signed.warnings[0].startswith("2 of 4 pages are page-sized images") and signed.warnings[0].endswith("page 2, 4")
     assert report.to_dict()["files"]["with_warnings"] == 1
     assert f"{signed.source}: 2 of 4 pages" in caplog.text  # logged by the writer, naming the file
+    # kept with the document, so a reader can tell later runs' unchanged documents are incomplete too
+    again = IngestJob(settings, embedder).run(folder)
+    assert again.status_counts["unchanged"] == 2 and not again.warned
+    store = Store.open(settings.index_dir)
+    assert {Path(r.source).name: r.warnings for r in store.documents().values()} == {
+        "signed.pdf": signed.warnings, "quickstart.md": ()}
+    store.close()
 
 
 def test_documents_built_by_an_older_chunker_are_rechunked_without_duplicates(docs_dir, settings, embedder,

@@ -193,7 +193,7 @@ def _write_snapshot_format(index: Path) -> None:
     for doc in SEEDED:
         record, chunks, vectors = w.document(doc)
         db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(record.__getattribute__(f)
-                   for f in record.__dataclass_fields__ if f != "collection"))  # format 1 had no collections
+                   for f in record.__dataclass_fields__ if f not in ("collection", "warnings")))  # format 1's
         ids = [db.execute("INSERT INTO chunks (doc_id, ordinal, text, source, tokens, hash) VALUES (?, ?, ?, ?, 0, '')",
                           (c.doc_id, c.ordinal, c.text, c.source)).lastrowid for c in chunks]
         flat.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
@@ -260,6 +260,24 @@ def test_cli_documents_and_index_commands(tmp_path):
     compacted = json.loads(cli.invoke(app, ["index", "compact", "--index", str(index), "--json"]).stdout)
     assert compacted["segments_after"] == 1 and compacted["tombstones_dropped"] == 2 * w.CHUNKS_PER_DOC
     assert_holds_exactly(index, SEEDED - {0})
+
+
+def test_an_index_from_before_document_warnings_is_upgraded_by_its_first_reader(tmp_path):
+    index = tmp_path / "index"
+    w.write(index, adds=[0, 1])
+    with sqlite3.connect(index / "store.sqlite") as db:  # back to the schema of the previous release
+        db.execute("ALTER TABLE documents DROP COLUMN warnings")
+    assert_holds_exactly(index, {0, 1})
+    store = Store.open(index)
+    assert [record.warnings for record in store.documents().values()] == [(), ()]
+    store.close()
+    record, chunks, vectors = w.document(2)
+    writer = Store.begin(index, w.MODEL, w.DIMENSION, w.CHUNKING)
+    writer.add_document(replace(record, warnings=("1 of 3 pages are page-sized images ...: page 2",)), chunks, vectors)
+    writer.commit()
+    store = Store.open(index)
+    assert store.document(w.doc_id(2)).warnings == ("1 of 3 pages are page-sized images ...: page 2",)
+    store.close()
 
 
 def test_an_index_from_before_collections_is_upgraded_in_place_and_then_holds_collections(tmp_path):

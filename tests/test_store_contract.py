@@ -38,12 +38,12 @@ def unit_vectors(count: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def document(source: str, texts: list[str], collection: str = "default", seed: int = 0):
+def document(source: str, texts: list[str], collection: str = "default", seed: int = 0, warnings=()):
     """(record, chunks, vectors) of one document, as the ingestion job hands them to a writer."""
     doc_id = hashlib.sha256(f"{collection}\0{source}".encode()).hexdigest()[:16]
     record = DocumentRecord(doc_id, source, hashlib.sha256("\n".join(texts).encode()).hexdigest(), 100 * len(texts),
                             1_700_000_000_000_000_000, json.dumps(CHUNKING), len(texts), "2026-11-30T12:00:00+00:00",
-                            collection)
+                            collection, warnings)
     chunks = [Chunk(doc_id, ordinal, text, source, tokens=len(text.split()),
                     hash=hashlib.sha256(text.encode()).hexdigest()) for ordinal, text in enumerate(texts)]
     return record, chunks, unit_vectors(len(texts), seed)
@@ -91,7 +91,8 @@ def test_opening_a_missing_index_is_not_found(backend):
 
 
 def test_committed_documents_are_found_by_every_read(backend):
-    timeouts, proxies = document("docs/timeouts.md", TIMEOUTS, seed=1), document("docs/proxies.md", PROXIES, seed=2)
+    timeouts = document("docs/timeouts.md", TIMEOUTS, seed=1)
+    proxies = document("docs/proxies.md", PROXIES, seed=2, warnings=("not UTF-8: read as cp1252", "a 'quoted' note"))
     writer = backend.begin()
     writer.add_document(*timeouts)
     writer.add_document(*proxies)

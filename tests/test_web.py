@@ -256,11 +256,13 @@ def test_upload_markdown_and_pdf_then_delete(server, browser, tmp_path):
     assert warning.text.startswith("2 of 4 pages are page-sized images") and warning.text.endswith("page 2, 4")
     assert not results[0].find_elements(By.CSS_SELECTOR, ".warning")
     rows = wait(browser, lambda d: len(found := d.find_elements(By.CSS_SELECTOR, "#documents tbody tr")) == 6 and found)
-    names = [row.find_element(By.CSS_SELECTOR, "th").text for row in rows]
+    names = {row.find_element(By.CSS_SELECTOR, "th").text.split("\n")[0]: row for row in rows}
     assert {"wombat-notes.md", "ntsb-report.pdf", "signed.pdf"} <= set(names)
+    [kept] = names["signed.pdf"].find_elements(By.CSS_SELECTOR, ".warning")  # the listing keeps saying so
+    assert kept.text == warning.text and not names["wombat-notes.md"].find_elements(By.CSS_SELECTOR, ".warning")
     screenshot(browser, "documents")
 
-    row = next(row for row in rows if row.find_element(By.CSS_SELECTOR, "th").text == "wombat-notes.md")
+    row = names["wombat-notes.md"]
     row.find_element(By.CSS_SELECTOR, "button.danger").click()
     visible(browser, "#confirm")
     find(browser, "#confirm-cancel").click()  # nothing happens without confirmation

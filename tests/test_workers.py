@@ -177,7 +177,10 @@ def test_a_job_queue_of_the_previous_schema_is_migrated_with_its_jobs(pg_url):
                      "VALUES ('old', 'upload', 'default', 'succeeded', '{}', now())")
         conn.execute("INSERT INTO job_files (job_id, position, filename, source, status, chunks) "
                      "VALUES ('old', 0, 'a.md', '/u/a.md', 'new', 4)")
+        conn.execute("INSERT INTO documents (doc_id, source, content_hash, size, mtime_ns, chunking, chunk_count, "
+                     "ingested_at, collection) VALUES ('d', '/u/a.md', 'h', 1, 1, '{}', 4, '2026-01-01', 'default')")
         assert migrate(conn) == len(MIGRATIONS)
+        assert conn.execute("SELECT warnings FROM documents").fetchall() == [([],)]  # documents keep warnings now
     log = _log(pg_url)
     assert [(f.filename, f.chunks, f.warnings) for f in log.get("old").files] == [("a.md", 4, [])]
     log.close()

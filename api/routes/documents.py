@@ -23,6 +23,7 @@ from api.errors import ApiError
 from api.jobs import IngestQueue, sanitize_filename, supported
 from api.schemas import DeletedDocument, DocumentList, DocumentOut, JobAccepted, JobOut
 from ingest.load import SUPPORTED_SUFFIXES
+from rag.index import listed
 from rag.types import Role
 
 router = APIRouter(tags=["documents"])
@@ -92,8 +93,7 @@ async def list_documents(service: ServiceDep, collection: ReadScope) -> Document
     counts = await run_in_threadpool(index.store.counts, collection)
     return DocumentList(
         collection=collection,
-        documents=[DocumentOut(doc_id=r.doc_id, collection=r.collection, source=r.source, content_hash=r.content_hash,
-                               size=r.size, chunk_count=r.chunk_count, ingested_at=r.ingested_at) for r in records],
+        documents=[DocumentOut(**listed(record)) for record in records],
         counts=counts, snapshot=service.snapshot)
 
 

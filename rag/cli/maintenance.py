@@ -29,22 +29,24 @@ def _open_index(index_dir, collection: str | None = None):
 def documents_list(index: IndexOption = None, collection: CollectionOption = None,
                    as_json: JsonOption = False) -> None:
     """The documents of a collection, with their ids (for `rag documents delete`). Same fields as GET /v1/documents."""
+    from rag.index import listed
+
     opened = _open_index(index, collection)
     collection = opened.settings.collection
     records = opened.documents(collection)
     data = {"collection": collection,
-            "documents": [{"doc_id": r.doc_id, "collection": r.collection, "source": r.source,
-                           "content_hash": r.content_hash, "size": r.size, "chunk_count": r.chunk_count,
-                           "ingested_at": r.ingested_at} for r in records],
+            "documents": [listed(record) for record in records],
             "counts": opened.store.counts(collection), "snapshot": opened.store.manifest.snapshot}
     if as_json:
         print(json.dumps(data, indent=2))
         return
     table = Table(title=f"{len(records)} documents in {collection}", title_justify="left")
-    for column in ("doc_id", "source", "chunks", "ingested at"):
+    warned = any(record.warnings for record in records)
+    for column in ("doc_id", "source", "chunks", "ingested at", *(["warnings"] if warned else [])):
         table.add_column(column, overflow="fold")
     for record in records:
-        table.add_row(record.doc_id, display(record.source), str(record.chunk_count), record.ingested_at)
+        table.add_row(record.doc_id, display(record.source), str(record.chunk_count), record.ingested_at,
+                      *(["\n".join(record.warnings)] if warned else []))
     console.print(table)
 
 

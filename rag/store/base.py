@@ -50,6 +50,10 @@ class DocumentRecord:
     chunk_count: int
     ingested_at: str
     collection: str = DEFAULT_COLLECTION
+    # What of the file is not in the index or was read by a guess (pages without a text layer, a guessed
+    # encoding): the warnings of the ingest that added it, kept for as long as the document is. The last field: the
+    # stores write and read it as JSON.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -81,6 +81,8 @@ DOCUMENTS_TABLE = """(
     collection TEXT NOT NULL DEFAULT 'default',
     UNIQUE (collection, source)
 )"""
+# Columns added after a release, to new databases and to older ones alike, when a writer or reader opens them.
+ADDED_COLUMNS = {"documents": {"warnings": "TEXT NOT NULL DEFAULT '[]'"}}  # JSON list (DocumentRecord.warnings)
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents {DOCUMENTS_TABLE};
@@ -157,8 +159,28 @@ def register_functions(db: sqlite3.Connection) -> None:
 
 def ensure_schema(db: sqlite3.Connection) -> None:
     db.executescript(SCHEMA)
-    add_collections(db)
+    upgrade(db)
     db.execute("CREATE INDEX IF NOT EXISTS chunks_collection ON chunks(collection)")
+
+
+def upgrade(db: sqlite3.Connection) -> None:
+    """Bring an index built by an earlier version to this schema (a no-op when it is there)."""
+    add_collections(db)
+    add_columns(db, ADDED_COLUMNS)
+
+
+def outdated(db: sqlite3.Connection) -> bool:
+    """Whether `upgrade` has something to do (checked without the write lock that it takes)."""
+    return not _has_column(db, "documents", "collection") or any(
+        not _has_column(db, table, column) for table, columns in ADDED_COLUMNS.items() for column in columns)
+
+
+def add_columns(db: sqlite3.Connection, added: dict[str, dict[str, str]]) -> None:
+    """Add the columns (by table: name → definition) a table lacks; SQLite adds a column without rewriting rows."""
+    for table, columns in added.items():
+        for column, definition in columns.items():
+            if not _has_column(db, table, column):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 @contextmanager
@@ -192,7 +214,8 @@ def add_collections(db: sqlite3.Connection) -> None:
         with write_transaction(db):
             if not _has_column(db, "documents", "collection"):  # another process may have done it meanwhile
                 db.execute(f"CREATE TABLE documents_upgraded {DOCUMENTS_TABLE}")
-                columns = DOCUMENT_COLUMNS.replace(", collection", "")
+                old = {row[1] for row in db.execute("PRAGMA table_info(documents)")}
+                columns = ", ".join(name for name in DocumentRecord.__dataclass_fields__ if name in old)
                 db.execute(f"INSERT INTO documents_upgraded ({columns}) SELECT {columns} FROM documents")
                 db.execute("DROP TABLE documents")
                 db.execute("ALTER TABLE documents_upgraded RENAME TO documents")
@@ -200,6 +223,11 @@ def add_collections(db: sqlite3.Connection) -> None:
                     db.execute("ALTER TABLE chunks ADD COLUMN collection TEXT NOT NULL DEFAULT 'default'")
     finally:
         db.execute("PRAGMA foreign_keys = ON")
+
+
+def _document(row: tuple) -> DocumentRecord:
+    *rest, warnings = row  # the last column, JSON text
+    return DocumentRecord(*rest, tuple(json.loads(warnings)))
 
 
 def _row_to_chunk(row: tuple) -> Chunk:
@@ -340,10 +368,10 @@ class EmbeddedStore:
             raise IndexNotFoundError(f"No index at '{index_dir}' yet. Build one with `rag ingest PATH --index "
                                      f"{index_dir}` or upload documents.")
         check_compatible(meta, index_dir, embedding_model, dimension)
-        if not _has_column(store.db, "documents", "collection"):  # built before collections: upgrade in place
+        if outdated(store.db):  # built by an earlier version: upgrade in place
             upgrading = connect(index_dir)
             try:
-                add_collections(upgrading)
+                upgrade(upgrading)
             finally:
                 upgrading.close()
         return store
@@ -584,13 +612,13 @@ class EmbeddedStore:
         """Documents by doc_id."""
         scope, scope_args = _collection_condition(collection, first=True)
         rows = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents{scope}", scope_args)
-        return {row[0]: DocumentRecord(*row) for row in rows}
+        return {row[0]: _document(row) for row in rows}
 
     def document(self, doc_id: str, collection: str | None = None) -> DocumentRecord | None:
         scope, scope_args = _collection_condition(collection)
         row = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?{scope}",
                               (doc_id, *scope_args)).fetchone()
-        return DocumentRecord(*row) if row else None
+        return _document(row) if row else None
 
     def collections(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT collection, COUNT(*) FROM documents GROUP BY collection "
@@ -662,7 +690,8 @@ class EmbeddedStore:
                 deleted += db.execute(f"DELETE FROM chunks WHERE doc_id IN ({marks})", batch).rowcount
                 db.execute(f"DELETE FROM documents WHERE doc_id IN ({marks})", batch)
             added_docs = {record.doc_id: record for record, _, _ in self._pending.adds.values()}
-            db.executemany(INSERT_DOCUMENT, (tuple(asdict(record).values()) for record in added_docs.values()))
+            db.executemany(INSERT_DOCUMENT, ((*astuple(record)[:-1], json.dumps(record.warnings))
+                                             for record in added_docs.values()))
             db.executemany(INSERT_CHUNK, (
                 (int(id_), record.doc_id, chunk.ordinal, chunk.text, chunk.source, chunk.page, chunk.heading,
                  chunk.element_type, chunk.tokens, chunk.hash, chunk.context, record.collection)
@@ -858,7 +887,7 @@ def migrate_snapshot_format(index_dir: Path) -> bool:
         db.execute("BEGIN")
         db.executemany(INSERT_DOCUMENT,
                        old.execute("SELECT doc_id, source, content_hash, size, mtime_ns, chunking, chunk_count, "
-                                   "ingested_at, 'default' FROM documents"))
+                                   "ingested_at, 'default', '[]' FROM documents"))
         columns = OLD_COLUMNS + (", context" if has_context else ", ''") + ", 'default'"
         db.executemany(INSERT_CHUNK, old.execute(f"SELECT {columns} FROM chunks ORDER BY id"))
         next_id = (db.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0) + 1

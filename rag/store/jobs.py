@@ -18,7 +18,7 @@ import psutil
 
 from rag.errors import ConflictError
 from rag.store.base import DEFAULT_COLLECTION
-from rag.store.embedded import connect, write_transaction
+from rag.store.embedded import add_columns, connect, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -124,11 +124,7 @@ class JobLog:
         index_dir.mkdir(parents=True, exist_ok=True)
         self.db = connect(index_dir)
         self.db.executescript(SCHEMA)
-        for table, columns in ADDED_COLUMNS.items():
-            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            for column, definition in columns.items():
-                if column not in present:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        add_columns(self.db, ADDED_COLUMNS)
         self._lock = threading.Lock()
 
     def create(self, job: Job) -> Job:

@@ -130,6 +130,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE job_files ADD COLUMN warnings jsonb NOT NULL DEFAULT '[]';
     """,
+    # 4: the same warnings kept with the document they are about, for as long as it is in the index.
+    """
+    ALTER TABLE documents ADD COLUMN warnings jsonb NOT NULL DEFAULT '[]';
+    """,
 ]
 
 

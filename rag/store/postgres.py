@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import astuple, fields
 
 import numpy as np
+from psycopg.types.json import Jsonb
 
 from rag.config import Settings
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
@@ -68,6 +69,11 @@ def _analysed(chunk: Chunk) -> tuple[str, int]:
 def _chunk(row: tuple) -> Chunk:
     id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context = row
     return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context)
+
+
+def _document(row: tuple) -> DocumentRecord:
+    *rest, warnings = row  # the last column; jsonb arrives as a list
+    return DocumentRecord(*rest, tuple(warnings))
 
 
 def _where(collection: str | None, allowed: np.ndarray | None = None) -> tuple[str, list]:
@@ -263,14 +269,14 @@ class PostgresStore:
         where, params = _where(collection)
         with self._db.connection() as conn:
             rows = conn.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents {where}", params).fetchall()
-        return {row[0]: DocumentRecord(*row) for row in rows}
+        return {row[0]: _document(row) for row in rows}
 
     def document(self, doc_id: str, collection: str | None = None) -> DocumentRecord | None:
         where, params = _where(collection)
         with self._db.connection() as conn:
             row = conn.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents {where + ' AND' if where else 'WHERE'} "
                                "doc_id = %s", [*params, doc_id]).fetchone()
-        return DocumentRecord(*row) if row else None
+        return _document(row) if row else None
 
     def counts(self, collection: str | None = None) -> dict[str, int]:
         """One statement, so the numbers describe one committed state. Every chunk row holds its vector."""
@@ -362,7 +368,8 @@ class PostgresStore:
                 "SELECT count(*), COALESCE(sum(term_count), 0) FROM gone", (deletes,)).fetchone()
             conn.execute("DELETE FROM documents WHERE doc_id = ANY(%s)", (deletes,))
             with conn.cursor() as cursor:
-                cursor.executemany(INSERT_DOCUMENT, [astuple(record) for record, _, _ in pending.adds.values()])
+                cursor.executemany(INSERT_DOCUMENT, [(*astuple(record)[:-1], Jsonb(list(record.warnings)))
+                                                     for record, _, _ in pending.adds.values()])
                 cursor.executemany(INSERT_CHUNK, chunk_rows)
                 cursor.executemany("UPDATE documents SET size = %s, mtime_ns = %s WHERE doc_id = %s",
                                    [(size, mtime, doc_id) for doc_id, (size, mtime) in pending.touches.items()])

@@ -28,7 +28,8 @@ export async function loadDocuments() {
   try {
     const listing = await api.get("/v1/documents");
     const rows = listing.documents.map((doc) => h("tr", { dataset: { docId: doc.doc_id } },
-      h("th", { scope: "row", title: doc.source }, basename(doc.source)),
+      h("th", { scope: "row", title: doc.source }, basename(doc.source),
+        doc.warnings.map((warning) => h("span", { class: "warning warned" }, warning))),
       h("td", { class: "num" }, formatBytes(doc.size)),
       h("td", { class: "num" }, String(doc.chunk_count)),
       h("td", {}, h("time", { datetime: doc.ingested_at }, new Date(doc.ingested_at).toLocaleString())),
