@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest.load import Element, LoadedDocument
+from ingest.pdf import ORGANISATION
 
 MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December|Jan\.?|Feb\.?|" \
         r"Mar\.?|Apr\.?|Jun\.?|Jul\.?|Aug\.?|Sept?\.?|Oct\.?|Nov\.?|Dec\.?)"
@@ -25,8 +26,6 @@ PERIOD_PATTERNS = [
 ]
 FIRST_DATE = re.compile(DATE)
 REGISTRANT = re.compile(r"exact\s+name\s+of\s+(?:the\s+)?registrant", re.I)
-ORGANISATION = re.compile(r"\b(inc|incorporated|corporation|corp|company|co|ltd|limited|plc|llc|l\.?p|n\.?v|s\.?a|ag|"
-                          r"se|group|holdings|university|institute|agency|department|board|association)\b\.?$", re.I)
 FORM = re.compile(r"^form\s+[\w-]{1,10}$", re.I)
 UNHELPFUL_METADATA = re.compile(r"^(untitled|anonymous|unknown|admin\w*|user|owner|microsoft\s+word\b.*|"
                                 r"document\d*|.*\.(docx?|pdf|indd|qxd|rtf|xlsx?))$", re.I)

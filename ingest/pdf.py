@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-PARSER_VERSION = "pdfium-layout-2"
+PARSER_VERSION = "pdfium-layout-3"
 NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
 YEAR = re.compile(r"^(fiscal\s+)?(19|20)\d\d$", re.I)
 FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers and page numbers sit
@@ -31,6 +31,13 @@ FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers 
 # the table repeats them with its header rows.
 CAPTION_LINES = 6
 CAPTION_WORDS = 14
+# A name ending in a legal form or kind of body ("ACME HOLDINGS INC.", "Foo and Subsidiary Companies").
+ORGANISATION = re.compile(r"\b(inc|incorporated|corporation|corp|company|companies|subsidiaries|co|ltd|limited|plc|llc|"
+                          r"l\.?p|n\.?v|s\.?a|ag|se|group|holdings|university|institute|agency|department|board|"
+                          r"association)\b\.?$", re.I)
+# A caption line that names its table without being set as a heading: a few capitalised words, no figures
+# ("Consolidated Statements of Earnings" in the body font).
+NAME_LINE = re.compile(r"^[A-Z][\w'’&-]*(?:,?\s+(?:[A-Z][\w'’&-]*|of|and|the|in|for|to|on|or|from))+$")
 # A page with fewer characters of text than this under an image covering at least this share of it is a scanned
 # page (a stamp or page number aside), whose words only OCR would find: reported, as its content is not indexed.
 SCANNED_PAGE_CHARS = 20
@@ -238,8 +245,23 @@ def _captioned(table: PageElement, elements: list[PageElement]) -> PageElement:
     if caption:
         lines = "\n".join(element.text for element in caption)
         table.header = f"{lines}\n{table.header}" if table.header else lines
-        table.heading = next((element.text for element in caption if element.category == "Title"), "")
+        table.heading = _caption_heading(caption)
     return table
+
+
+def _caption_heading(caption: list[PageElement]) -> str:
+    """The heading a table's caption gives it: its first heading line that is not the organisation's name (a
+    statement is often captioned "ACME INC." above "CONSOLIDATED BALANCE SHEETS"), else its first line that reads
+    as a name; else its first heading line, if any."""
+    titles = [element.text for element in caption if element.category == "Title"]
+    named = [element.text for element in caption if NAME_LINE.match(element.text) and len(element.text.split()) <= 8]
+    return next((text for text in titles + named if not ORGANISATION.search(text)), titles[0] if titles else "")
+
+
+def _is_row_label(text: str) -> bool:
+    """A label-only line inside a table: short, or a group label ending in a colon ("Adjustments to reconcile net
+    income to net cash provided by operating activities:" is 81 characters)."""
+    return len(text) < 80 or text.endswith(":") and len(text) < 160
 
 
 def _table_spans(lines: list[Line], body_size: float) -> list[tuple[int, int, int]]:
@@ -252,7 +274,7 @@ def _table_spans(lines: list[Line], body_size: float) -> list[tuple[int, int, in
             continue
         end = index
         while end + 1 < len(lines) and (_is_table_row(lines[end + 1]) or (
-                len(lines[end + 1].segments) == 1 and len(lines[end + 1].text) < 80
+                len(lines[end + 1].segments) == 1 and _is_row_label(lines[end + 1].text)
                 and end + 2 < len(lines) and _is_table_row(lines[end + 2]))):
             end += 1
         rows = lines[index:end + 1]

@@ -99,6 +99,26 @@ def statement_with_caption(rows: int = 30) -> bytes:
     return make_pdf([cover, statement])
 
 
+def statements_as_filers_set_them() -> bytes:
+    """Two statements captioned as filings often are: the issuer's name set as a heading above the statement's
+    title; a title in the body font (after an auditor's report, whose heading must not carry over) above rows
+    split by a group label longer than a line of prose."""
+    income = [(72, 740, 10, "B:GLOBEX CORPORATION"), (72, 725, 10, "B:CONSOLIDATED STATEMENTS OF INCOME"),
+              (72, 710, 10, "(In millions)"), (300, 690, 10, "2023"), (380, 690, 10, "2022"),
+              (72, 670, 10, "Revenue"), (300, 670, 10, "5,000"), (380, 670, 10, "4,500"),
+              (72, 655, 10, "Operating income"), (300, 655, 10, "1,200"), (380, 655, 10, "1,000")]
+    audit = [(72, 740, 12, "B:Report of Independent Registered Public Accounting Firm"),
+             (72, 720, 10, "We have audited the accompanying balance sheets of Globex Corporation.")]
+    label = "Adjustments to reconcile net income to net cash provided by operating activities for the year:"
+    cash = [(72, 740, 10, "Consolidated Statements of Cash Flows"), (72, 725, 10, "$ in millions"),
+            (300, 705, 10, "2023"), (380, 705, 10, "2022"),
+            (72, 685, 10, "Net income"), (300, 685, 10, "900"), (380, 685, 10, "800"),
+            (72, 670, 10, label),
+            (72, 655, 10, "Depreciation"), (300, 655, 10, "150"), (380, 655, 10, "140"),
+            (72, 640, 10, "Stock-based compensation"), (300, 640, 10, "60"), (380, 640, 10, "55")]
+    return make_pdf([income, audit, cash])
+
+
 def long_report(pages: int) -> bytes:
     """A report of many pages, each under a running header and over a page number (page furniture), with a section
     title, a paragraph and a small table, as a long filing has."""

@@ -6,7 +6,8 @@ import pytest
 
 from ingest.load import LoadError, load
 from tests.conftest import CORPUS, DATA
-from tests.pdfs import report_with_scanned_pages, report_with_table, scan_without_text, statement_with_caption
+from tests.pdfs import (report_with_scanned_pages, report_with_table, scan_without_text, statement_with_caption,
+                        statements_as_filers_set_them)
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,22 @@ def test_a_pdf_tables_caption_lines_head_it_and_name_its_section(tmp_path: Path)
     assert table.heading == "CONSOLIDATED BALANCE SHEETS"
     assert not any(e.page == 2 and e.category != "Table" for e in elements)  # no caption line left on its own
     assert "(In millions)" not in [e.text for e in elements if e.category == "Title"]  # a unit line is no section
+
+
+def test_a_tables_heading_is_the_statement_its_caption_names(tmp_path: Path):
+    (tmp_path / "statements.pdf").write_bytes(statements_as_filers_set_them())
+    elements = load(tmp_path / "statements.pdf").elements
+    income, cash = [e for e in elements if e.category == "Table"]
+    # under the statement's title, not the issuer's name set as a heading above it
+    assert income.heading == "CONSOLIDATED STATEMENTS OF INCOME"
+    assert income.header.startswith("GLOBEX CORPORATION\nCONSOLIDATED STATEMENTS OF INCOME\n(In millions)")
+    # a title in the body font names its table too, instead of the auditor's report the page before
+    assert cash.page == 3 and cash.heading == "Consolidated Statements of Cash Flows"
+    # a long group label ending in a colon is a row of the table, not the end of it
+    rows = cash.text.splitlines()
+    assert "| Net income | 900 | 800 |" in rows and "| Depreciation | 150 | 140 |" in rows
+    assert any(row.startswith("| Adjustments to reconcile net income") for row in rows)
+    assert not any(e.page == 3 and e.category != "Table" for e in elements)
 
 
 @pytest.mark.parametrize(
