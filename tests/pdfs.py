@@ -102,13 +102,14 @@ def statement_with_caption(rows: int = 30) -> bytes:
 def statements_as_filers_set_them() -> bytes:
     """Two statements captioned as filings often are: the issuer's name set as a heading above the statement's
     title; a title in the body font (after an auditor's report, whose heading must not carry over) above rows
-    split by a group label longer than a line of prose."""
+    split by a group label longer than a line of prose. The report's page has a bold label in a small font."""
     income = [(72, 740, 10, "B:GLOBEX CORPORATION"), (72, 725, 10, "B:CONSOLIDATED STATEMENTS OF INCOME"),
               (72, 710, 10, "(In millions)"), (300, 690, 10, "2023"), (380, 690, 10, "2022"),
               (72, 670, 10, "Revenue"), (300, 670, 10, "5,000"), (380, 670, 10, "4,500"),
               (72, 655, 10, "Operating income"), (300, 655, 10, "1,200"), (380, 655, 10, "1,000")]
     audit = [(72, 740, 12, "B:Report of Independent Registered Public Accounting Firm"),
-             (72, 720, 10, "We have audited the accompanying balance sheets of Globex Corporation.")]
+             (72, 720, 10, "We have audited the accompanying balance sheets of Globex Corporation."),
+             (72, 700, 8, "B:WEIGHTED AVERAGE"), (72, 685, 10, "Our opinion on the statements follows.")]
     label = "Adjustments to reconcile net income to net cash provided by operating activities for the year:"
     cash = [(72, 740, 10, "Consolidated Statements of Cash Flows"), (72, 725, 10, "$ in millions"),
             (300, 705, 10, "2023"), (380, 705, 10, "2022"),

@@ -102,6 +102,8 @@ def test_a_tables_heading_is_the_statement_its_caption_names(tmp_path: Path):
     assert "| Net income | 900 | 800 |" in rows and "| Depreciation | 150 | 140 |" in rows
     assert any(row.startswith("| Adjustments to reconcile net income") for row in rows)
     assert not any(e.page == 3 and e.category != "Table" for e in elements)
+    # bold but smaller than the body: a label, not a section (what follows stays under the report)
+    assert {e.heading for e in elements if e.page == 2} == {"Report of Independent Registered Public Accounting Firm"}
 
 
 @pytest.mark.parametrize(
