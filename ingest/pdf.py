@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-PARSER_VERSION = "pdfium-layout-4"
+PARSER_VERSION = "pdfium-layout-5"
 NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
 YEAR = re.compile(r"^(fiscal\s+)?(19|20)\d\d$", re.I)
 FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers and page numbers sit
@@ -31,6 +31,9 @@ FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers 
 # the table repeats them with its header rows.
 CAPTION_LINES = 6
 CAPTION_WORDS = 14
+# Label-only lines a table's rows may have between them: statements nest group labels ("Other comprehensive income
+# (loss), net of taxes:" above "Available-for-sale securities:"), two deep in the filings, three with a margin.
+GROUP_LABELS = 3
 # Headings are set at least this large relative to the body font: in the 30 FinanceBench filings, 29 of the 31
 # emphasised lines under it (0.80-0.89 of the body size) were column labels or signatures, not sections.
 HEADING_MIN_SIZE = 0.9
@@ -84,6 +87,7 @@ class PageElement:
     page: int  # 1-based
     header: str = ""  # tables: the caption and Markdown header rows every chunk of the table repeats
     heading: str = ""  # tables: the heading found in the caption, which the table and what follows sit under
+    cells: bool = False  # one line of cells set apart ("Fiscal  Fiscal  % Change"): column labels, never a name
 
 
 class PageText(NamedTuple):
@@ -199,7 +203,7 @@ def _merge_currency_cells(line: Line) -> None:
 
 def _is_table_row(line: Line) -> bool:
     cells = line.segments
-    if all(YEAR.match(cell.text) for cell in cells):  # "2016 2015 2014" heads columns
+    if all(YEAR.match(cell.text) for cell in cells[1:]):  # "(in millions) 2016 2015 2014" heads columns
         return False
     numeric = sum(1 for cell in cells[1:] if NUMERIC.match(cell.text))
     return len(cells) >= 3 and numeric >= 2 or len(cells) == 2 and numeric == 1 and len(cells[0].text) > 2
@@ -257,7 +261,8 @@ def _caption_heading(caption: list[PageElement]) -> str:
     statement is often captioned "ACME INC." above "CONSOLIDATED BALANCE SHEETS"), else its first line that reads
     as a name; else its first heading line, if any."""
     titles = [element.text for element in caption if element.category == "Title"]
-    named = [element.text for element in caption if NAME_LINE.match(element.text) and len(element.text.split()) <= 8]
+    named = [element.text for element in caption
+             if NAME_LINE.match(element.text) and len(element.text.split()) <= 8 and not element.cells]
     return next((text for text in titles + named if not ORGANISATION.search(text)), titles[0] if titles else "")
 
 
@@ -267,19 +272,35 @@ def _is_row_label(text: str) -> bool:
     return len(text) < 80 or text.endswith(":") and len(text) < 160
 
 
+def _group_labels(lines: list[Line], index: int, body_size: float) -> int:
+    """How many label-only lines from `index` lead to a further row of the table (0: the table ends there). One label
+    may look like a heading (a bold "Revenue"); of several, none may: a heading and its subtitle start a new part."""
+    count = 0
+    while (count < GROUP_LABELS and index + count < len(lines) and len(lines[index + count].segments) == 1
+           and _is_row_label(lines[index + count].text)):
+        count += 1
+        if index + count < len(lines) and _is_table_row(lines[index + count]):
+            labels = lines[index:index + count]
+            return count if count == 1 or not any(_is_heading(line, body_size) for line in labels) else 0
+    return 0
+
+
 def _table_spans(lines: list[Line], body_size: float) -> list[tuple[int, int, int]]:
     """(header start, first row, last row) of each table: runs of rows, label-only lines between rows included,
-    with up to 4 lines above whose cells all sit right of the row labels (the column headings)."""
+    with up to 4 lines of column headings above (`_heads_columns`)."""
     spans, index = [], 0
     while index < len(lines):
         if not _is_table_row(lines[index]):
             index += 1
             continue
         end = index
-        while end + 1 < len(lines) and (_is_table_row(lines[end + 1]) or (
-                len(lines[end + 1].segments) == 1 and _is_row_label(lines[end + 1].text)
-                and end + 2 < len(lines) and _is_table_row(lines[end + 2]))):
-            end += 1
+        while end + 1 < len(lines):
+            if _is_table_row(lines[end + 1]):
+                end += 1
+            elif labels := _group_labels(lines, end + 1, body_size):
+                end += labels + 1  # the labels and the row they lead to
+            else:
+                break
         rows = lines[index:end + 1]
         if sum(_is_table_row(row) for row in rows) >= 2:
             multi = [row for row in rows if len(row.segments) > 1]
@@ -290,13 +311,21 @@ def _table_spans(lines: list[Line], body_size: float) -> list[tuple[int, int, in
                     and lines[index - 1].x0 < label_right and lines[index - 1].text.endswith(":"):
                 index -= 1  # a group label ("Revenue:") above the first row belongs to the table
             start = index
-            while start - 1 >= floor and index - start < 4 and all(
-                    segment.x0 > label_right - 2 and (segment.x0 + segment.x1) / 2 > values_left - 10
-                    for segment in lines[start - 1].segments) and not _is_heading(lines[start - 1], body_size):
+            while start - 1 >= floor and index - start < 4 and _heads_columns(lines[start - 1], label_right,
+                                                                              values_left, body_size):
                 start -= 1
             spans.append((start, index, end))
         index = end + 1
     return spans
+
+
+def _heads_columns(line: Line, label_right: float, values_left: float, body_size: float) -> bool:
+    """A line of column headings above a table's rows: its cells over the value columns, but for a first cell that
+    heads the row labels ("(in millions)"). Set like a heading, it must start over the values ("Years Ended" in
+    bold): a page's title centred above a table does not."""
+    cells = line.segments[1:] if len(line.segments) > 1 else line.segments
+    over_values = all(cell.x0 > label_right - 2 and (cell.x0 + cell.x1) / 2 > values_left - 10 for cell in cells)
+    return over_values and (line.x0 >= values_left - 10 or not _is_heading(line, body_size))
 
 
 def _is_heading(line: Line, body_size: float) -> bool:
@@ -320,7 +349,8 @@ def _page_elements(lines: list[Line], page: int, body_size: float) -> list[PageE
     def flush_paragraph():
         if paragraph:
             text = " ".join(line.text for line in paragraph)
-            elements.append(PageElement(text, "NarrativeText", page))
+            cells = len(paragraph) == 1 and len(paragraph[0].segments) > 1
+            elements.append(PageElement(text, "NarrativeText", page, cells=cells))
             paragraph.clear()
 
     tables = {start: (first, last) for start, first, last in _table_spans(lines, body_size)}

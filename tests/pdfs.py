@@ -120,6 +120,27 @@ def statements_as_filers_set_them() -> bytes:
     return make_pdf([income, audit, cash])
 
 
+def column_labels_as_filers_set_them() -> bytes:
+    """Tables whose column labels are set as filings set them: a bold "Years Ended" over the values and a line whose
+    first cell heads the row labels, above rows split by two nested group labels; then label cells ("Fiscal",
+    "2023") above a table, parted from its rows by a line in the labels' column."""
+    comprehensive = [(72, 740, 12, "B:CONSOLIDATED STATEMENTS OF COMPREHENSIVE INCOME"),
+                     (72, 725, 10, "(In thousands)"), (300, 705, 10, "B:Years Ended"),
+                     (72, 690, 10, "(in millions)"), (300, 690, 10, "2023"), (380, 690, 10, "2022"),
+                     (72, 670, 10, "Net income"), (300, 670, 10, "900"), (380, 670, 10, "800"),
+                     (72, 655, 10, "Other comprehensive income (loss), net of taxes:"),
+                     (80, 640, 10, "Available-for-sale securities:"),
+                     (88, 625, 10, "Unrealized gains"), (300, 625, 10, "15"), (380, 625, 10, "(9)"),
+                     (72, 610, 10, "Total comprehensive income"), (300, 610, 10, "915"), (380, 610, 10, "791")]
+    segments = [(72, 740, 14, "B:Segment Results"),
+                (72, 720, 10, "Sales rose in both segments, as the table below shows."),
+                (300, 700, 10, "Fiscal"), (380, 700, 10, "Fiscal"), (300, 688, 10, "2023"), (380, 688, 10, "2022"),
+                (72, 672, 10, "Sales to customers by segment"),
+                (72, 657, 10, "Consumer"), (300, 657, 10, "1,200"), (380, 657, 10, "1,100"),
+                (72, 642, 10, "Enterprise"), (300, 642, 10, "800"), (380, 642, 10, "700")]
+    return make_pdf([comprehensive, segments])
+
+
 def long_report(pages: int) -> bytes:
     """A report of many pages, each under a running header and over a page number (page furniture), with a section
     title, a paragraph and a small table, as a long filing has."""

@@ -7,7 +7,7 @@ import pytest
 from ingest.load import LoadError, load
 from tests.conftest import CORPUS, DATA
 from tests.pdfs import (report_with_scanned_pages, report_with_table, scan_without_text, statement_with_caption,
-                        statements_as_filers_set_them)
+                        statements_as_filers_set_them, column_labels_as_filers_set_them)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +104,21 @@ def test_a_tables_heading_is_the_statement_its_caption_names(tmp_path: Path):
     assert not any(e.page == 3 and e.category != "Table" for e in elements)
     # bold but smaller than the body: a label, not a section (what follows stays under the report)
     assert {e.heading for e in elements if e.page == 2} == {"Report of Independent Registered Public Accounting Firm"}
+
+
+def test_column_labels_stay_in_their_table_and_never_head_it(tmp_path: Path):
+    (tmp_path / "labels.pdf").write_bytes(column_labels_as_filers_set_them())
+    elements = load(tmp_path / "labels.pdf").elements
+    comprehensive, segments = [e for e in elements if e.category == "Table"]
+    # one table: "Years Ended" and the "(in millions)" line head its columns; two nested group labels do not end it
+    assert comprehensive.header.splitlines()[-2] == "| (in millions) | Years Ended 2023 | 2022 |"
+    assert comprehensive.heading == "CONSOLIDATED STATEMENTS OF COMPREHENSIVE INCOME"
+    rows = comprehensive.text.splitlines()
+    assert "| Net income | 900 | 800 |" in rows and "| Total comprehensive income | 915 | 791 |" in rows
+    assert "| Available-for-sale securities: |  |  |" in rows
+    assert not any(e.page == 1 and e.category != "Table" for e in elements)
+    # label cells left above a table are in its caption but are not its name: it stays under its section
+    assert "Fiscal Fiscal" in segments.header and segments.heading == "Segment Results"
 
 
 @pytest.mark.parametrize(
