@@ -4,7 +4,7 @@ import pytest
 
 import rag.store.embedded
 from ingest.job import IngestJob
-from rag.retrieve import LONG_DOCUMENT_CHUNKS, Retriever, RetrieverKind, one_per_page_first, rank_documents, reciprocal_rank_fusion
+from rag.retrieve import LONG_DOCUMENT_CHUNKS, Retriever, RetrieverKind, one_per_page_first, reciprocal_rank_fusion, score_documents
 from rag.store import Store
 from rag.types import Chunk
 from tests.conftest import CORPUS
@@ -88,12 +88,14 @@ CARDS = {"nike-2019": "FORM 10-K | NIKE 2019 10K | NIKE, Inc. | FISCAL YEAR ENDE
          "notes": ""}
 
 
-def test_documents_rank_by_their_cards_terms_weighed_among_the_candidates():
-    ranks = rank_documents("What were Nike's total current assets at the end of FY2019?", CARDS)
-    assert ranks["nike-2019"] == 1 and set(ranks) == {"nike-2019", "nike-2021", "adobe-2019"}  # 'FY2019' meets '2019'
-    assert rank_documents("What are Nike's total current assets?", CARDS) == {"nike-2019": 1, "nike-2021": 1}  # a tie: shared
-    assert rank_documents("total current assets", CARDS) == {}  # no card term in the question: no ranking
-    assert rank_documents("Who sold the most in fiscal 2019?", {"tv": "Doctor Who"}) == {}  # not a name there
+def test_documents_score_by_their_cards_terms_weighed_among_the_candidates():
+    scores = score_documents("What were Nike's total current assets at the end of FY2019?", CARDS)
+    assert scores["nike-2019"] == 1.0 and set(scores) == {"nike-2019", "nike-2021", "adobe-2019"}  # 'FY2019' meets '2019'
+    # a card with one of the two names scores that name's share: here half, as each is on two of the three cards
+    assert scores["nike-2021"] == scores["adobe-2019"] == 0.5
+    assert score_documents("What are Nike's total current assets?", CARDS) == {"nike-2019": 1.0, "nike-2021": 1.0}  # a tie
+    assert score_documents("total current assets", CARDS) == {}  # no card term in the question: no vote
+    assert score_documents("Who sold the most in fiscal 2019?", {"tv": "Doctor Who"}) == {}  # not a name there
 
 
 def test_hybrid_fusion_ranks_the_passage_of_the_document_the_question_names_first():
@@ -109,6 +111,10 @@ def test_hybrid_fusion_ranks_the_passage_of_the_document_the_question_names_firs
     assert [id_ for id_, _ in ranked][0] == 3
     assert ranked[-1] == fused[-1]  # a candidate whose document matches nothing keeps its fused score
     assert Retriever._with_documents("total current assets", fused, chunks) == fused
+    # Nike's fiscal 2021 balance sheet first in both legs: the card naming the year the question asks still wins
+    # (ranked, not scored, the second card's vote was 1 / 62 against 1 / 61, and 2021 stayed first)
+    fused = reciprocal_rank_fusion({"dense": [2, 3, 1, 4], "bm25": [2, 3, 1, 4]})
+    assert Retriever._with_documents("What were Nike's total current assets in FY2019?", fused, chunks)[0][0] == 3
     # A short document's passages carry its card themselves: it gets no second vote.
     chunks[3] = chunk(3, "nike-2019", ordinal=1)
     assert Retriever._with_documents("What were Nike's total current assets in FY2019?", fused, chunks)[0][0] != 3
