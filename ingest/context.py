@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest.load import Element, LoadedDocument
-from ingest.pdf import ORGANISATION
+from ingest.pdf import ORGANISATION, names_organisation
 
 MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December|Jan\.?|Feb\.?|" \
         r"Mar\.?|Apr\.?|Jun\.?|Jul\.?|Aug\.?|Sept?\.?|Oct\.?|Nov\.?|Dec\.?)"
@@ -87,7 +87,7 @@ def _issuer(first: list[Element], author: str) -> str:
                 return candidate
     for element in first:
         text = element.text.strip()
-        if len(text.split()) <= 8 and ORGANISATION.search(text) and text[:1].isupper() and _name_like(text):
+        if names_organisation(text) and text[:1].isupper() and _name_like(text):
             return text
     return author if _usable(author) and ORGANISATION.search(author) and _name_like(author) else ""
 

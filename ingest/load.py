@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag import offline  # noqa: F401  (telemetry off before unstructured is imported)
-from ingest.pdf import PdfError, parse_pdf
+from ingest.pdf import PdfError, names_organisation, parse_pdf
 from rag.models import package_dir
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
@@ -120,7 +120,9 @@ def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> Lo
                         f"layer (scans or photos; OCR is not available), so what they show is not indexed: page {shown}")
     elements, heading = [], None
     for element in parsed.elements:
-        if element.category == "Title" or element.heading:
+        # The issuer's name atop every page of a filing's notes ("ADOBE SYSTEMS INCORPORATED") names no section:
+        # what follows stays under the section it continues.
+        if element.heading or element.category == "Title" and not names_organisation(element.text):
             heading = (element.heading or element.text)[:200]
         text = f"{element.header}\n{element.text}" if element.header else element.text  # a table whole, header first
         elements.append(Element(text, element.category, element.page, heading, element.header))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-PARSER_VERSION = "pdfium-layout-5"
+PARSER_VERSION = "pdfium-layout-6"
 NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
 YEAR = re.compile(r"^(fiscal\s+)?(19|20)\d\d$", re.I)
 FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers and page numbers sit
@@ -37,10 +37,14 @@ GROUP_LABELS = 3
 # Headings are set at least this large relative to the body font: in the 30 FinanceBench filings, 29 of the 31
 # emphasised lines under it (0.80-0.89 of the body size) were column labels or signatures, not sections.
 HEADING_MIN_SIZE = 0.9
+# A font whose name says it is bold: many filings' fonts ("Times New Roman,Bold") do not state a weight, which PDFium
+# then reports as 0 or -1.
+BOLD_FONT_NAME = re.compile(rb"bold|black|heavy", re.I)
 # A name ending in a legal form or kind of body ("ACME HOLDINGS INC.", "Foo and Subsidiary Companies").
 ORGANISATION = re.compile(r"\b(inc|incorporated|corporation|corp|company|companies|subsidiaries|co|ltd|limited|plc|llc|"
                           r"l\.?p|n\.?v|s\.?a|ag|se|group|holdings|university|institute|agency|department|board|"
                           r"association)\b\.?$", re.I)
+ORGANISATION_WORDS = 8  # at most, in a line that is just a name ("JOHNSON & JOHNSON AND SUBSIDIARIES")
 # A caption line that names its table without being set as a heading: a few capitalised words, no figures
 # ("Consolidated Statements of Earnings" in the body font).
 NAME_LINE = re.compile(r"^[A-Z][\w'’&-]*(?:,?\s+(?:[A-Z][\w'’&-]*|of|and|the|in|for|to|on|or|from))+$")
@@ -117,6 +121,7 @@ def _segments(textpage, raw) -> list[Segment]:
     # lookup per call; with no box asked for spaces and no min/max calls, the 30 FinanceBench filings parse in a third
     # less time (one process, best of 3, two runs: 26.5 → 17.2 s and 24.5 → 15.8 s), every element the same.
     handle, char_box = textpage.raw, raw.FPDFText_GetCharBox
+    font_name, font_flags = ctypes.create_string_buffer(256), ctypes.c_int()
     segments: list[Segment] = []
     current: list[str] = []
     box = None  # [x0, x1, bottom, top] of the current segment
@@ -127,7 +132,9 @@ def _segments(textpage, raw) -> list[Segment]:
         nonlocal current, box
         if box and "".join(current).strip():
             size = raw.FPDFText_GetFontSize(handle, start_index)
-            bold = raw.FPDFText_GetFontWeight(handle, start_index) >= 600
+            bold = raw.FPDFText_GetFontWeight(handle, start_index) >= 600 or bool(
+                raw.FPDFText_GetFontInfo(handle, start_index, font_name, len(font_name), ctypes.byref(font_flags))
+                and BOLD_FONT_NAME.search(font_name.value))
             segments.append(Segment(box[0], box[1], box[2], box[3], " ".join("".join(current).split()), size, bold))
         current, box = [], None
 
@@ -256,6 +263,11 @@ def _captioned(table: PageElement, elements: list[PageElement]) -> PageElement:
     return table
 
 
+def names_organisation(text: str) -> bool:
+    """A short line that is an organisation's name ("ADOBE SYSTEMS INCORPORATED"): who, not which section."""
+    return len(text.split()) <= ORGANISATION_WORDS and bool(ORGANISATION.search(text))
+
+
 def _caption_heading(caption: list[PageElement]) -> str:
     """The heading a table's caption gives it: its first heading line that is not the organisation's name (a
     statement is often captioned "ACME INC." above "CONSOLIDATED BALANCE SHEETS"), else its first line that reads
@@ -263,7 +275,7 @@ def _caption_heading(caption: list[PageElement]) -> str:
     titles = [element.text for element in caption if element.category == "Title"]
     named = [element.text for element in caption
              if NAME_LINE.match(element.text) and len(element.text.split()) <= 8 and not element.cells]
-    return next((text for text in titles + named if not ORGANISATION.search(text)), titles[0] if titles else "")
+    return next((text for text in titles + named if not names_organisation(text)), titles[0] if titles else "")
 
 
 def _is_row_label(text: str) -> bool:

@@ -6,7 +6,13 @@ a larger font, a page without any text.
 
 from __future__ import annotations
 
-Line = tuple[float, float, float, str]  # x, y (from the bottom), font size, text; "B:" prefix = bold
+# x, y (from the bottom), font size, text; prefix "B:" = Helvetica-Bold, "N:" = a bold font known by its name only
+# ("Times New Roman,Bold" without a stated weight, as many filings' fonts are)
+Line = tuple[float, float, float, str]
+FONTS = {"": ("F1", b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"),
+         "B:": ("F2", b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica-Bold /Encoding /WinAnsiEncoding >>"),
+         "N:": ("F3", b"<< /Type /Font /Subtype /TrueType /BaseFont /Times#20New#20Roman,Bold "
+                      b"/Encoding /WinAnsiEncoding >>")}
 
 
 def _escape(text: str) -> str:
@@ -17,11 +23,12 @@ def make_pdf(pages: list[list[Line] | None], title: str | None = None, author: s
     """Pages of text lines; None: a scanned page (one grey image over the whole page, no text)."""
     objects: list[bytes] = []
     page_ids = []
-    font_ids = {"F1": 3, "F2": 4}
     objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
     objects.append(b"")  # pages tree, filled in below
-    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
-    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica-Bold /Encoding /WinAnsiEncoding >>")
+    font_ids = {}
+    for name, font in FONTS.values():
+        objects.append(font)
+        font_ids[name] = len(objects)
     objects.append(b"<< /Type /XObject /Subtype /Image /Width 1 /Height 1 /ColorSpace /DeviceGray "
                    b"/BitsPerComponent 8 /Length 1 >>\nstream\n\x80\nendstream")
     image_id = len(objects)
@@ -31,8 +38,9 @@ def make_pdf(pages: list[list[Line] | None], title: str | None = None, author: s
         else:
             stream = []
             for x, y, size, text in lines:
-                font = "F2" if text.startswith("B:") else "F1"
-                stream.append(f"BT /{font} {size} Tf {x} {y} Td ({_escape(text.removeprefix('B:'))}) Tj ET")
+                prefix = text[:2] if text[:2] in FONTS else ""
+                font = FONTS[prefix][0]
+                stream.append(f"BT /{font} {size} Tf {x} {y} Td ({_escape(text.removeprefix(prefix))}) Tj ET")
         content = "\n".join(stream).encode("latin-1")
         objects.append(b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream")
         content_id = len(objects)
@@ -139,6 +147,18 @@ def column_labels_as_filers_set_them() -> bytes:
                 (72, 657, 10, "Consumer"), (300, 657, 10, "1,200"), (380, 657, 10, "1,100"),
                 (72, 642, 10, "Enterprise"), (300, 642, 10, "800"), (380, 642, 10, "700")]
     return make_pdf([comprehensive, segments])
+
+
+def notes_as_filers_set_them() -> bytes:
+    """Two pages of a filing's notes: each under the issuer's name set in bold, a note's heading in a bold font that
+    states no weight on the first, and the text continuing on the second."""
+    first = [(72, 740, 10, "B:GLOBEX CORPORATION"), (72, 725, 10, "NOTES TO CONSOLIDATED FINANCIAL STATEMENTS"),
+             (72, 700, 10, "N:Merchandise Inventories"),
+             (72, 685, 10, "Merchandise inventories are recorded at the lower of cost and net realizable value.")]
+    second = [(72, 740, 10, "B:GLOBEX CORPORATION"),
+              (72, 725, 10, "Notes to Consolidated Financial Statements (continued)"),
+              (72, 700, 10, "Our inventory valuation reflects adjustments for anticipated physical losses.")]
+    return make_pdf([first, second])
 
 
 def long_report(pages: int) -> bytes:

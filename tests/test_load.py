@@ -6,8 +6,8 @@ import pytest
 
 from ingest.load import LoadError, load
 from tests.conftest import CORPUS, DATA
-from tests.pdfs import (report_with_scanned_pages, report_with_table, scan_without_text, statement_with_caption,
-                        statements_as_filers_set_them, column_labels_as_filers_set_them)
+from tests.pdfs import (column_labels_as_filers_set_them, notes_as_filers_set_them, report_with_scanned_pages,
+                        report_with_table, scan_without_text, statement_with_caption, statements_as_filers_set_them)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +119,15 @@ def test_column_labels_stay_in_their_table_and_never_head_it(tmp_path: Path):
     assert not any(e.page == 1 and e.category != "Table" for e in elements)
     # label cells left above a table are in its caption but are not its name: it stays under its section
     assert "Fiscal Fiscal" in segments.header and segments.heading == "Segment Results"
+
+
+def test_a_heading_in_a_bold_font_of_no_stated_weight_heads_the_pages_after_the_issuers_name(tmp_path: Path):
+    (tmp_path / "notes.pdf").write_bytes(notes_as_filers_set_them())
+    elements = load(tmp_path / "notes.pdf").elements
+    assert "Merchandise Inventories" in [e.text for e in elements if e.category == "Title"]
+    # the issuer's name atop the next page is no section: the note goes on under its heading
+    continued = next(e for e in elements if e.text.startswith("Our inventory valuation"))
+    assert continued.page == 2 and continued.heading == "Merchandise Inventories"
 
 
 @pytest.mark.parametrize(
