@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-from ingest.context import DocumentFacts, describe
+from ingest.context import describe
 from ingest.load import Element, LoadedDocument
 from ingest.pdf import PARSER_VERSION
 from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS
@@ -16,7 +16,8 @@ from rag.types import Chunk
 
 
 # Recorded per document (with the chunk settings): a document built by another parser or chunker is re-chunked.
-CHUNKER_VERSION = f"packed-context-2/{PARSER_VERSION}"
+# 3: the context is embedded beside the text, not with it (`Embedder.encode_chunks`), so older vectors are stale.
+CHUNKER_VERSION = f"packed-context-3/{PARSER_VERSION}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +34,9 @@ class Chunker:
     """Splits a document's elements into chunks of at most `chunk_tokens` embedding tokens.
 
     Consecutive elements are packed into chunks (no one-line chunks); every chunk carries a context line with its
-    document's title, issuer and period, its section heading and page, embedded and indexed with its text.
-    Tokens are counted with the embedding model's own tokenizer; the limit leaves room for its special tokens.
+    document's title, issuer and period, its section heading and page, indexed with its text and embedded beside it
+    (`Embedder.encode_chunks`). Tokens are counted with the embedding model's own tokenizer; the limit leaves room
+    for its special tokens.
     """
 
     def __init__(self, tokenizer, settings: ChunkSettings, max_model_tokens: int):
@@ -77,7 +79,7 @@ class Chunker:
     def chunk(self, document: LoadedDocument, doc_id: str, source: str) -> list[Chunk]:
         """Elements packed in order into chunks of up to `chunk_tokens`, each with its document's context line."""
         facts = describe(document, source)
-        packed = list(self._pack(document.elements, facts))
+        packed = list(self._pack(document.elements))
         return [
             Chunk(
                 doc_id=doc_id,
@@ -95,19 +97,14 @@ class Chunker:
             in enumerate(zip(packed, self.counts([text for text, *_ in packed])))
         ]
 
-    def _budget(self, facts: DocumentFacts, heading: str | None, page: int | None) -> int:
-        """Tokens left for a chunk's text once its context line (embedded with it) is counted."""
-        context_tokens = self.count(facts.context(heading, page)) + 1  # + the newline joining them
-        return max(self.settings.chunk_tokens // 4, min(self.settings.chunk_tokens, self.content_limit - context_tokens))
-
-    def _pack(self, elements: list[Element], facts: DocumentFacts):
+    def _pack(self, elements: list[Element]):
         """Yields (text, page, heading, element type): small elements merged into full chunks, large ones split.
 
         A chunk is closed early at a new heading (when a quarter full) or page (when half full), so chunks mostly
         stay within one section and one page (what a reader cites). Table pieces each start with the table's header rows.
         """
         parts: list[str] = []
-        used, budget = 0, 0
+        used, budget = 0, self.settings.chunk_tokens
         page = heading = kind = None
 
         def close():
@@ -117,9 +114,8 @@ class Chunker:
             parts, used = [], 0
 
         def start(element: Element):
-            nonlocal page, heading, kind, budget
+            nonlocal page, heading, kind
             page, heading, kind = element.page, element.heading, element.category
-            budget = self._budget(facts, heading, page)
 
         for element, size in zip(elements, self.counts([element.text for element in elements])):
             if parts and (used >= budget // 4 and element.heading != heading or used >= budget // 2 and element.page != page):

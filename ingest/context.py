@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ingest.load import Element, LoadedDocument
 from ingest.pdf import ORGANISATION, names_organisation
+from rag.types import page_label
 
 MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December|Jan\.?|Feb\.?|" \
         r"Mar\.?|Apr\.?|Jun\.?|Jul\.?|Aug\.?|Sept?\.?|Oct\.?|Nov\.?|Dec\.?)"
@@ -46,12 +47,12 @@ class DocumentFacts:
                                         if part.strip()))
 
     def context(self, heading: str | None, page: int | None) -> str:
-        """Embedded and indexed before each chunk's text: the document's card, then a line of where in it."""
+        """Indexed before each chunk's text and embedded beside it: the document's card, then a line of where in it."""
         where = []
         if heading and heading not in (self.title, self.issuer, self.period):
             where.append(" ".join(heading[:CONTEXT_FIELD_CHARS].split()))
         if page is not None:
-            where.append(f"p. {page}")
+            where.append(page_label(page))
         return f"{self.card}\n{' | '.join(where)}" if self.card else " | ".join(where)
 
 

@@ -24,8 +24,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
-
 from ingest.chunk import CHUNKER_VERSION, Chunker, ChunkSettings
 from ingest.load import LoadError, load, unsupported_type
 from ingest.pdf import page_count
@@ -363,9 +361,9 @@ class IngestJob:
                        report: IngestReport) -> Iterator[FileResult]:
         if not batch:
             return
-        texts = [chunk.indexed_text for _, parsed in batch for chunk in parsed.chunks]
+        chunks = [chunk for _, parsed in batch for chunk in parsed.chunks]
         started = time.perf_counter()
-        vectors = self.embedder.encode(texts) if texts else np.zeros((0, self.embedder.dimension), np.float32)
+        vectors = self.embedder.encode_chunks(chunks)
         report.embed_seconds += time.perf_counter() - started
         offset = 0
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -175,8 +175,9 @@ class Retriever:
         missing = [hit for hit in hits if "dense" not in hit.scores]
         computed = {}
         if missing:
-            vectors = self.embedder.encode_queries([query] + [hit.chunk.indexed_text for hit in missing])
-            computed = {id(hit): float(vectors[0] @ vector) for hit, vector in zip(missing, vectors[1:])}
+            vectors = self.embedder.encode_chunks([hit.chunk for hit in missing], at_query_time=True)
+            query_vector = self.embedder.encode_query(query)
+            computed = {id(hit): float(query_vector @ vector) for hit, vector in zip(missing, vectors)}
         return [hit.scores["dense"] if "dense" in hit.scores else computed[id(hit)] for hit in hits]
 
     def _dense(self, query: str, k: int, allowed: np.ndarray | None,

@@ -24,6 +24,9 @@ class Choice(str, Enum):
             raise UserError(f"Unknown {cls.label} '{value}'. Supported: {[member.value for member in cls]}") from None
 
 
+# A Markdown table's rule under its header row ("| --- | --- |"): no words, yet a tenth of a table chunk's tokens.
+MARKDOWN_TABLE_RULE = re.compile(r"^(?=.*\|)(?=.*---)[|:\- \t]+$\n?", re.M)
+
 DEFAULT_COLLECTION = "default"
 _COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -98,7 +101,7 @@ class Chunk:
     id: int | None = None  # assigned by the store; also the FAISS id
     # Document-level context that a passage from deep inside a long document does not state itself ("the Company",
     # "three months ended"): a line with the document's card (title, issuer, period), then one with its section and
-    # page. Embedded and indexed with the text, not quoted.
+    # page. Indexed with the text and embedded beside it (`Embedder.encode_chunks`), not quoted.
     context: str = ""
 
     @property
@@ -109,17 +112,38 @@ class Chunk:
 
     @property
     def indexed_text(self) -> str:
-        """What the embedder and the lexical index see: the context line, then the passage."""
+        """What the lexical index sees: the context line, then the passage."""
         return f"{self.context}\n{self.text}" if self.context else self.text
+
+    @property
+    def embedded_text(self) -> str:
+        """The passage as the embedder sees it: without Markdown table rules, which say nothing."""
+        return MARKDOWN_TABLE_RULE.sub("", self.text).strip() or self.text
+
+    @property
+    def embedded_context(self) -> str:
+        """The context as the embedder sees it: without the page, a number that says nothing to it (and without
+        which all chunks of a section share one context to embed)."""
+        card, _, where = self.context.rpartition("\n")
+        fields = where.split(" | ")
+        if self.page is not None and fields[-1] == page_label(self.page):
+            fields.pop()
+        where = " | ".join(fields)
+        return f"{card}\n{where}" if card and where else card or where
 
     @property
     def location(self) -> str:
         parts = [self.source]
         if self.page is not None:
-            parts.append(f"p. {self.page}")
+            parts.append(page_label(self.page))
         if self.heading:
             parts.append(f"§ {self.heading}")
         return ", ".join(parts)
+
+
+def page_label(page: int) -> str:
+    """A page as contexts and citations write it."""
+    return f"p. {page}"
 
 
 @dataclass(frozen=True, slots=True)

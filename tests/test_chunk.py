@@ -1,5 +1,5 @@
-"""Chunks respect the embedding model's token limit with their context line, carry their document's facts, and
-keep table headers."""
+"""Chunks respect the embedding model's token limit, carry their document's facts in a context embedded beside them,
+and keep table headers."""
 
 import pytest
 
@@ -19,8 +19,9 @@ def test_no_chunk_exceeds_the_limit_on_real_documents(chunker, embedder):
         chunks = chunker.chunk(load(path), "doc", str(path))
         assert chunks
         for chunk in chunks:
-            # Measured with the model's own tokenizer, special tokens and context line included: nothing is truncated.
-            assert len(embedder.tokenizer.encode(chunk.indexed_text)) <= embedder.max_tokens
+            # Measured with the model's own tokenizer, special tokens included: nothing is truncated.
+            assert len(embedder.tokenizer.encode(chunk.embedded_text)) <= embedder.max_tokens
+            assert len(embedder.tokenizer.encode(chunk.embedded_context)) <= embedder.max_tokens
             assert chunk.tokens <= 120
             assert chunk.tokens == len(embedder.tokenizer.encode(chunk.text, add_special_tokens=False))
 
@@ -36,18 +37,23 @@ def test_headings_and_pages_are_in_each_chunks_context(chunker):
     assert all(f"p. {c.page}" in c.context for c in pdf_chunks)
 
 
-def test_embedded_text_carries_title_issuer_period_and_page(chunker, embedder, tmp_path):
+def test_the_embedded_and_indexed_context_carries_title_issuer_period_and_section(chunker, embedder, tmp_path):
     path = tmp_path / "northwind_q1-report.pdf"
     path.write_bytes(report_with_table())
     chunks = chunker.chunk(load(path), "doc", str(path))
     table = next(c for c in chunks if "| Operating income | 310 | 260 | 19% |" in c.text)
     for expected in ("Quarterly Report", "northwind q1 report", "Northwind Traders Inc.",
-                     "quarterly period ended March 31, 2024", "Results of Operations", "p. 2"):
-        assert expected in table.context
+                     "quarterly period ended March 31, 2024", "Results of Operations"):
+        assert expected in table.embedded_context and expected in table.indexed_text
+    # The page is indexed and cited, not embedded: a number says nothing to the embedder.
+    assert "p. 2" in table.indexed_text and "p. 2" not in table.embedded_context and table.page == 2
     assert table.indexed_text.startswith(table.context + "\n") and "| 2024 | 2023 | Change |" in table.text
+    # The header row is embedded, the Markdown rule under it is not.
+    assert "| --- |" in table.text and "| 2024 | 2023 | Change |" in table.embedded_text
+    assert "---" not in table.embedded_text and table.embedded_text.count("\n") == table.text.count("\n") - 1
     assert len(chunks) == 2  # the cover's short lines merged into one chunk, not one chunk per line
     for chunk in chunks:
-        assert len(embedder.tokenizer.encode(chunk.indexed_text)) <= embedder.max_tokens
+        assert len(embedder.tokenizer.encode(chunk.embedded_text)) <= embedder.max_tokens
 
 
 def test_a_split_table_repeats_its_header_in_every_chunk(chunker):
@@ -67,7 +73,7 @@ def test_every_chunk_of_a_split_statement_carries_its_caption(chunker, embedder,
     for chunk in chunks:  # each piece says which statement, in which unit, its rows are from; none is a caption alone
         assert chunk.text.startswith("Globex Corp.\nCONSOLIDATED BALANCE SHEETS\n(In millions)\n|  | 2023 | 2022 |")
         assert "| Balance sheet line item" in chunk.text and chunk.heading == "CONSOLIDATED BALANCE SHEETS"
-        assert len(embedder.tokenizer.encode(chunk.indexed_text)) <= embedder.max_tokens
+        assert len(embedder.tokenizer.encode(chunk.embedded_text)) <= embedder.max_tokens
     assert sum(c.text.count("| Balance sheet line item") for c in chunks) == 40
 
 

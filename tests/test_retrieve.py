@@ -146,3 +146,22 @@ def test_large_index_switches_to_ann_and_finds_the_same_top_hit(docs_dir, settin
     assert store.manifest.index_type.startswith("IDMap2,IVF")
     hnsw_top = Retriever(store, embedder).retrieve("set a default timeout on a client", 1, "dense")[0]
     assert hnsw_top.chunk.source.endswith("timeouts.md")
+
+
+def test_a_chunks_vector_carries_its_context_and_each_text_is_embedded_once(embedder, monkeypatch):
+    text = "| Total net revenue | 5,120 | 4,870 |\n| --- | --- | --- |\n| Operating income | 610 | 540 |"
+    acme = Chunk("a", 40, text, "a.pdf", 41, context="Annual Report | Acme Corp. | fiscal year 2023\nResults | p. 41")
+    globex = Chunk("g", 40, text, "g.pdf", 41, context="Annual Report | Globex Inc. | fiscal year 2019\nResults | p. 41")
+    embedded = []
+    encode = embedder.encode
+    monkeypatch.setattr(embedder, "encode", lambda texts: embedded.extend(texts) or encode(texts))
+    vectors = embedder.encode_chunks([acme, globex, acme])
+    # The shared text once, each context once, without the page; and the Markdown rule never.
+    assert sorted(embedded) == sorted([acme.embedded_text, "Annual Report | Acme Corp. | fiscal year 2023\nResults",
+                                       "Annual Report | Globex Inc. | fiscal year 2019\nResults"])
+    assert "---" not in acme.embedded_text
+    assert abs(vectors[0] @ vectors[2] - 1) < 1e-6 and abs(vectors[0] @ vectors[0] - 1) < 1e-5
+    question = embedder.encode_query("What was Acme's total net revenue in fiscal 2023?")
+    assert question @ vectors[0] > question @ vectors[1] + 0.02  # the same table, told apart by whose it is
+    text_only = embedder.encode([acme.embedded_text])[0]
+    assert question @ vectors[0] > question @ text_only
