@@ -363,7 +363,8 @@ class IngestJob:
             return
         chunks = [chunk for _, parsed in batch for chunk in parsed.chunks]
         started = time.perf_counter()
-        vectors = self.embedder.encode_chunks(chunks)
+        vectors = self.embedder.encode_chunks(chunks, {chunk.doc_id: len(parsed.chunks)
+                                                       for _, parsed in batch for chunk in parsed.chunks[:1]})
         report.embed_seconds += time.perf_counter() - started
         offset = 0
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 
@@ -13,17 +14,17 @@ from rag.embed_onnx import ONNX_PRECISIONS, OnnxEncoder, longest_first, max_seq_
 from rag.errors import UserError
 from rag.models import (PRECISIONS, autocast, cpu_flags, default_embedding_path, existing_path, model_imports,
                         resolve_device, resolve_precision)
-from rag.types import Chunk
+from rag.types import LONG_DOCUMENT_CHUNKS, Chunk
 
 EMBEDDING_PRECISIONS = (*PRECISIONS, *ONNX_PRECISIONS)
 # The CPU flag under which `auto` embeds in bf16: AMX tiles make it the fastest path (FinanceBench embedding on 2 Xeon
 # cores: bf16 144 s, int8 163 s); with AVX512-BF16 alone int8 is faster (2 EPYC cores: 162-169 s against 181-208 s
 # in four runs, before the int8 graph lost its NaN guards and became ~1.5x faster). README, bench/documents.py.
 AMX_BF16 = "amx_bf16"
-# A chunk's vector is its text's plus this share of its context's (`Embedder.encode_chunks`). On the FinanceBench
-# filings (bf16, hybrid doc hit@1 / hit@5 / page hit@5) 0.5 gave 0.854 / 0.979 / 0.750, 0.7 0.875 / 0.979 / 0.750,
-# 1.0 0.854 / 0.979 / 0.750, 0.3 0.854 / 0.979 / 0.729, against 0.854 / 1.000 / 0.688 with the context embedded in
-# the same input as the text (README, Embedding).
+# A long document's chunk vector is its text's plus this share of its context's (`Embedder.encode_chunks`). On the
+# FinanceBench filings (one bf16 index's vectors recombined; hybrid doc hit@1 / hit@5 / page hit@5) 0.3 gave 0.854 /
+# 0.979 / 0.729, 0.5 0.854 / 0.979 / 0.750, 0.7 0.875 / 0.979 / 0.750, 1.0 0.854 / 0.979 / 0.750, against 0.854 /
+# 1.000 / 0.688 with the context in the same input as the text (README, Embedding).
 CONTEXT_WEIGHT = 0.5
 log = logging.getLogger(__name__)
 
@@ -210,16 +211,22 @@ class Embedder:
                                                    show_progress_bar=False)
         return vectors
 
-    def encode_chunks(self, chunks: list[Chunk], at_query_time: bool = False) -> np.ndarray:
-        """A chunk's vector: the embedding of its text plus CONTEXT_WEIGHT times that of its context (document card
-        and section), normalised. Embedded apart, a context is embedded once for all the chunks of its section, not
-        in each of them (it was a fifth of the tokens of filings), and a text that recurs (boilerplate, repeated
-        tables) once. `at_query_time`: in the query precision, to compare with a query (`Retriever.similarities`)."""
+    def encode_chunks(self, chunks: list[Chunk], document_chunks: Mapping[str, int],
+                      at_query_time: bool = False) -> np.ndarray:
+        """Chunk vectors. A chunk of a long document (`document_chunks[doc_id]`, its document's chunk count, at
+        least LONG_DOCUMENT_CHUNKS): the embedding of its text plus CONTEXT_WEIGHT times that of its context
+        (document card and section), normalised, so a context is embedded once for all the chunks of its section,
+        not in each of them (it was a fifth of the tokens of filings). A chunk of a short document: its context
+        and text in one input, as before; its few chunks repeat little, and apart the title weighs more than what
+        a paragraph says (XQuAD hybrid recall@5 0.994 in one input, 0.990 apart). A text that recurs (boilerplate,
+        repeated tables) is embedded once. `at_query_time`: in the query precision (`Retriever.similarities`)."""
         if not chunks:
             return np.zeros((0, self.dimension), np.float32)
         encode = self.encode_queries if at_query_time else self.encode
-        texts = [chunk.embedded_text for chunk in chunks]
-        contexts = [chunk.embedded_context for chunk in chunks]
+        apart = [document_chunks.get(chunk.doc_id, 0) >= LONG_DOCUMENT_CHUNKS for chunk in chunks]
+        texts = [chunk.embedded_text if long or not chunk.embedded_context
+                 else f"{chunk.embedded_context}\n{chunk.embedded_text}" for chunk, long in zip(chunks, apart)]
+        contexts = [chunk.embedded_context if long else "" for chunk, long in zip(chunks, apart)]
         distinct = list(dict.fromkeys(texts + [context for context in contexts if context]))
         row = {text: position for position, text in enumerate(distinct)}
         embedded = encode(distinct)

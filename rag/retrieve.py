@@ -13,7 +13,7 @@ from rag.embed import Embedder
 from rag.store import Store
 from rag.errors import UserError
 from rag.store.terms import terms
-from rag.types import Chunk, RetrieverKind, ScoredChunk
+from rag.types import LONG_DOCUMENT_CHUNKS, Chunk, RetrieverKind, ScoredChunk
 
 # RRF's k: 60 is the constant of Cormack et al. (2009); it damps the weight of the very top ranks so that one
 # retriever's first hit does not outvote agreement between both retrievers further down.
@@ -22,12 +22,11 @@ RRF_K = 60
 # ranking reorders only what the legs found). FinanceBench, 48 questions (bench/documents.py): document hit@1 0.75 at
 # 30 candidates, 0.79 at 60.
 HYBRID_CANDIDATES = 60
-# The document ranking counts for long documents only: a candidate at this position or later in its document shows it
-# is one. A passage deep in a filing does not say whose filing it is, but a short document's passages carry its title
-# themselves, and a second vote for it double-counts the title: on XQuAD (one-paragraph documents titled by their
-# article) ranking every document by its card cut hybrid recall@1 from 0.937 to 0.842 ("Who sang the national
-# anthem?" lifted "Doctor Who"); counted for long documents only, XQuAD and PubMedQA are unchanged (bench/retrieval.py).
-LONG_DOCUMENT_CHUNKS = 8
+# The document ranking counts for long documents only (`LONG_DOCUMENT_CHUNKS`): a candidate at that position or later
+# in its document shows it is one. A short document's passages carry its title themselves, and a second vote for it
+# double-counts the title: on XQuAD (one-paragraph documents titled by their article) ranking every document by its
+# card cut hybrid recall@1 from 0.937 to 0.842 ("Who sang the national anthem?" lifted "Doctor Who"); counted for long
+# documents only, XQuAD and PubMedQA are unchanged (bench/retrieval.py).
 # Okapi BM25's usual constants, for ranking the candidates' document cards.
 BM25_K1, BM25_B = 1.2, 0.75
 # The words of a question that can name a document: capitalised ones not opening a sentence, and any holding a
@@ -175,7 +174,9 @@ class Retriever:
         missing = [hit for hit in hits if "dense" not in hit.scores]
         computed = {}
         if missing:
-            vectors = self.embedder.encode_chunks([hit.chunk for hit in missing], at_query_time=True)
+            sizes = {doc_id: record.chunk_count for doc_id in {hit.chunk.doc_id for hit in missing}
+                     if (record := self.store.document(doc_id)) is not None}
+            vectors = self.embedder.encode_chunks([hit.chunk for hit in missing], sizes, at_query_time=True)
             query_vector = self.embedder.encode_query(query)
             computed = {id(hit): float(query_vector @ vector) for hit, vector in zip(missing, vectors)}
         return [hit.scores["dense"] if "dense" in hit.scores else computed[id(hit)] for hit in hits]

@@ -27,6 +27,11 @@ class Choice(str, Enum):
 # A Markdown table's rule under its header row ("| --- | --- |"): no words, yet a tenth of a table chunk's tokens.
 MARKDOWN_TABLE_RULE = re.compile(r"^(?=.*\|)(?=.*---)[|:\- \t]+$\n?", re.M)
 
+# A document of this many chunks or more is long: a passage deep inside it does not say whose it is, so retrieval
+# votes for its document by its card (`rag.retrieve`) and its context is embedded apart (`Embedder.encode_chunks`).
+# A short document's passages carry its title themselves.
+LONG_DOCUMENT_CHUNKS = 8
+
 DEFAULT_COLLECTION = "default"
 _COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 

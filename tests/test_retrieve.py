@@ -4,9 +4,9 @@ import pytest
 
 import rag.store.embedded
 from ingest.job import IngestJob
-from rag.retrieve import LONG_DOCUMENT_CHUNKS, Retriever, RetrieverKind, one_per_page_first, reciprocal_rank_fusion, score_documents
+from rag.retrieve import Retriever, RetrieverKind, one_per_page_first, reciprocal_rank_fusion, score_documents
 from rag.store import Store
-from rag.types import Chunk
+from rag.types import LONG_DOCUMENT_CHUNKS, Chunk
 from tests.conftest import CORPUS
 
 # Queries dominated by identifiers, where exact terms matter more than meaning; each with the file that holds it.
@@ -152,16 +152,33 @@ def test_a_chunks_vector_carries_its_context_and_each_text_is_embedded_once(embe
     text = "| Total net revenue | 5,120 | 4,870 |\n| --- | --- | --- |\n| Operating income | 610 | 540 |"
     acme = Chunk("a", 40, text, "a.pdf", 41, context="Annual Report | Acme Corp. | fiscal year 2023\nResults | p. 41")
     globex = Chunk("g", 40, text, "g.pdf", 41, context="Annual Report | Globex Inc. | fiscal year 2019\nResults | p. 41")
+    memo = Chunk("m", 0, "Revenue rose in the quarter.", "memo.txt", context="memo")
+    long = {"a": LONG_DOCUMENT_CHUNKS + 40, "g": LONG_DOCUMENT_CHUNKS, "m": LONG_DOCUMENT_CHUNKS - 1}
     embedded = []
     encode = embedder.encode
     monkeypatch.setattr(embedder, "encode", lambda texts: embedded.extend(texts) or encode(texts))
-    vectors = embedder.encode_chunks([acme, globex, acme])
-    # The shared text once, each context once, without the page; and the Markdown rule never.
+    vectors = embedder.encode_chunks([acme, globex, acme, memo], long)
+    # The long documents' shared text once, each context once, without the page; the Markdown rule never; the short
+    # document's context and text in one input.
     assert sorted(embedded) == sorted([acme.embedded_text, "Annual Report | Acme Corp. | fiscal year 2023\nResults",
-                                       "Annual Report | Globex Inc. | fiscal year 2019\nResults"])
+                                       "Annual Report | Globex Inc. | fiscal year 2019\nResults",
+                                       "memo\nRevenue rose in the quarter."])
     assert "---" not in acme.embedded_text
     assert abs(vectors[0] @ vectors[2] - 1) < 1e-6 and abs(vectors[0] @ vectors[0] - 1) < 1e-5
     question = embedder.encode_query("What was Acme's total net revenue in fiscal 2023?")
     assert question @ vectors[0] > question @ vectors[1] + 0.02  # the same table, told apart by whose it is
     text_only = embedder.encode([acme.embedded_text])[0]
     assert question @ vectors[0] > question @ text_only
+
+
+def test_a_bm25_hits_similarity_is_that_of_the_vector_the_index_holds(retriever):
+    query = "client timeout"
+    lexical = retriever.retrieve(query, 6, "bm25")
+    dense = {hit.chunk.id: hit.scores["dense"] for hit in retriever.retrieve(query, 400, "dense")}
+    assert lexical and all(hit.chunk.id in dense for hit in lexical)
+    sizes = {retriever.store.document(hit.chunk.doc_id).chunk_count for hit in lexical}
+    assert min(sizes) < LONG_DOCUMENT_CHUNKS <= max(sizes)
+    # Embedded now, the way ingestion embedded it (short and long documents alike): the same cosine, but for the
+    # rounding of other batches (bf16 where the CPU has it).
+    for hit, similarity in zip(lexical, retriever.similarities(query, lexical)):
+        assert abs(similarity - dense[hit.chunk.id]) < 3e-3
