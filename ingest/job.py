@@ -363,8 +363,8 @@ class IngestJob:
             return
         chunks = [chunk for _, parsed in batch for chunk in parsed.chunks]
         started = time.perf_counter()
-        vectors = self.embedder.encode_chunks(chunks, {chunk.doc_id: len(parsed.chunks)
-                                                       for _, parsed in batch for chunk in parsed.chunks[:1]})
+        vectors = self.embedder.encode_chunks(chunks, {parsed.chunks[0].doc_id: len(parsed.chunks)
+                                                       for _, parsed in batch if parsed.chunks})
         report.embed_seconds += time.perf_counter() - started
         offset = 0
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
