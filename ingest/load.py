@@ -77,7 +77,7 @@ def unsupported_type(path: Path) -> str | None:
 
 
 def _partition(path: Path) -> tuple[list, tuple[str, ...]]:
-    """unstructured's elements of a file other than a PDF, and warnings about how it was read."""
+    """unstructured's elements of a file, and warnings about how it was read."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         text, encoding = decode_text(path.read_bytes())
@@ -105,6 +105,10 @@ def _partition(path: Path) -> tuple[list, tuple[str, ...]]:
         from unstructured.partition.xlsx import partition_xlsx
 
         return partition_xlsx(filename=str(path)), ()
+    if suffix == ".pdf":  # only where ingest.pdf failed (`load`)
+        from unstructured.partition.pdf import partition_pdf
+
+        return partition_pdf(filename=str(path), strategy="fast"), ()
     raise LoadError(unsupported_type(path) or f"no loader for '{suffix}'")
 
 
@@ -132,8 +136,9 @@ def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> Lo
 def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None) -> LoadedDocument:
     """Parse a file into content elements, each with its page and the heading it sits under.
 
-    PDFs are read with pypdfium2 (ingest/pdf.py; its pages by `map_pages`, see `parse_pdf`); every other format
-    with unstructured.
+    PDFs are read with pypdfium2 (ingest/pdf.py; its pages by `map_pages`, see `parse_pdf`), and by unstructured
+    where that fails other than by a reason of the file's own (a password, corruption, no text layer); every other
+    format with unstructured.
 
     >>> [e.category for e in load("corpus/httpx/quickstart.md").elements][:2]  # doctest: +SKIP
     ['Title', 'NarrativeText']
@@ -143,15 +148,25 @@ def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None
         raise LoadError("not a regular file")
     if path.stat().st_size == 0:
         raise LoadError("empty file")
-    try:
-        if path.suffix.lower() == ".pdf":
+    failed_first = ""
+    if path.suffix.lower() == ".pdf":
+        try:
             return _load_pdf(path, map_pages, pages_per_task)
+        except LoadError:
+            raise
+        except Exception as error:  # ingest.pdf's fault on an unusual file: unstructured's slower reading beats none
+            failed_first = _describe(error)
+    try:
         _use_packaged_spacy_model()
         raw_elements, warnings = _partition(path)
     except LoadError:
         raise
     except Exception as error:  # a parser's failure on one file must not stop the job
-        raise LoadError(f"{type(error).__name__}: {error}".strip()[:500]) from error
+        message = _describe(error)
+        raise LoadError(f"{failed_first}; then unstructured: {message}" if failed_first else message) from error
+    if failed_first:
+        warnings = (f"read by unstructured's PDF parser (pdfminer: slower, tables as plain text) as ingest.pdf "
+                    f"failed on it: {failed_first}", *warnings)
 
     elements: list[Element] = []
     heading: str | None = None
@@ -163,5 +178,10 @@ def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None
             heading = " ".join(text.split())[:200]
         elements.append(Element(text=text, category=raw.category, page=raw.metadata.page_number, heading=heading))
     if not elements:
-        raise LoadError("no text found in the document")
+        raise LoadError(f"{failed_first}; then unstructured found no text" if failed_first
+                        else "no text found in the document")
     return LoadedDocument(elements, warnings=warnings)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".strip()[:500]

@@ -65,6 +65,22 @@ def test_scanned_pages_among_typed_ones_are_reported_and_the_typed_ones_load(tmp
     assert load(tmp_path / "table.pdf").warnings == ()
 
 
+def test_a_pdf_that_ingest_pdf_fails_on_is_read_by_unstructured_with_a_warning(tmp_path: Path, monkeypatch):
+    def fault(*args, **kwargs):  # what a bug of our parser on a file unlike any seen would do
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr("ingest.load.parse_pdf", fault)
+    (tmp_path / "report.pdf").write_bytes(report_with_table())
+    document = load(tmp_path / "report.pdf")
+    assert "Cost of sales" in " ".join(element.text for element in document.elements)
+    assert {element.page for element in document.elements} == {1, 2}
+    [warning] = document.warnings
+    assert warning.startswith("read by unstructured's PDF parser")
+    assert warning.endswith("failed on it: IndexError: list index out of range")
+    with pytest.raises(LoadError, match="IndexError: list index out of range; then unstructured found no text"):
+        load(DATA / "MEDRPT-2024-PAT-3847_medical_report_scan.pdf")
+
+
 def test_pdf_table_rows_come_with_their_header_and_headings_are_found(tmp_path: Path):
     (tmp_path / "report.pdf").write_bytes(report_with_table())
     elements = load(tmp_path / "report.pdf").elements
