@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, percentile  # noqa: E402
+from bench.common import cpu_flags, markdown_table, percentile  # noqa: E402
 from rag.finetune import with_lora  # noqa: E402
 from rag.models import autocast  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
     print(markdown_table(["device", "method", "precision", "s/step (p50)", "steps/s", "tokens/s",
                           "vs CPU fp32 LoRA", "peak GPU GiB"], rows))
     print(f"\n{source}; batch {args.batch_size} × {args.seq_len} tokens; AdamW; "
-          f"LoRA r=16 on q/k/v/o; torch {torch.__version__}.")
+          f"LoRA r=16 on q/k/v/o; torch {torch.__version__}; CPU flags: {cpu_flags()}.")
     if not torch.cuda.is_available():
         print("No CUDA device here: run this script on a GPU host for the CUDA rows.")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SHARED, markdown_table  # noqa: E402
+from bench.common import SHARED, cpu_flags, markdown_table  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
@@ -293,7 +293,8 @@ def main() -> None:
         summary = (f"{n} chunks from {corpus_description}; {embedder.name}, batch {embedder.batch_size}, "
                    f"{embedder.device} {embedder.precision} (LangChain: fp32, its default), "
                    f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs "
-                   f"({platform.processor() or platform.machine()}); medians of {args.repeats} run(s)")
+                   f"({platform.processor() or platform.machine()}; CPU flags: {cpu_flags()}); "
+                   f"medians of {args.repeats} run(s)")
         if foreign:
             summary += f"; other processes took at most {max(foreign):.0%} of the CPUs during a repeat"
             if max(foreign) > 0.05:

@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import markdown_table, percentile  # noqa: E402
+from bench.common import cpu_flags, markdown_table, percentile  # noqa: E402
 
 QUERIES = [
     "How do I set a timeout on a client?", "How do I disable timeouts?", "What exceptions can HTTPX raise?",
@@ -182,7 +182,7 @@ def main() -> None:
                           "routes": summary}, indent=2))
         return
     print(f"{args.clients} clients ({args.ask_clients} asking, max_new_tokens={args.max_new_tokens}) for "
-          f"{elapsed:.1f} s against {url}, {os.cpu_count()} CPU cores\n")
+          f"{elapsed:.1f} s against {url}, {os.cpu_count()} CPU cores (this client's flags: {cpu_flags()})\n")
     print(markdown_table(["route", "requests", "200", "req/s", "p50 ms", "p95 ms", "p99 ms", "503 (back-pressure)",
                           "other errors"], rows))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import markdown_table, percentile, shared_dataset  # noqa: E402
+from bench.common import cpu_flags, markdown_table, percentile, shared_dataset  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.datasets import read_dataset, write_contexts  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     outside = answer_ms - sum(stages["generate"])
     print(f"\n{args.questions} questions, mean prompt {sum(t[0] for t in tokens) / len(tokens):.0f} tokens, "
           f"mean output {sum(t[1] for t in tokens) / len(tokens):.1f} tokens (max {args.max_new_tokens}); "
-          f"device {generator.device if hasattr(generator, 'device') else 'n/a'}.")
+          f"device {generator.device if hasattr(generator, 'device') else 'n/a'}; CPU flags: {cpu_flags()}.")
     print(f"Retrieval + prompt share of answer time: {outside / answer_ms:.2%} (target ≤ 5%).")
 
 
