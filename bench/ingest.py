@@ -8,12 +8,13 @@ Default corpus: ../shared/datasets/usgov-pdfs/ntsb (20 short PDFs and its README
 
 1. `IngestJob` into a fresh index with `--workers N` parse processes (parsing overlaps embedding), and again with
    one worker (parse and embed alternate in one process: no contention between them);
-2. raw `SentenceTransformer.encode` of exactly the chunk texts that landed in the index (read back with
-   `Store.iter_chunks`), same batch size, normalised, all texts in one call;
-3. the same encode split into the calls the ingest job made (whole files until batch size × 8 chunks), to
-   separate the effect of grouping (length-sorting happens within one call) from CPU contention;
-4. LangChain `FAISS.from_documents` with `HuggingFaceEmbeddings` (same model folder, batch 64, normalised, CPU) on
-   the same texts as LangChain Documents.
+2. raw `SentenceTransformer.encode` of exactly what the embed stage gives the model for the chunks that landed in
+   the index (read back with `Store.iter_chunks`; `rag.embed.chunk_inputs`: texts, and long documents' contexts
+   apart, each distinct string once), same batch size, normalised, all in one call;
+3. the same encode split into the calls the ingest job made (whole files until `ingest.job.embed_window` chunks),
+   to separate the effect of grouping (length-sorting happens within one call) from CPU contention;
+4. LangChain `FAISS.from_documents` with `HuggingFaceEmbeddings` (same model folder and batch size, normalised,
+   CPU) on the chunk texts as LangChain Documents.
 
 One Embedder instance (model already loaded and warmed up) serves the pipeline runs and the raw encodes; the
 LangChain embeddings load their own copy of the model, also warmed up before timing. Medians over the repeats.
@@ -35,10 +36,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SHARED, cpu_flags, markdown_table  # noqa: E402
-from ingest.job import IngestJob  # noqa: E402
+from ingest.job import IngestJob, embed_window  # noqa: E402
 from rag.config import Settings  # noqa: E402
-from rag.embed import Embedder  # noqa: E402
+from rag.embed import Embedder, chunk_inputs  # noqa: E402
 from rag.store import Store  # noqa: E402
+from rag.types import Chunk  # noqa: E402
 
 DEFAULT_CORPORA = ["usgov-pdfs/ntsb", "httpx-docs/docs"]
 SCRATCH = Path("/tmp/helper_bench")
@@ -110,43 +112,38 @@ def run_pipeline(embedder: Embedder, corpus: Path, workers: int, scratch: Path) 
     }
 
 
-def read_chunks(index_dir: Path) -> tuple[list[str], list[str]]:
-    """Chunk texts in index order, and the doc id of each (to rebuild the groups the job encoded together)."""
+def read_chunks(index_dir: Path) -> list[Chunk]:
+    """The chunks in index order (files in the order the job embedded them)."""
     store = Store.open(index_dir)
     try:
-        chunks = list(store.iter_chunks())
+        return list(store.iter_chunks())
     finally:
         store.close()
-    return [chunk.text for chunk in chunks], [chunk.doc_id for chunk in chunks]
 
 
-def job_groups(doc_ids: list[str], flush_at: int) -> list[int]:
-    """Sizes of the encode calls IngestJob made: whole files accumulated until at least `flush_at` chunks."""
-    per_file = [1]
-    for previous, current in zip(doc_ids, doc_ids[1:]):
-        if current == previous:
-            per_file[-1] += 1
-        else:
-            per_file.append(1)
-    groups, pending = [], 0
-    for count in per_file:
-        pending += count
-        if pending >= flush_at:
+def job_groups(chunks: list[Chunk], flush_at: int) -> list[list[Chunk]]:
+    """The chunks of each encode call IngestJob made: whole files accumulated until at least `flush_at` chunks."""
+    groups, pending = [], []
+    for position, chunk in enumerate(chunks):
+        pending.append(chunk)
+        file_ends = position + 1 == len(chunks) or chunks[position + 1].doc_id != chunk.doc_id
+        if file_ends and len(pending) >= flush_at:
             groups.append(pending)
-            pending = 0
+            pending = []
     return groups + ([pending] if pending else [])
 
 
-def time_raw_encode(embedder: Embedder, texts: list[str], sizes: list[int] | None = None) -> float:
+def model_inputs(chunks: list[Chunk]) -> list[str]:
+    """What the embed stage gives the model for these chunks (one encode call)."""
+    return chunk_inputs(chunks, Counter(chunk.doc_id for chunk in chunks)).distinct
+
+
+def time_raw_encode(embedder: Embedder, calls: list[list[str]]) -> float:
     model = embedder.model
-    groups, offset = [], 0
-    for size in sizes or [len(texts)]:
-        groups.append(texts[offset:offset + size])
-        offset += size
     started = time.perf_counter()
     with embedder.autocast():  # the precision the pipeline embeds in, so the ratio compares like with like
-        for part in groups:
-            model.encode(part, batch_size=embedder.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+        for texts in calls:
+            model.encode(texts, batch_size=embedder.batch_size, normalize_embeddings=True, convert_to_numpy=True,
                          show_progress_bar=False)
     return time.perf_counter() - started
 
@@ -225,29 +222,28 @@ def main() -> None:
         configs = [args.workers] + ([1] if not args.no_sequential and args.workers != 1 else [])
         pipeline: dict[int, list[dict]] = {workers: [] for workers in configs}
         raw, grouped, lc = [], [], []
-        texts: list[str] | None = None
-        groups: list[int] = []
-        flush_group = embedder.batch_size * 8  # what IngestJob hands to one encode call
+        chunks: list[Chunk] | None = None
+        groups: list[list[Chunk]] = []
         foreign: list[float] = []
         for repeat in range(args.repeats):
             clock = cpu_clock()
             for workers in configs:
                 result = run_pipeline(embedder, corpus, workers, scratch)
                 pipeline[workers].append(result)
-                run_texts, doc_ids = read_chunks(result["index_dir"])
-                if texts is None:
-                    texts, groups = run_texts, job_groups(doc_ids, flush_group)
-                elif run_texts != texts:
+                run_chunks = read_chunks(result["index_dir"])
+                if chunks is None:
+                    chunks, groups = run_chunks, job_groups(run_chunks, embed_window(embedder.batch_size))
+                elif [chunk.text for chunk in run_chunks] != [chunk.text for chunk in chunks]:
                     print("  warning: chunk texts differ between runs", file=sys.stderr)
                 shutil.rmtree(result.pop("index_dir"), ignore_errors=True)
                 print(f"  [{repeat + 1}/{args.repeats}] pipeline workers={workers}: {result['chunks']} chunks, "
                       f"embed {result['embed']:.2f} s, total {result['total']:.2f} s", flush=True)
-            raw.append(time_raw_encode(embedder, texts))
-            grouped.append(time_raw_encode(embedder, texts, groups))
-            print(f"  [{repeat + 1}/{args.repeats}] raw encode {raw[-1]:.2f} s, in the job's groups {groups} "
-                  f"{grouped[-1]:.2f} s", flush=True)
+            raw.append(time_raw_encode(embedder, [model_inputs(chunks)]))
+            grouped.append(time_raw_encode(embedder, [model_inputs(group) for group in groups]))
+            print(f"  [{repeat + 1}/{args.repeats}] raw encode {raw[-1]:.2f} s, in the job's groups "
+                  f"{[len(group) for group in groups]} {grouped[-1]:.2f} s", flush=True)
             if langchain:
-                lc.append(time_langchain(langchain, texts))
+                lc.append(time_langchain(langchain, [chunk.text for chunk in chunks]))
                 print(f"  [{repeat + 1}/{args.repeats}] LangChain FAISS.from_documents {lc[-1]:.2f} s", flush=True)
             share = foreign_share(clock, cpu_clock())
             if share is not None:
@@ -255,7 +251,7 @@ def main() -> None:
                 print(f"  [{repeat + 1}/{args.repeats}] other processes used {share:.0%} of the CPUs meanwhile"
                       + ("  ← numbers disturbed" if share > 0.05 else ""), flush=True)
 
-        n = len(texts)
+        n = len(chunks)
         med = statistics.median
         raw_rate = n / med(raw)
 
@@ -275,9 +271,10 @@ def main() -> None:
             stage_rows,
         )
 
-        encode_rows = [["raw `SentenceTransformer.encode`, all chunks in one call", f"{med(raw):.2f}",
+        calls = " + ".join(str(len(group)) for group in groups)
+        encode_rows = [["raw `SentenceTransformer.encode` of the model inputs, all in one call", f"{med(raw):.2f}",
                         f"{raw_rate:.1f}", "1.00×"],
-                       [f"raw encode in the job's encode calls ({' + '.join(map(str, groups))} chunks)",
+                       [f"raw encode in the job's encode calls ({calls} chunks)",
                         f"{med(grouped):.2f}",
                         f"{n / med(grouped):.1f}", f"{med(raw) / med(grouped):.2f}×"]]
         for workers, results in pipeline.items():
@@ -287,7 +284,7 @@ def main() -> None:
         if lc:
             encode_rows.append(["LangChain `FAISS.from_documents` (embed + index build)", f"{med(lc):.2f}",
                                 f"{n / med(lc):.1f}", f"{med(raw) / med(lc):.2f}×"])
-        encode_table = markdown_table(["embedding path, same chunk texts", "seconds", "chunks/s", "vs raw encode"],
+        encode_table = markdown_table(["embedding path, same chunks", "seconds", "chunks/s", "vs raw encode"],
                                       encode_rows)
 
         summary = (f"{n} chunks from {corpus_description}; {embedder.name}, batch {embedder.batch_size}, "

@@ -194,6 +194,11 @@ def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, c
     return ParsedFile(chunks, None, document.warnings, parsed - started, time.perf_counter() - parsed)
 
 
+
+def embed_window(batch_size: int) -> int:
+    """Chunks gathered (whole files) before one encode call."""
+    return max(EMBED_WINDOW_CHUNKS, batch_size)
+
 @dataclass(slots=True)
 class _Pending:
     path: Path
@@ -340,7 +345,7 @@ class IngestJob:
         """Embed chunks in batches that span files, so small files do not leave the model underused."""
         batch: list[tuple[_Pending, ParsedFile]] = []
         batch_chunks = 0
-        flush_at = max(EMBED_WINDOW_CHUNKS, self.settings.embedding_batch_size)
+        flush_at = embed_window(self.settings.embedding_batch_size)
         for item, parsed in self._parsed(pending):
             report.parse_seconds += parsed.parse_seconds
             report.chunk_seconds += parsed.chunk_seconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -34,6 +35,32 @@ def weights_of(precision: str) -> str:
     bf16 autocast over fp32 weights and ONNX fp32 give the same vectors, within cosine 0.9999). Vectors of the two
     differ enough to cost retrieval when passages and queries mix them (README: hybrid doc hit@1 0.771 vs 0.729)."""
     return "int8" if precision == "onnx-int8" else "fp32"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInputs:
+    """What the model is given for a list of chunks (`chunk_inputs`): each distinct string once, and per chunk the
+    row of its text and of its context (None: none apart)."""
+
+    distinct: list[str]
+    text_rows: list[int]
+    context_rows: list[int | None]
+
+
+def chunk_inputs(chunks: list[Chunk], document_chunks: Mapping[str, int]) -> ChunkInputs:
+    """The inputs of `Embedder.encode_chunks`: a chunk of a long document (`document_chunks[doc_id]`, its document's
+    chunk count, at least LONG_DOCUMENT_CHUNKS) gives its text and its context (document card and section) apart, a
+    chunk of a short document its context and text in one input; a string that recurs (a section's context,
+    boilerplate, repeated tables) is given once."""
+    apart = [document_chunks.get(chunk.doc_id, 0) >= LONG_DOCUMENT_CHUNKS for chunk in chunks]
+    texts = [chunk.embedded_text if long or not chunk.embedded_context
+             else f"{chunk.embedded_context}\n{chunk.embedded_text}" for chunk, long in zip(chunks, apart)]
+    contexts = [chunk.embedded_context if long and chunk.embedded_context else None
+                for chunk, long in zip(chunks, apart)]
+    distinct = list(dict.fromkeys(texts + [context for context in contexts if context is not None]))
+    row = {text: position for position, text in enumerate(distinct)}
+    return ChunkInputs(distinct, [row[text] for text in texts],
+                       [None if context is None else row[context] for context in contexts])
 
 
 def check_embedding_precision(precision: str) -> str:
@@ -213,26 +240,21 @@ class Embedder:
 
     def encode_chunks(self, chunks: list[Chunk], document_chunks: Mapping[str, int],
                       at_query_time: bool = False) -> np.ndarray:
-        """Chunk vectors. A chunk of a long document (`document_chunks[doc_id]`, its document's chunk count, at
-        least LONG_DOCUMENT_CHUNKS): the embedding of its text plus CONTEXT_WEIGHT times that of its context
-        (document card and section), normalised, so a context is embedded once for all the chunks of its section,
-        not in each of them (it was a fifth of the tokens of filings). A chunk of a short document: its context
-        and text in one input, as before; its few chunks repeat little, and apart the title weighs more than what
-        a paragraph says (XQuAD hybrid recall@5 0.994 in one input, 0.990 apart). A text that recurs (boilerplate,
-        repeated tables) is embedded once. `at_query_time`: in the query precision (`Retriever.similarities`)."""
+        """Chunk vectors, from the inputs `chunk_inputs` lists. A chunk of a long document: the embedding of its
+        text plus CONTEXT_WEIGHT times that of its context, normalised, so a context is embedded once for all the
+        chunks of its section, not in each of them (it was a fifth of the tokens of filings). A chunk of a short
+        document: its context and text in one input, as before; its few chunks repeat little, and apart the title
+        weighs more than what a paragraph says (XQuAD hybrid recall@5 0.994 in one input, 0.990 apart).
+        `at_query_time`: in the query precision (`Retriever.similarities`)."""
         if not chunks:
             return np.zeros((0, self.dimension), np.float32)
         encode = self.encode_queries if at_query_time else self.encode
-        apart = [document_chunks.get(chunk.doc_id, 0) >= LONG_DOCUMENT_CHUNKS for chunk in chunks]
-        texts = [chunk.embedded_text if long or not chunk.embedded_context
-                 else f"{chunk.embedded_context}\n{chunk.embedded_text}" for chunk, long in zip(chunks, apart)]
-        contexts = [chunk.embedded_context if long else "" for chunk, long in zip(chunks, apart)]
-        distinct = list(dict.fromkeys(texts + [context for context in contexts if context]))
-        row = {text: position for position, text in enumerate(distinct)}
-        embedded = encode(distinct)
-        vectors = embedded[[row[text] for text in texts]]
-        with_context = [position for position, context in enumerate(contexts) if context]
-        vectors[with_context] += CONTEXT_WEIGHT * embedded[[row[contexts[position]] for position in with_context]]
+        inputs = chunk_inputs(chunks, document_chunks)
+        embedded = encode(inputs.distinct)
+        vectors = embedded[inputs.text_rows]
+        with_context = [position for position, row in enumerate(inputs.context_rows) if row is not None]
+        context_rows = [inputs.context_rows[position] for position in with_context]
+        vectors[with_context] += CONTEXT_WEIGHT * embedded[context_rows]
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
