@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 from rag import models
+from rag.embed import chunk_inputs
+from rag.types import Chunk
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -29,6 +32,23 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def embed_windows(documents: list[list[Chunk]], flush_at: int) -> list[list[Chunk]]:
+    """The chunks of each encode call `rag ingest` makes: whole documents gathered until at least `flush_at` chunks
+    (`ingest.job.embed_window`)."""
+    windows, pending = [], []
+    for chunks in documents:
+        pending += chunks
+        if len(pending) >= flush_at:
+            windows.append(pending)
+            pending = []
+    return windows + ([pending] if pending else [])
+
+
+def model_inputs(window: list[Chunk]) -> list[str]:
+    """What the embed stage gives the model for one window of whole documents (`Embedder.encode_chunks`)."""
+    return chunk_inputs(window, Counter(chunk.doc_id for chunk in window)).distinct
 
 
 def mean(values: list[float]) -> float:

@@ -31,14 +31,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from itertools import groupby
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SHARED, cpu_flags, markdown_table  # noqa: E402
+from bench.common import SHARED, cpu_flags, embed_windows, markdown_table, model_inputs  # noqa: E402
 from ingest.job import IngestJob, embed_window  # noqa: E402
 from rag.config import Settings  # noqa: E402
-from rag.embed import Embedder, chunk_inputs  # noqa: E402
+from rag.embed import Embedder  # noqa: E402
 from rag.store import Store  # noqa: E402
 from rag.types import Chunk  # noqa: E402
 
@@ -119,23 +120,6 @@ def read_chunks(index_dir: Path) -> list[Chunk]:
         return list(store.iter_chunks())
     finally:
         store.close()
-
-
-def job_groups(chunks: list[Chunk], flush_at: int) -> list[list[Chunk]]:
-    """The chunks of each encode call IngestJob made: whole files accumulated until at least `flush_at` chunks."""
-    groups, pending = [], []
-    for position, chunk in enumerate(chunks):
-        pending.append(chunk)
-        file_ends = position + 1 == len(chunks) or chunks[position + 1].doc_id != chunk.doc_id
-        if file_ends and len(pending) >= flush_at:
-            groups.append(pending)
-            pending = []
-    return groups + ([pending] if pending else [])
-
-
-def model_inputs(chunks: list[Chunk]) -> list[str]:
-    """What the embed stage gives the model for these chunks (one encode call)."""
-    return chunk_inputs(chunks, Counter(chunk.doc_id for chunk in chunks)).distinct
 
 
 def time_raw_encode(embedder: Embedder, calls: list[list[str]]) -> float:
@@ -232,7 +216,8 @@ def main() -> None:
                 pipeline[workers].append(result)
                 run_chunks = read_chunks(result["index_dir"])
                 if chunks is None:
-                    chunks, groups = run_chunks, job_groups(run_chunks, embed_window(embedder.batch_size))
+                    documents = [list(chunks) for _, chunks in groupby(run_chunks, key=lambda chunk: chunk.doc_id)]
+                    chunks, groups = run_chunks, embed_windows(documents, embed_window(embedder.batch_size))
                 elif [chunk.text for chunk in run_chunks] != [chunk.text for chunk in chunks]:
                     print("  warning: chunk texts differ between runs", file=sys.stderr)
                 shutil.rmtree(result.pop("index_dir"), ignore_errors=True)

@@ -194,10 +194,10 @@ def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, c
     return ParsedFile(chunks, None, document.warnings, parsed - started, time.perf_counter() - parsed)
 
 
-
 def embed_window(batch_size: int) -> int:
     """Chunks gathered (whole files) before one encode call."""
     return max(EMBED_WINDOW_CHUNKS, batch_size)
+
 
 @dataclass(slots=True)
 class _Pending:
