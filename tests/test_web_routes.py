@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -59,6 +58,15 @@ def test_page_and_static_files_carry_security_headers(web):
         assert web.get(probe).status_code == 404, probe
 
 
+def test_the_page_reads_the_request_limits_from_the_server(web):
+    from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
+
+    limits = web.get("/web/config.json", headers={"Authorization": ""})  # no key: limits are no secret
+    assert limits.status_code == 200 and limits.json() == {"max_question_chars": MAX_QUESTION_CHARS,
+                                                           "max_answer_chars": MAX_ANSWER_CHARS,
+                                                           "max_history_turns": MAX_HISTORY_TURNS}
+
+
 def test_every_web_route_needs_the_key(web):
     no_key = {"Authorization": ""}
     for route in ("/v1/evals", "/v1/evals/run-1/report.md", "/v1/chunks/1", "/v1/documents/abc/file"):
@@ -92,8 +100,11 @@ def test_original_files_are_served_so_they_cannot_run_script(web):
     assert markdown.headers["content-type"].startswith("text/markdown")
     assert markdown.headers["content-disposition"].startswith("inline")
 
-    # The file on disk changed since it was ingested: the pages an answer cited may no longer be there.
-    stored = Path(next(d["source"] for d in web.get("/v1/documents").json()["documents"] if d["doc_id"] == ids["notes.md"]))
+    # The file on disk changed since it was ingested: the pages an answer cited may no longer be there. It is found
+    # from the settings (`source` is only a display name: as a path it would be relative to the checkout).
+    source = next(d["source"] for d in web.get("/v1/documents").json()["documents"] if d["doc_id"] == ids["notes.md"])
+    stored = web.app.state.settings.upload_root / "default" / source
+    assert stored.is_file(), stored
     stored.write_bytes(b"# Notes\n\nRewritten.\n")
     changed = web.get(f"/v1/documents/{ids['notes.md']}/file")
     assert changed.status_code == 409 and changed.json()["error"]["code"] == "file_changed"

@@ -1,4 +1,5 @@
-"""The web app: `/` and its static files (`/web/<file>`), plain ES modules with no build step.
+"""The web app: `/` and its static files (`/web/<file>`), plain ES modules with no build step, and the API's
+request limits it checks before sending (`/web/config.json`, from api/config.py: never copied into the scripts).
 
 The page holds no data and needs no key; everything it shows comes from the same /v1 routes, with the same key
 and rules as any other client. Files are read once into memory (they are small) and revalidated by ETag.
@@ -16,6 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
 from api.errors import ApiError
 
 STATIC = Path(__file__).parent / "static"
@@ -58,6 +60,13 @@ def _serve(name: str, request: Request) -> Response:
 @router.get("/")
 async def index(request: Request) -> Response:
     return _serve("index.html", request)
+
+
+@router.get("/web/config.json")
+async def config() -> dict[str, int]:
+    """The request limits the page checks before it sends (a question's length, the history it may send)."""
+    return {"max_question_chars": MAX_QUESTION_CHARS, "max_answer_chars": MAX_ANSWER_CHARS,
+            "max_history_turns": MAX_HISTORY_TURNS}
 
 
 @router.get("/web/{name}")

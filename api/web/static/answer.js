@@ -1,5 +1,7 @@
 // An answer on screen: its text with clickable [n] citations, its sources, and the passage dialog that shows a
 // cited passage (document, page, heading, the cited words highlighted) with a link to the original file.
+// Only what the API returned is shown: an [n] links only when the response's `citations` hold n, and a document
+// is named by its `source` as the API gives it (a display name), never by a path built here.
 
 import * as api from "./api.js";
 import { $, basename, h, highlighted } from "./dom.js";
@@ -12,7 +14,9 @@ export const isIdk = (text) => !text.trim() || IDK.test(text);
 /** Nodes for a final answer (the API's answer object): its text with citation buttons, then its sources. */
 export function answerView(answer) {
   const text = api.answerText(answer).trim();
-  const sources = new Map([...(answer.sources || []), ...(answer.citations || [])].map((s) => [s.number, s]));
+  const citations = new Map((answer.citations || []).map((c) => [c.number, c]));
+  const listed = answer.answerable === false ? answer.see_also || answer.sources : answer.sources;
+  const sources = new Map([...(listed || []), ...citations.values()].map((s) => [s.number, s]));
   const plain = text.replace(CITATION, "").trim();
   const body = h("p", { class: "answer-text" });
   if (answer.answerable === false) {
@@ -26,21 +30,26 @@ export function answerView(answer) {
     let last = 0;
     for (const match of text.matchAll(CITATION)) {
       body.append(text.slice(last, match.index));
-      const source = sources.get(Number(match[1]));
-      body.append(source ? citeButton(source, plain) : match[0]);
+      const citation = citations.get(Number(match[1]));  // a marker the server did not ground stays plain text
+      body.append(citation ? citeButton(citation, plain) : match[0]);
       last = match.index + match[0].length;
     }
     body.append(text.slice(last));
   }
-  const cited = new Set((answer.citations || []).map((c) => c.number));
   const list = [...sources.values()].sort((a, b) => a.number - b.number).map((source) => h("li", {},
     h("button", { type: "button", class: "link source", onclick: () => openPassage(source, plain) },
       `[${source.number}] ${describeSource(source)}`),
-    cited.has(source.number) ? h("span", { class: "badge" }, "cited") : null));
-  if (!list.length) return [body];
+    citations.has(source.number) ? h("span", { class: "badge" }, "cited") : null));
+  const nodes = [body];
+  if (answer.searched) nodes.unshift(h("p", { class: "meta searched" }, "Searched for: ", h("q", {}, answer.searched)));
+  if (answer.finish_reason === "length") {
+    nodes.push(h("p", { class: "truncated" }, "Truncated: generation stopped at the max new tokens limit "
+      + "(Ask › Settings), so the answer may be incomplete."));
+  }
+  if (!list.length) return nodes;
   const title = answer.answerable === false ? `See also (${list.length})` : `Sources (${list.length})`;
-  return [body, h("details", { class: "sources", open: cited.size || answer.answerable === false ? true : null },
-    h("summary", {}, title), h("ol", {}, list))];
+  return [...nodes, h("details", { class: "sources",
+    open: citations.size || answer.answerable === false ? true : null }, h("summary", {}, title), h("ol", {}, list))];
 }
 
 function citeButton(source, answerText) {
@@ -49,7 +58,7 @@ function citeButton(source, answerText) {
 }
 
 export function describeSource(source) {
-  return [basename(source.source), source.page != null ? `page ${source.page}` : null, source.heading]
+  return [source.source, source.page != null ? `page ${source.page}` : null, source.heading]
     .filter(Boolean).join(" · ");
 }
 
@@ -72,9 +81,9 @@ export function setupPassageDialog() {
 async function openPassage(source, answerText) {
   current = source;
   const dialog = $("#passage");
-  $("#passage-title").textContent = basename(source.source);
-  $("#passage-meta").replaceChildren(h("span", {}, h("span", { class: "path" }, source.source),
-    source.page != null ? ` · page ${source.page}` : null, source.heading ? ` · ${source.heading}` : null));
+  $("#passage-title").textContent = source.source;
+  $("#passage-meta").textContent = [source.page != null ? `page ${source.page}` : null, source.heading]
+    .filter(Boolean).join(" · ");
   const text = $("#passage-text");
   text.textContent = source.snippet || "";
   text.setAttribute("aria-busy", "true");
@@ -124,9 +133,9 @@ async function openOriginal(source) {
     const url = URL.createObjectURL(new Blob([await response.blob()], { type: kind }));
     const link = $("#passage-link");
     link.href = kind === "application/pdf" && source.page != null ? `${url}#page=${source.page}` : url;
-    if (kind === "application/octet-stream") link.download = basename(source.source);
+    if (kind === "application/octet-stream") link.download = basename(source.source);  // a file name has no folders
     else link.removeAttribute("download");
-    link.textContent = `${basename(source.source)}${kind === "application/pdf" && source.page != null ? ` (page ${source.page})` : ""}`;
+    link.textContent = `${source.source}${kind === "application/pdf" && source.page != null ? ` (page ${source.page})` : ""}`;
     link.hidden = false;
     link.click();
   } catch (failure) {

@@ -30,6 +30,14 @@ export function onUnauthorized(handler) {
   unauthorized = handler;
 }
 
+let unreachable = () => {};
+/** Called when a request got no answer or the server said it is not available (to re-check its readiness). */
+export function onUnreachable(handler) {
+  unreachable = handler;
+}
+
+const UNAVAILABLE = new Set([0, 502, 503, 504]);
+
 function headers(extra = {}) {
   const result = new Headers(extra);
   const key = apiKey.get();
@@ -46,6 +54,7 @@ async function failure(response) {
   }
   const failed = new ApiError(response.status, error);
   if (failed.authentication) unauthorized(failed);
+  if (UNAVAILABLE.has(failed.status)) unreachable(failed);
   return failed;
 }
 
@@ -57,7 +66,9 @@ async function send(method, path, body, signal) {
     response = await fetch(path, init);
   } catch (error) {
     if (error.name === "AbortError") throw error;
-    throw new ApiError(0, { message: "The server cannot be reached." });
+    const failed = new ApiError(0, { message: "The server cannot be reached." });
+    unreachable(failed);
+    throw failed;
   }
   if (!response.ok) throw await failure(response);
   return response;
@@ -112,13 +123,18 @@ export function upload(path, files, onProgress) {
     const key = apiKey.get();
     if (key) request.setRequestHeader("Authorization", `Bearer ${key}`);
     request.upload.onprogress = (event) => event.lengthComputable && onProgress(event.loaded / event.total);
-    request.onerror = () => reject(new ApiError(0, { message: "The upload could not reach the server." }));
+    request.onerror = () => {
+      const failed = new ApiError(0, { message: "The upload could not reach the server." });
+      unreachable(failed);
+      reject(failed);
+    };
     request.onload = () => {
       let body = {};
       try { body = JSON.parse(request.responseText); } catch { /* reported below with the status */ }
       if (request.status >= 200 && request.status < 300) return resolve(body);
       const failed = new ApiError(request.status, body.error || { message: `Upload failed (HTTP ${request.status}).` });
       if (failed.authentication) unauthorized(failed);
+      if (UNAVAILABLE.has(failed.status)) unreachable(failed);
       reject(failed);
     };
     request.send(form);
@@ -132,5 +148,41 @@ export const answerText = (answer) => answer.answer ?? answer.text ?? "";
 export function describe(error) {
   if (error.name === "AbortError") return "Stopped.";
   const id = error.requestId ? ` (request ${error.requestId})` : "";
-  return `${error.message}${id}`;
+  const plain = error.code === "validation_error" && error.details.length
+    ? error.details.map(invalidField).join(" ") : error.message;
+  return `${plain}${id}`;
 }
+
+// ---------------------------------------------------------------------------------------- invalid requests
+// A 422's details name the field (`loc`) and the rule it broke (pydantic's `type`); its `msg` is written for
+// developers ("body.question: String should have at most 2000 characters"). Said here in the form's words.
+const FIELD_NAMES = { question: "The question", query: "The question", answer: "An earlier answer",
+  history: "The conversation", k: "Chunks in the prompt (k)", max_new_tokens: "Max new tokens",
+  temperature: "Temperature", retriever: "Retriever", path: "Path" };
+const RULES = {
+  string_too_long: (name, limit) => `${name} is too long (the limit is ${limit} characters).`,
+  string_too_short: (name) => `${name} is empty.`,
+  missing: (name) => `${name} is missing.`,
+  too_long: (name, limit) => `${name} is too long (the limit is ${limit}).`,
+  less_than_equal: (name, limit) => `${name} must be at most ${limit}.`,
+  less_than: (name, limit) => `${name} must be below ${limit}.`,
+  greater_than_equal: (name, limit) => `${name} must be at least ${limit}.`,
+  greater_than: (name, limit) => `${name} must be above ${limit}.`,
+  int_parsing: (name) => `${name} must be a whole number.`,
+  int_from_float: (name) => `${name} must be a whole number.`,
+  float_parsing: (name) => `${name} must be a number.`,
+  literal_error: (name) => `${name} is not one of the choices.`,
+};
+
+function invalidField(detail) {
+  const field = String(detail.loc).split(".").pop();
+  const name = FIELD_NAMES[field] || `“${field}”`;
+  const limit = /-?\d+(\.\d+)?/.exec(detail.msg || "")?.[0];  // the rule's bound is the first number it says
+  const rule = RULES[detail.type];
+  if (rule) return rule(name, count(limit));
+  if (/empty or only whitespace/.test(detail.msg || "")) return `${name} is empty.`;  // schemas.py's _not_blank
+  return `${name}: ${detail.msg}.`;
+}
+
+/** A number for people: 2000 → "2,000". */
+export const count = (value) => Number(value).toLocaleString("en");

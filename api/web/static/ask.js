@@ -1,6 +1,7 @@
 // Ask: a conversation thread. Each question streams its answer from POST /v1/ask ("stream": true), then shows
 // the final, source-aligned answer with citations. The thread's earlier turns go with each question as its
-// `history` (the API is stateless): the server makes a follow-up standalone before retrieval.
+// `history` (the API is stateless): the server makes a follow-up standalone before retrieval. The thread is kept
+// in sessionStorage beside the key (this tab only), so a reload shows it again; "Forget key" clears both.
 
 import * as api from "./api.js";
 import { $, h } from "./dom.js";
@@ -10,9 +11,10 @@ import { answerMarkdown, answerView } from "./answer.js";
 const MODEL_PATHS = { "rag-prompt-only": "prompt", "rag": "rag", "rag-finetuned": "finetuned",
   "rag-finetuned-rag": "finetuned-rag" };
 const NUMBER_FIELDS = ["k", "max_new_tokens", "temperature"];
-const MAX_HISTORY_TURNS = 32;  // api/config.py: the most a request may send (the prompt keeps what fits)
+const THREAD_NAME = "rag-thread";
+let limits = null;  // GET /web/config.json: the server's request limits (api/config.py)
 let running = null;  // AbortController of the answer being streamed
-let history = [];  // this thread's answered turns, oldest first: {question, answer}
+let turns = [];  // this thread's answered turns, oldest first: {question, answer} with the API's answer object
 
 /** The answer paths this server offers, from GET /v1/models (fine-tuned ones only with an adapter). */
 export function pathsFrom(models) {
@@ -20,7 +22,8 @@ export function pathsFrom(models) {
   return Object.keys(MODEL_PATHS).filter((id) => offered.has(id)).map((id) => MODEL_PATHS[id]);
 }
 
-export function setupAsk(paths) {
+export function setupAsk(paths, serverLimits) {
+  limits = serverLimits;
   $("#opt-path").replaceChildren(h("option", { value: "" }, "server default"),
     ...paths.map((path) => h("option", { value: path }, path)));
   $("#opt-path").value = "";
@@ -28,10 +31,72 @@ export function setupAsk(paths) {
   $("#question").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); ask(); }
   });
+  countCharacters($("#question"), $("#question-count"), $("#question-error"));
   $("#ask-stop").addEventListener("click", () => running?.abort());
   $("#new-thread").addEventListener("click", () => {
-    running?.abort(); history = []; $("#thread").replaceChildren(); $("#question").focus();
+    running?.abort(); turns = []; forgetThread(); $("#thread").replaceChildren(); $("#question").focus();
   });
+  restoreThread();
+}
+
+// ------------------------------------------------------------------------------------------ question limits
+/** What is wrong with a question before it is sent, in plain words ("" when nothing). */
+export function questionProblem(question) {
+  if (!question.trim()) return "Type a question first.";
+  if (question.length > limits.max_question_chars) {
+    return `The question is too long (${api.count(question.length)} characters; the limit is `
+      + `${api.count(limits.max_question_chars)}).`;
+  }
+  return "";
+}
+
+/** Keeps `counter` saying how long the question is against the server's limit, and marks it when over. */
+export function countCharacters(textarea, counter, error) {
+  const update = () => {
+    error.textContent = "";  // about the question as it was sent
+    const over = textarea.value.length > limits.max_question_chars;
+    counter.textContent = `${api.count(textarea.value.length)} / ${api.count(limits.max_question_chars)} characters`;
+    counter.classList.toggle("error", over);
+    if (over) textarea.setAttribute("aria-invalid", "true");
+    else textarea.removeAttribute("aria-invalid");
+  };
+  textarea.addEventListener("input", update);
+  update();
+}
+
+// -------------------------------------------------------------------------------------------------- thread
+/** Clears the kept conversation (a new one, or the key forgotten). */
+export function forgetThread() {
+  sessionStorage.removeItem(THREAD_NAME);
+}
+
+function keepThread() {
+  try {
+    sessionStorage.setItem(THREAD_NAME, JSON.stringify(turns));
+  } catch {  // storage full or turned off: the thread goes on, it just will not survive a reload
+    forgetThread();
+  }
+}
+
+function restoreThread() {
+  try {
+    turns = JSON.parse(sessionStorage.getItem(THREAD_NAME)) || [];
+    for (const { question, answer } of turns) {
+      const { turn, reply } = turnView(question);
+      $("#thread").append(turn);
+      finish(turn, reply, question, answer);
+    }
+  } catch {  // not a thread this version of the page wrote: start a new one rather than fail to start
+    turns = [];
+    forgetThread();
+    $("#thread").replaceChildren();
+  }
+}
+
+/** The turns sent as `history`, within the server's limits (the prompt keeps the most recent that fit). */
+function historyToSend() {
+  return turns.slice(-limits.max_history_turns)
+    .map(({ question, answer }) => ({ question, answer: api.answerText(answer).slice(0, limits.max_answer_chars) }));
 }
 
 /** The generation and retrieval options of the settings panel, as the API names them (empty = server default). */
@@ -63,13 +128,17 @@ export function showValidation(error) {
 async function ask() {
   const question = $("#question").value;
   if (running) return;
-  const body = { question, ...options(), history, stream: true };
+  const problem = questionProblem(question);
+  $("#question-error").textContent = problem;
+  if (problem) {
+    $("#question").focus();
+    return;
+  }
+  const body = { question, ...options(), history: historyToSend(), stream: true };
   if ($("#opt-path").value) body.path = $("#opt-path").value;
   const streamed = h("p", { class: "answer-text streaming", dataset: { tokens: "0" } });
-  const status = h("p", { class: "meta", role: "status" }, "Retrieving and generating…");
-  const reply = h("div", { class: "reply", "aria-busy": "true" }, streamed, status);
-  const turn = h("li", { class: "turn", dataset: { state: "streaming" } },
-    h("p", { class: "question" }, h("span", { class: "visually-hidden" }, "Question: "), question), reply);
+  const { turn, reply } = turnView(question, streamed, h("p", { class: "meta", role: "status" },
+    "Retrieving and generating…"));
   $("#thread").append(turn);
   turn.scrollIntoView({ block: "end" });
   running = new AbortController();
@@ -87,9 +156,12 @@ async function ask() {
       }
     }
     if (!answer) throw new api.ApiError(0, { message: "The answer stream ended before the answer." });
-    finish(turn, reply, question, answer, streamed.dataset.tokens);
-    history = [...history, { question, answer: api.answerText(answer) }].slice(-MAX_HISTORY_TURNS);
+    turn.dataset.tokenEvents = streamed.dataset.tokens;
+    finish(turn, reply, question, answer);
+    turns = [...turns, { question, answer }].slice(-limits.max_history_turns);
+    keepThread();
     $("#question").value = "";
+    $("#question").dispatchEvent(new Event("input"));  // the counter
   } catch (error) {
     showValidation(error);
     turn.dataset.state = "error";
@@ -102,9 +174,16 @@ async function ask() {
   }
 }
 
-function finish(turn, reply, question, answer, tokenEvents) {
+/** A turn of the thread: the question, then a reply holding `pending` (the answer as it streams) until finished. */
+function turnView(question, ...pending) {
+  const reply = h("div", { class: "reply", "aria-busy": pending.length ? "true" : null }, pending);
+  const turn = h("li", { class: "turn", dataset: { state: "streaming" } },
+    h("p", { class: "question" }, h("span", { class: "visually-hidden" }, "Question: "), question), reply);
+  return { turn, reply };
+}
+
+function finish(turn, reply, question, answer) {
   turn.dataset.state = "done";
-  turn.dataset.tokenEvents = tokenEvents;
   const copy = h("button", { type: "button", class: "link copy" }, "Copy as Markdown");
   copy.addEventListener("click", async () => {
     copy.textContent = (await copyText(answerMarkdown(question, answer))) ? "Copied" : "Copy failed";

@@ -4,20 +4,22 @@
 import * as api from "./api.js";
 import { $, h } from "./dom.js";
 import { answerView } from "./answer.js";
-import { options, showValidation, usageLine } from "./ask.js";
+import { countCharacters, options, questionProblem, showValidation, usageLine } from "./ask.js";
 
 export function setupCompare(paths) {
   $("#compare-paths").replaceChildren(...paths.map((path) => h("label", { class: "check" },
     h("input", { type: "checkbox", name: "path", value: path, checked: path === "prompt" || path === "rag" || null }),
     ` ${path}`)));
   $("#compare-form").addEventListener("submit", (event) => { event.preventDefault(); compare(); });
+  countCharacters($("#compare-question"), $("#compare-count"), $("#compare-error"));
 }
 
 async function compare() {
   const question = $("#compare-question").value;
   const paths = [...document.querySelectorAll("#compare-paths input:checked")].map((input) => input.value);
-  $("#compare-error").textContent = paths.length ? "" : "Choose at least one path.";
-  if (!paths.length) return;
+  const problem = questionProblem(question) || (paths.length ? "" : "Choose at least one path.");
+  $("#compare-error").textContent = problem;
+  if (problem) return;
   const settings = options();
   const columns = paths.map((path) => {
     const body = h("div", { class: "reply" }, h("p", { class: "meta" }, "Waiting…"));

@@ -1,8 +1,9 @@
 // Documents: what the index holds (GET /v1/documents), uploads (POST /v1/documents, then GET /v1/jobs/{id} until
-// the job ends, with each file's result) and deletion after a confirmation.
+// the job ends, with each file's result) and deletion after a confirmation. A document is named by its `source`
+// as the API gives it (a display name, not a server path). On a phone each row is a card (style.css).
 
 import * as api from "./api.js";
-import { $, basename, formatBytes, h, say } from "./dom.js";
+import { $, formatBytes, h, say } from "./dom.js";
 
 const POLL_MS = 400;
 
@@ -28,13 +29,14 @@ export async function loadDocuments() {
   try {
     const listing = await api.get("/v1/documents");
     const rows = listing.documents.map((doc) => h("tr", { dataset: { docId: doc.doc_id } },
-      h("th", { scope: "row", title: doc.source }, basename(doc.source),
+      h("th", { scope: "row" }, doc.source,
         doc.warnings.map((warning) => h("span", { class: "warning warned" }, warning))),
-      h("td", { class: "num" }, formatBytes(doc.size)),
-      h("td", { class: "num" }, String(doc.chunk_count)),
-      h("td", {}, h("time", { datetime: doc.ingested_at }, new Date(doc.ingested_at).toLocaleString())),
-      h("td", {}, h("button", { type: "button", class: "danger small", "aria-label": `Delete ${basename(doc.source)}`,
-        onclick: () => remove(doc) }, "Delete"))));
+      h("td", { class: "num", dataset: { label: "Size" } }, formatBytes(doc.size)),
+      h("td", { class: "num", dataset: { label: "Chunks" } }, String(doc.chunk_count)),
+      h("td", { dataset: { label: "Ingested" } },
+        h("time", { datetime: doc.ingested_at }, new Date(doc.ingested_at).toLocaleString())),
+      h("td", { class: "actions-cell" }, h("button", { type: "button", class: "danger small",
+        "aria-label": `Delete ${doc.source}`, onclick: () => remove(doc) }, "Delete"))));
     $("#documents tbody").replaceChildren(...rows);
     $("#documents-caption").textContent = `${listing.counts.documents} documents, ${listing.counts.chunks} chunks`;
     say(status, listing.documents.length ? "" : "The index is empty: add documents above.");
@@ -64,7 +66,7 @@ async function uploadFiles(files) {
       const { files_done: done, files_total: total } = job.progress;
       label.textContent = `Ingesting: ${done} of ${total} files (${job.status})`;
       if (done || job.status !== "queued") progress.value = total ? done / total : 1;
-      if (job.status === "succeeded" || job.status === "failed") break;
+      if (["succeeded", "partial", "failed"].includes(job.status)) break;
       await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     }
     progress.value = 1;
@@ -88,7 +90,7 @@ async function uploadFiles(files) {
 
 async function remove(doc) {
   const dialog = $("#confirm");
-  $("#confirm-text").textContent = `Delete “${basename(doc.source)}” from the index? Answers will no longer cite it.`;
+  $("#confirm-text").textContent = `Delete “${doc.source}” from the index? Answers will no longer cite it.`;
   dialog.returnValue = "";
   dialog.showModal();
   $("#confirm-cancel").focus();
@@ -98,9 +100,9 @@ async function remove(doc) {
   const status = $("#documents-status");
   try {
     await api.remove(`/v1/documents/${encodeURIComponent(doc.doc_id)}`);
-    say(status, `Deleted ${basename(doc.source)}.`, "ok");
+    say(status, `Deleted ${doc.source}.`, "ok");
     await loadDocuments();
-    say(status, `Deleted ${basename(doc.source)}.`, "ok");
+    say(status, `Deleted ${doc.source}.`, "ok");
   } catch (error) {
     say(status, api.describe(error), "error");
   }
