@@ -29,7 +29,11 @@ class ApiSettings(BaseSettings):
                                "remembered: a key revoked by another process is refused within this time.")
     max_concurrent_generations: int = Field(1, ge=1, le=64, description="Decoder runs at the same time.")
     max_queue: int = Field(16, ge=0, le=10_000, description="Generations waiting for a slot before 503.")
-    retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After sent with a 503 when the queue is full.")
+    queue_timeout_s: float = Field(30, ge=0, le=3600, description="Longest wait for a generation slot: a request "
+                                   "that would wait longer is answered 503 with Retry-After, before its client "
+                                   "times out (0 = never wait).")
+    retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After of a 503 when no wait can be estimated "
+                               "(still loading, no index yet, busy before any generation was timed).")
     max_new_tokens_limit: int = Field(1024, ge=1, le=MAX_NEW_TOKENS,
                                       description="Largest max_new_tokens a request may ask.")
     max_upload_mb: float = Field(20, gt=0, le=10_240, description="Largest upload request (all files together).")

@@ -77,10 +77,16 @@ class Metrics:
                                             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.generations_running = Gauge("rag_generations_running", "Generations holding a slot.",
                                          registry=self.registry)
-        self.generations_waiting = Gauge("rag_generations_waiting", "Generations queued for a slot.",
+        self.generations_waiting = Gauge("rag_generations_waiting", "Queue depth: generations waiting for a slot.",
                                          registry=self.registry)
-        self.rejected = Counter("rag_generations_rejected_total", "Generations refused with 503 (queue full).",
-                                registry=self.registry)
+        self.queue_wait = Histogram("rag_generation_queue_wait_seconds", "Time generations waited for a slot "
+                                    "(whether they got one, passed the deadline or their client left).",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.rejected = Counter("rag_generations_rejected_total", "Generations refused with 503: the queue was full "
+                                "or the wait would pass RAG_QUEUE_TIMEOUT_S.", registry=self.registry)
+        self.cancelled = Counter("rag_generations_cancelled_total", "Generations whose client left: while queued "
+                                 "(nothing generated) or while generating (stopped there).", ["stage"],
+                                 registry=self.registry)
         self.ingest_jobs = Counter("rag_ingest_jobs_total", "Ingestion jobs by final status.", ["status"],
                                    registry=self.registry)
 

@@ -31,7 +31,8 @@ class Service:
         self.api_settings = api_settings
         self.pipeline = pipeline
         self.limiter = GenerationLimiter(api_settings.max_concurrent_generations, api_settings.max_queue,
-                                         api_settings.retry_after_s)
+                                         api_settings.queue_timeout_s, api_settings.retry_after_s,
+                                         on_wait=metrics.queue_wait.observe)
         metrics.generations_running.set_function(lambda: self.limiter.running)
         metrics.generations_waiting.set_function(lambda: self.limiter.waiting)
         self.models_loaded = False

@@ -309,7 +309,7 @@ def test_finetuned_path_without_adapter_is_422(client):
 def test_full_queue_is_503_with_retry_after(fresh_client):
     client = fresh_client(max_concurrent_generations=1, max_queue=0, retry_after_s=7)
     limiter = client.app.state.service.limiter
-    client.portal.call(limiter.acquire)  # the only slot is taken, and no one may wait
+    granted = client.portal.call(limiter.acquire)  # the only slot is taken, and no one may wait
     try:
         for request in ({"url": "/v1/ask", "json": ASK}, {"url": "/v1/ask", "json": {**ASK, "stream": True}},
                         {"url": "/v1/chat/completions",
@@ -319,7 +319,7 @@ def test_full_queue_is_503_with_retry_after(fresh_client):
             assert response.json()["error"]["code"] == "overloaded"
         assert client.post("/v1/search", json={"query": "timeouts"}).status_code == 200  # search is not queued
     finally:
-        limiter.release()
+        limiter.release(granted)
     assert client.post("/v1/ask", json=ASK).status_code == 200
     assert "rag_generations_rejected_total 3.0" in client.get("/metrics").text
 

@@ -19,7 +19,7 @@ import logging
 
 from fastapi import APIRouter, Request
 
-from api.answering import AnswerStream, EventStreamResponse, answer, generation_params, sse
+from api.answering import EventStreamResponse, answer, generation_params, open_stream, sse
 from api.auth import authorize
 from api.deps import ServiceDep
 from api.observability import current_request_id
@@ -45,9 +45,9 @@ async def ask(body: AskRequest, service: ServiceDep, request: Request):
                                    history=tuple(Turn(turn.question, turn.answer) for turn in body.history),
                                    collection=collection)
     if not body.stream:
-        return (await answer(service, answer_request)).to_dict()
+        return (await answer(service, answer_request, request)).to_dict()
 
-    stream = await AnswerStream(service, answer_request).open()
+    stream = await open_stream(service, answer_request, request)
     request_id = current_request_id(request.scope)
 
     async def events():

@@ -20,7 +20,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from api.answering import AnswerStream, EventStreamResponse, answer, generation_params, sse
+from api.answering import EventStreamResponse, answer, generation_params, open_stream, sse
 from api.auth import authorize
 from api.config import MAX_QUESTION_CHARS
 from api.deps import ServiceDep
@@ -91,13 +91,13 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     if not body.stream:
-        result = await answer(service, answer_request)
+        result = await answer(service, answer_request, request)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason, "logprobs": None}],
                 "usage": usage_of(result), "citations": result.to_dict()["citations"]}
 
-    stream = await AnswerStream(service, answer_request).open()
+    stream = await open_stream(service, answer_request, request)
     request_id = current_request_id(request.scope)
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
