@@ -10,6 +10,11 @@ hybrid p50 (dense + BM25 + fusion + row lookup through `Retriever.retrieve`, whi
 snapshot store's one after the other; the query embedding, ~1-7 ms, is not included), open time, resident
 memory of a fresh process after open and searches, and bytes on disk against the live vectors + text.
 
+A second table (segmented store only) searches by condition: the index as built (one compacted segment), and
+after the 5 uploads and 5 deletes (the large segment beside small ones, with tombstones, before compaction merges
+them); each unscoped, within a collection holding every tenth document, and with a `--source` glob matching
+another tenth. Recall@10 there is against exact search over the same live chunks within the same scope.
+
 Text: sentences of the XQuAD English paragraphs recombined, four per chunk, ten chunks per document. Vectors:
 384-dim unit vectors drawn from a random 24-dimensional subspace plus noise. Uniformly random 384-dim vectors have
 no neighbourhood structure (every point is nearly equidistant), so no ANN index finds their exact top-10: HNSW
@@ -36,9 +41,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_flags, markdown_table, percentile, shared_dataset  # noqa: E402
+from rag.types import ALL_COLLECTIONS  # noqa: E402
 
 DIMENSION, LATENT, CHUNKS_PER_DOC, BULK_COMMIT = 384, 24, 10, 20_000
 QUERIES = 200
+# Every tenth document is in this collection; the glob matches the documents of folder part3/, another tenth.
+TENTH_COLLECTION, SOURCE_FILTER = "tenth", "part3/*"
+SCOPES = {"unscoped": (ALL_COLLECTIONS, None), "collection (10%)": (TENTH_COLLECTION, None),
+          f"--source {SOURCE_FILTER} (10%)": (ALL_COLLECTIONS, SOURCE_FILTER)}  # name: (collection, source glob)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic data
@@ -78,17 +88,18 @@ class Synthetic:
     def documents(self, first: int, count: int, seed_offset: int = 0):
         """(record, chunks, vectors) for documents first..first+count-1, generated in one batch."""
         from rag.store import DocumentRecord
-        from rag.types import Chunk
+        from rag.types import DEFAULT_COLLECTION, Chunk
 
         n = count * CHUNKS_PER_DOC
         texts, vectors = self.texts(n, first + seed_offset), self.vectors(n, first + seed_offset + 1)
         for d in range(count):
             doc = first + d
-            source = f"/synthetic/doc{doc:07d}.txt"
+            source = f"/synthetic/part{doc // 10 % 10}/doc{doc:07d}.txt"
             doc_id = f"{doc:016x}"
             chunks = [Chunk(doc_id, j, texts[d * CHUNKS_PER_DOC + j], source, tokens=100)
                       for j in range(CHUNKS_PER_DOC)]
-            record = DocumentRecord(doc_id, source, "0" * 64, 1, 1, "{}", CHUNKS_PER_DOC, "2026-01-01T00:00:00")
+            record = DocumentRecord(doc_id, source, "0" * 64, 1, 1, "{}", CHUNKS_PER_DOC, "2026-01-01T00:00:00",
+                                    TENTH_COLLECTION if doc % 10 == 0 else DEFAULT_COLLECTION)
             yield record, chunks, vectors[d * CHUNKS_PER_DOC:(d + 1) * CHUNKS_PER_DOC]
 
 
@@ -115,7 +126,8 @@ def build_new(data: Synthetic, index: Path, size: int) -> dict:
 
 
 def upload_and_delete_new(data: Synthetic, index: Path, size: int, repeats: int) -> dict:
-    from rag.store import Store, compact
+    """Small commits beside the large segment; compacted later (`compact_new`), after searching them as they are."""
+    from rag.store import Store
 
     uploads, deletes = [], []
     next_doc = size // CHUNKS_PER_DOC + 1_000_000
@@ -131,8 +143,14 @@ def upload_and_delete_new(data: Synthetic, index: Path, size: int, repeats: int)
         store.delete([f"{r * 97:016x}"])
         store.commit()
         deletes.append(time.perf_counter() - started)
-    info = compact(index)  # the small segments and tombstones above merged back into the big one
-    return {"upload_s": uploads, "delete_s": deletes, "compaction_s": info.seconds}
+    return {"upload_s": uploads, "delete_s": deletes}
+
+
+def compact_new(index: Path) -> dict:
+    from rag.store import compact
+
+    info = compact(index)  # the small segments and tombstones of `upload_and_delete_new` merged into the big one
+    return {"compaction_s": info.seconds}
 
 
 def run_old(data: Synthetic, index: Path, size: int, repeats: int) -> dict:
@@ -164,6 +182,38 @@ def run_old(data: Synthetic, index: Path, size: int, repeats: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- searching (fresh process)
+def timed(function, inputs) -> tuple[list[float], list]:
+    """Milliseconds per call, and the results."""
+    latencies, results = [], []
+    for item in inputs:
+        started = time.perf_counter()
+        results.append(function(item))
+        latencies.append((time.perf_counter() - started) * 1000)
+    return latencies, results
+
+
+def search_within(store, retriever, scope: tuple[str, str | None], query_vectors: np.ndarray,
+                  query_texts: list[str], vectors: np.ndarray, ids: np.ndarray) -> dict:
+    """Dense and hybrid search within one scope: latency, and dense recall@10 against exact search over the live
+    chunks of the scope (`vectors`, `ids`: every live one). Hybrid includes the source filter's lookup, as
+    `rag ask --source` does; dense gets the allowed ids once."""
+    import faiss
+
+    collection, source = scope
+    allowed = store.ids_with_source(source, collection=collection) if source else None
+    within = ids if collection == ALL_COLLECTIONS else np.fromiter(
+        (chunk.id for chunk in store.iter_chunks(collection=collection)), np.int64)
+    keep = np.isin(ids, within if allowed is None else np.intersect1d(within, allowed))
+    exact = faiss.IndexFlatIP(DIMENSION)
+    exact.add(vectors[keep])
+    _, rows = exact.search(query_vectors, 10)
+    truth = [set(ids[keep][row].tolist()) for row in rows]
+    dense_ms, hits = timed(lambda v: store.dense(v, 30, allowed, collection=collection), query_vectors)
+    hybrid_ms, _ = timed(lambda text: retriever.retrieve(text, 10, source=source, collection=collection), query_texts)
+    recall = statistics.fmean(len({i for i, _ in found[:10]} & best) / 10 for found, best in zip(hits, truth))
+    return {"chunks": int(keep.sum()), "dense_ms": dense_ms, "dense_recall@10": recall, "hybrid_ms": hybrid_ms}
+
+
 def probe(kind: str, index: Path, dataset: Path) -> dict:
     """Open, search and measure in this (fresh) process; prints one JSON object."""
     import faiss
@@ -182,8 +232,8 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
 
         store = Store.open(index)
         store.refresh()  # load every segment
-        dense = lambda v, k: store.dense(v, k)  # noqa: E731
-        lexical = lambda q, k: store.lexical(q, k)  # noqa: E731
+        dense = lambda v, k: store.dense(v, k, collection=ALL_COLLECTIONS)  # noqa: E731
+        lexical = lambda q, k: store.lexical(q, k, collection=ALL_COLLECTIONS)  # noqa: E731
     else:
         from bench.baseline import snapshot_store
 
@@ -197,14 +247,6 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
         lexical = lambda q, k: store.lexical.search(q, k)  # noqa: E731
     open_s = time.perf_counter() - started
 
-    def timed(function, inputs):
-        latencies, results = [], []
-        for item in inputs:
-            t = time.perf_counter()
-            results.append(function(item))
-            latencies.append((time.perf_counter() - t) * 1000)
-        return latencies, results
-
     dense_ms, dense_hits = timed(lambda v: dense(v, 30), query_vectors)
     lexical_ms, _ = timed(lambda q: lexical(q, 30), query_texts)
 
@@ -215,11 +257,14 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
             name = "synthetic"
             by_text = dict(zip(query_texts, query_vectors))
 
+            def follow(self, index_weights):
+                pass
+
             def encode_query(self, text):
                 return self.by_text[text]
 
         retriever = Retriever(store, GivenVectors(), "hybrid")  # the shipped candidates per leg
-        hybrid = lambda pair: retriever.retrieve(pair[1], 10)  # noqa: E731
+        hybrid = lambda pair: retriever.retrieve(pair[1], 10, collection=ALL_COLLECTIONS)  # noqa: E731
     else:  # the snapshot store's: one leg after the other
         def hybrid(pair):
             vector, text = pair
@@ -260,8 +305,12 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
                 sweep[nprobe] = {"p50_ms": percentile(ms, 50), "recall@10": statistics.fmean(
                     len({i for i, _ in h[:10]} & set(ids[row].tolist())) / 10 for h, row in zip(hits, truth))}
             inner.nprobe = default
+    scoped = {}
+    if kind == "new":
+        scoped = {name: search_within(store, retriever, scope, query_vectors, query_texts, vectors, ids)
+                  for name, scope in SCOPES.items()}
     return {"open_s": open_s, "rss_bytes": rss, "dense_ms": dense_ms, "lexical_ms": lexical_ms,
-            "hybrid_ms": hybrid_ms, "dense_recall@10": recall, "nprobe_sweep": sweep}
+            "hybrid_ms": hybrid_ms, "dense_recall@10": recall, "nprobe_sweep": sweep, "scoped": scoped}
 
 
 def run_probe(kind: str, index: Path, dataset: Path) -> dict:
@@ -291,6 +340,19 @@ HEADERS = ["store", "chunks", "build s", "upload commit s (p50)", "delete commit
            "RSS MiB", "disk MiB", "disk / (vectors + text)", "largest segment"]
 
 
+def condition_rows(size: int, state: str, read: dict) -> list[list]:
+    """One row per scope of a segmented index searched in one state."""
+    return [[f"{size:,}", state, scope, f"{found['chunks']:,}",
+             f"{percentile(found['dense_ms'], 50):.2f} / {percentile(found['dense_ms'], 95):.2f}",
+             f"{found['dense_recall@10']:.3f}", f"{percentile(found['hybrid_ms'], 50):.2f}"]
+            for scope, found in read["scoped"].items()]
+
+
+CONDITION_HEADERS = ["chunks", "index state", "scope", "live chunks in scope", "dense p50 / p95 ms (k=30)",
+                     "dense recall@10 (vs exact within scope)", "hybrid p50 ms"]
+AS_BUILT, AFTER_DELETES = "as built (one segment)", "after 5 uploads + 5 deletes, before compaction"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[20_000, 100_000])
@@ -310,7 +372,7 @@ def main() -> None:
     header = (f"CPU: {os.cpu_count()} cores visible, {cpu_flags()}; load average at start "
               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other agents share this machine).")
     print(header, flush=True)
-    rows, raw = [], []
+    rows, conditions, raw = [], [], []
     plan = [("snapshot (before)", size) for size in args.baseline_sizes] + [("segments", size) for size in args.sizes]
     plan.sort(key=lambda item: (item[1], item[0] != "snapshot (before)"))
     for store_name, size in plan:
@@ -322,13 +384,16 @@ def main() -> None:
             write = build_new(data, index, size)
             read = run_probe("new", index, dataset)  # searched as built: one compacted segment
             write.update(upload_and_delete_new(data, index, size, repeats=5))
+            after_deletes = run_probe("new", index, dataset)  # the large segment beside small ones, tombstones
+            write.update(compact_new(index))
+            conditions += condition_rows(size, AS_BUILT, read) + condition_rows(size, AFTER_DELETES, after_deletes)
         else:
             write = run_old(data, index, size, repeats=3 if size <= 20_000 else 1)
             read = run_probe("old", index, dataset)
         rows.append(row(store_name, size, write, read, index, live_bytes))
         raw.append({"store": store_name, "size": size, "write": write, "nprobe_sweep": read["nprobe_sweep"],
                     "dense_recall@10": read["dense_recall@10"], "load_average": os.getloadavg()})
-        table = markdown_table(HEADERS, rows)
+        table = markdown_table(HEADERS, rows) + "\n\n" + markdown_table(CONDITION_HEADERS, conditions)
         print(f"\n{table}\n{json.dumps(raw[-1])}", flush=True)
         if args.out:
             args.out.write_text(f"{header}\n\n{table}\n\n" + "\n".join(json.dumps(r) for r in raw) + "\n")
