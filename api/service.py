@@ -20,6 +20,7 @@ from rag.errors import UnavailableError
 from rag.generation import available_paths
 from rag.pipeline import Pipeline
 from rag.index import Index
+from rag.types import ALL_COLLECTIONS
 
 logger = logging.getLogger("rag.api")
 
@@ -75,7 +76,25 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.models_loaded and self._retriever is not None and self.store_error is None
+        return self.not_ready_reason is None
+
+    @property
+    def index_open(self) -> bool:
+        return self._retriever is not None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why requests cannot be answered yet, in words for anyone (no path or error text: those are for the
+        operator, in the log and in /readyz for an admin key); None when ready."""
+        if self.load_error:
+            return "The models could not be loaded; the server log says why."
+        if not self.models_loaded:
+            return "Loading the models."
+        if self.store_error:
+            return "The index's database is not answering."
+        if self._retriever is None:
+            return "No index yet: ingest or upload documents."
+        return None
 
     # ------------------------------------------------------------------ the open snapshot
     def open_index(self) -> bool:
@@ -92,7 +111,8 @@ class Service:
                     raise
                 self.store_error = None
                 if refreshed:
-                    logger.info("index refreshed", extra={"snapshot": self.snapshot, **self.index.store.counts()})
+                    logger.info("index refreshed", extra={"snapshot": self.snapshot,
+                                                          **self.index.store.counts(collection=ALL_COLLECTIONS)})
                 return True
             try:
                 index = Index.open(self.settings, self._query_embedder.name)
@@ -107,7 +127,7 @@ class Service:
                 self._query_embedder.encode_queries(["load the index's query encoder now"])
             self.pipeline.retriever = self._retriever  # the pipeline's retriever is a cached attribute
             self.index_error = None
-            logger.info("index opened", extra={"snapshot": self.snapshot, **index.store.counts()})
+            logger.info("index opened", extra={"snapshot": self.snapshot, **index.store.counts(collection=ALL_COLLECTIONS)})
             return True
 
     @property

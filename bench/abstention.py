@@ -41,6 +41,7 @@ from rag.finetune import split_by_group  # noqa: E402
 from rag.models import sha256_files  # noqa: E402
 from rag.retrieve import Retriever  # noqa: E402
 from rag.store import Store  # noqa: E402
+from rag.types import DEFAULT_COLLECTION  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = {"holdout_fraction": 0.5, "validation_fraction": 0.1, "seed": 0}  # the shipped adapter's split
@@ -55,8 +56,9 @@ def build_index(passages: dict[str, str], folder: Path, embedder: Embedder) -> R
 def features_for(retriever: Retriever, questions: list[str], k: int) -> np.ndarray:
     rows = []
     for question in questions:
-        hits = retriever.retrieve(question, k)
-        found = answerability_features(question, hits, retriever.similarities(question, hits))
+        hits = retriever.retrieve(question, k, collection=DEFAULT_COLLECTION)
+        similarities = retriever.similarities(question, hits, collection=DEFAULT_COLLECTION)
+        found = answerability_features(question, hits, similarities)
         rows.append([found[name] for name in FEATURES])
     return np.asarray(rows)
 

@@ -37,6 +37,7 @@ from rag.config import Settings  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
 from rag.retrieve import Retriever, RetrieverKind  # noqa: E402
 from rag.store import Store  # noqa: E402
+from rag.types import DEFAULT_COLLECTION  # noqa: E402
 
 DEPTH = 40  # chunks retrieved per question, from which the distinct documents are ranked
 
@@ -70,7 +71,7 @@ def run_ours(files: list[Path], questions: list[dict], precision: str, workdir: 
     for kind in RetrieverKind:
         rankings = []
         for question in questions:
-            hits = retriever.retrieve(question["question"], DEPTH, kind)
+            hits = retriever.retrieve(question["question"], DEPTH, kind, collection=DEFAULT_COLLECTION)
             rankings.append([(Path(hit.chunk.source).stem, hit.chunk.page) for hit in hits])
         retrieval[kind.value] = score(rankings, questions)
     return {"name": f"ours ({embedder.precision})", "failed": len(report.failed),

@@ -40,6 +40,7 @@ from rag.generation import GenerationParams, load_generator  # noqa: E402
 from rag.retrieve import Retriever  # noqa: E402
 from rag.span import STOPWORDS  # noqa: E402
 from rag.store import Store  # noqa: E402
+from rag.types import DEFAULT_COLLECTION  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # A name: capitalised words (digits and "of"/"and" between them allowed), e.g. "Super Bowl 50", "Bank of England".
@@ -99,7 +100,8 @@ def main() -> None:
     params = GenerationParams(max_new_tokens=48)
 
     def hit_at_5(query: str, gold: str) -> float:
-        return float(any(is_gold(hit.chunk.source, [gold]) for hit in retriever.retrieve(query, 5)))
+        hits = retriever.retrieve(query, 5, collection=DEFAULT_COLLECTION)
+        return float(any(is_gold(hit.chunk.source, [gold]) for hit in hits))
 
     rows = {"original second question (upper bound)": [], "follow-up as asked": [],
             "follow-up, rule rewrite": [], "follow-up, decoder rewrite": []}

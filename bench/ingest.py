@@ -41,7 +41,7 @@ from ingest.job import IngestJob, embed_window  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
 from rag.store import Store  # noqa: E402
-from rag.types import Chunk  # noqa: E402
+from rag.types import ALL_COLLECTIONS, Chunk  # noqa: E402
 
 DEFAULT_CORPORA = ["usgov-pdfs/ntsb", "httpx-docs/docs"]
 SCRATCH = Path("/tmp/helper_bench")
@@ -117,7 +117,7 @@ def read_chunks(index_dir: Path) -> list[Chunk]:
     """The chunks in index order (files in the order the job embedded them)."""
     store = Store.open(index_dir)
     try:
-        return list(store.iter_chunks())
+        return list(store.iter_chunks(collection=ALL_COLLECTIONS))
     finally:
         store.close()
 

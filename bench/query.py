@@ -53,7 +53,8 @@ def main() -> None:
         started = time.perf_counter()
         embedder.encode_query(item.question)
         embedded = time.perf_counter()
-        hits = retriever.retrieve(item.question, settings.answer_chunks)  # embeds the query again, as an answer does
+        # embeds the query again, as an answer does
+        hits = retriever.retrieve(item.question, settings.answer_chunks, collection=settings.collection)
         retrieved = time.perf_counter()
         prompt = builder.build(item.question, hits, PromptMode.RAG)
         built = time.perf_counter()

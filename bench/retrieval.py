@@ -104,7 +104,7 @@ def headers(k: int) -> list[str]:
 
 def compare_lexical_engines(retriever: Retriever, dataset: Dataset, k: int) -> None:
     store = retriever.store
-    chunks = list(store.iter_chunks())
+    chunks = list(store.iter_chunks(collection=DEFAULT_COLLECTION))
     before = bm25s_index().build([chunk.id for chunk in chunks], [chunk.indexed_text for chunk in chunks])
     lexical = store.lexical
     rows = []

@@ -258,7 +258,7 @@ class Evaluator:
         """The row with its answer re-quoted from the cached raw output and its scores."""
         source_ids = row["source_ids"]  # every cached row has them: rows from before carry another fingerprint
         store = self.pipeline.retriever.store
-        chunk_texts = ({chunk.id: chunk.text for chunk in store.get(source_ids, self.config.collection)}
+        chunk_texts = ({chunk.id: chunk.text for chunk in store.get(source_ids, collection=self.config.collection)}
                        if source_ids else {})
         answer = row["answer"]
         if source_ids and not item.choices and "don't know" not in row["raw_answer"].lower():

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from rag.config import Settings
 from rag.errors import NotFoundError
 from rag.store import CompactionInfo, DocumentRecord, begin_store, open_store
+from rag.types import ALL_COLLECTIONS
 
 
 # A document as `rag documents list --json` and GET /v1/documents show it: the record without what only ingestion
@@ -24,7 +25,8 @@ LISTED_FIELDS = ("doc_id", "collection", "source", "content_hash", "size", "chun
 
 
 def listed(record: DocumentRecord) -> dict:
-    return {name: getattr(record, name) for name in LISTED_FIELDS}
+    """A document as users and API clients see it: `source` is its name, never its path on the server."""
+    return {name: record.name if name == "source" else getattr(record, name) for name in LISTED_FIELDS}
 
 
 class DocumentNotFoundError(NotFoundError):
@@ -51,17 +53,17 @@ class Index:
         """Pick up commits and compactions made since (by this or another process); True when there were any."""
         return self.store.refresh()
 
-    def documents(self, collection: str | None) -> list[DocumentRecord]:
-        return sorted(self.store.documents(collection).values(), key=lambda record: record.source)
+    def documents(self, collection: str) -> list[DocumentRecord]:
+        return sorted(self.store.documents(collection=collection).values(), key=lambda record: record.source)
 
-    def document(self, doc_id: str, collection: str | None) -> DocumentRecord:
-        record = self.store.document(doc_id, collection)
+    def document(self, doc_id: str, collection: str) -> DocumentRecord:
+        record = self.store.document(doc_id, collection=collection)
         if record is None:
-            raise DocumentNotFoundError(f"No document '{doc_id[:64]}' in collection '{collection}'."
-                                        if collection else f"No document '{doc_id[:64]}' in the index.")
+            raise DocumentNotFoundError(f"No document '{doc_id[:64]}' in the index." if collection == ALL_COLLECTIONS
+                                        else f"No document '{doc_id[:64]}' in collection '{collection}'.")
         return record
 
-    def delete(self, doc_id: str, collection: str | None) -> DocumentRecord:
+    def delete(self, doc_id: str, collection: str) -> DocumentRecord:
         """Remove one document of the collection (its rows at once, its vectors as tombstones until compaction)."""
         record = self.document(doc_id, collection)
         manifest = self.store.manifest
@@ -84,7 +86,7 @@ class Index:
     def stats(self) -> dict:
         """The manifest, counts, collections and the backend's detail (segments, bytes on disk); the same fields for
         `rag index stats --json` and the API."""
-        return {**asdict(self.store.manifest), "counts": self.store.counts(),
+        return {**asdict(self.store.manifest), "counts": self.store.counts(collection=ALL_COLLECTIONS),
                 "collections": self.store.collections(), **self.store.stats()}
 
     def close(self) -> None:

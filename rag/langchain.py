@@ -8,20 +8,24 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
+from rag.config import DEFAULT_SEARCH_RESULTS
+
 
 class LangChainRetriever(BaseRetriever):
-    """`Retriever.as_langchain()`; each Document's metadata carries source, page, chunk id, score and rank."""
+    """`Retriever.as_langchain(collection)`; each Document's metadata carries source, page, chunk id, score and rank.
+    It searches one collection, named when it is made: there is no default that could widen it."""
 
     retriever: Any
-    k: int = 5
+    collection: str
+    k: int = DEFAULT_SEARCH_RESULTS
     kind: str = "hybrid"
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
         return [
             Document(
                 page_content=hit.chunk.text,
-                metadata={"source": hit.chunk.source, "page": hit.chunk.page, "heading": hit.chunk.heading,
+                metadata={"source": hit.chunk.name, "page": hit.chunk.page, "heading": hit.chunk.heading,
                           "chunk_id": hit.chunk.id, "score": hit.score, "rank": hit.rank, "retriever": hit.retriever},
             )
-            for hit in self.retriever.retrieve(query, self.k, self.kind)
+            for hit in self.retriever.retrieve(query, self.k, self.kind, collection=self.collection)
         ]

@@ -65,7 +65,7 @@ class AnswerRequest:
     choices: tuple[str, ...] | None = None
     extract: bool = True
     history: tuple[Turn, ...] = ()
-    collection: str | None = None  # None: Settings.collection
+    collection: str | None = None  # None: Settings.collection (a name: a request never reads every collection)
 
     def __post_init__(self) -> None:
         if not isinstance(self.question, str) or not self.question.strip():
@@ -149,7 +149,7 @@ def quoted(match: SpanMatch) -> str:
 def _citation(number: int, hit: ScoredChunk, snippet: str | None = None) -> Citation:
     chunk = hit.chunk
     text = snippet or (chunk.text if len(chunk.text) <= 240 else chunk.text[:240] + "…")
-    return Citation(number, chunk.id, chunk.source, chunk.page, chunk.heading, text)
+    return Citation(number, chunk.id, chunk.name, chunk.page, chunk.heading, text)
 
 
 class Pipeline:
@@ -216,10 +216,12 @@ class Pipeline:
         if path.retrieves:  # first: a missing index is reported before seconds are spent loading a decoder
             started = time.perf_counter()
             searched = self.standalone(request.history, request.question)
+            collection = request.collection or self.settings.collection
             hits = self.retriever.retrieve(searched, request.k or self.settings.answer_chunks, request.retriever,
-                                           request.source, request.collection or self.settings.collection)
+                                           request.source, collection=collection)
             if not request.choices:
-                features = answerability_features(searched, hits, self.retriever.similarities(searched, hits))
+                similarities = self.retriever.similarities(searched, hits, collection=collection)
+                features = answerability_features(searched, hits, similarities)
                 answerability = self.answerability_model.assess(features, self.settings.answerable_threshold)
             timings["retrieve_ms"] = (time.perf_counter() - started) * 1000
         generator = self.generator_for(path)

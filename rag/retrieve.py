@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from rag.config import DEFAULT_SEARCH_RESULTS
 from rag.embed import Embedder
 from rag.store import Store
 from rag.errors import UserError
@@ -100,7 +101,8 @@ class Retriever:
     """Finds the chunks most relevant to a question.
 
     >>> retriever = Retriever(Store.open("rag-index"), Embedder())  # doctest: +SKIP
-    >>> [hit.chunk.source for hit in retriever.retrieve("How do I set a timeout?", k=3)]  # doctest: +SKIP
+    >>> [hit.chunk.source for hit in retriever.retrieve("How do I set a timeout?", 3, collection="default")]
+    ... # doctest: +SKIP
     """
 
     def __init__(self, store: Store, embedder: Embedder, kind: RetrieverKind | str = RetrieverKind.HYBRID,
@@ -111,36 +113,36 @@ class Retriever:
         self.kind = RetrieverKind.parse(kind)
         self.candidates = candidates  # per retriever, before fusion
 
-    def retrieve(self, query: str, k: int = 5, kind: RetrieverKind | str | None = None,
-                 source: str | None = None, collection: str | None = None) -> list[ScoredChunk]:
-        """Top `k` chunks. `source` is a glob on the document path (e.g. '*.pdf' or 'docs/advanced/*'); `collection`
-        scopes every store query to one collection (None: the whole index)."""
+    def retrieve(self, query: str, k: int, kind: RetrieverKind | str | None = None,
+                 source: str | None = None, *, collection: str) -> list[ScoredChunk]:
+        """Top `k` chunks of one collection (every store query is scoped to it; `ALL_COLLECTIONS` only for
+        maintenance code). `source` is a glob on the document path (e.g. '*.pdf' or 'docs/advanced/*')."""
         if not query.strip():
             raise UserError("The query is empty.")
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         kind = RetrieverKind.parse(kind or self.kind)
-        allowed = self.store.ids_with_source(source, collection) if source else None
+        allowed = self.store.ids_with_source(source, collection=collection) if source else None
         depth = max(k, self.candidates) if kind is RetrieverKind.HYBRID else k
 
         results: dict[str, list[tuple[int, float]]] = {}
         keyword = None
         if kind is RetrieverKind.HYBRID:
-            keyword = _KEYWORD_LEGS.submit(self.store.lexical, query, depth, allowed, collection)
+            keyword = _KEYWORD_LEGS.submit(self.store.lexical, query, depth, allowed, collection=collection)
         if kind in (RetrieverKind.DENSE, RetrieverKind.HYBRID):
             results["dense"] = self._dense(query, depth, allowed, collection)
         if kind is RetrieverKind.BM25:
-            results["bm25"] = self.store.lexical(query, depth, allowed, collection)
+            results["bm25"] = self.store.lexical(query, depth, allowed, collection=collection)
         elif keyword is not None:
             results["bm25"] = keyword.result()
 
         if kind is RetrieverKind.HYBRID:
             ranked = reciprocal_rank_fusion({name: [id_ for id_, _ in hits] for name, hits in results.items()})
-            chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection)}
+            chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection=collection)}
             ranked = one_per_page_first(self._with_documents(query, ranked, chunks), chunks)[:k]
         else:
             ranked = results[kind.value][:k]
-            chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection)}
+            chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection=collection)}
         per_retriever = {name: dict(hits) for name, hits in results.items()}
         return [
             ScoredChunk(chunks[id_], score, rank, kind.value,
@@ -168,27 +170,28 @@ class Retriever:
                     for id_, score in fused]
         return sorted(rescored, key=lambda pair: (-pair[1], pair[0]))
 
-    def similarities(self, query: str, hits: list[ScoredChunk]) -> list[float]:
+    def similarities(self, query: str, hits: list[ScoredChunk], *, collection: str) -> list[float]:
         """Cosine similarity of the query to each hit: the dense leg's score where it found the hit, else embedded
         now (a BM25-only hit, or the BM25 retriever)."""
         missing = [hit for hit in hits if "dense" not in hit.scores]
         computed = {}
         if missing:
             sizes = {doc_id: record.chunk_count for doc_id in {hit.chunk.doc_id for hit in missing}
-                     if (record := self.store.document(doc_id)) is not None}
+                     if (record := self.store.document(doc_id, collection=collection)) is not None}
             vectors = self.embedder.encode_chunks([hit.chunk for hit in missing], sizes, at_query_time=True)
             query_vector = self.embedder.encode_query(query)
             computed = {id(hit): float(query_vector @ vector) for hit, vector in zip(missing, vectors)}
         return [hit.scores["dense"] if "dense" in hit.scores else computed[id(hit)] for hit in hits]
 
     def _dense(self, query: str, k: int, allowed: np.ndarray | None,
-               collection: str | None) -> list[tuple[int, float]]:
+               collection: str) -> list[tuple[int, float]]:
         if allowed is not None and not len(allowed):
             return []
-        return self.store.dense(self.embedder.encode_query(query), k, allowed, collection)
+        return self.store.dense(self.embedder.encode_query(query), k, allowed, collection=collection)
 
-    def as_langchain(self, k: int = 5, kind: RetrieverKind | str | None = None):
-        """This retriever as a LangChain `BaseRetriever`, for use inside LangChain chains."""
+    def as_langchain(self, collection: str, k: int = DEFAULT_SEARCH_RESULTS, kind: RetrieverKind | str | None = None):
+        """This retriever as a LangChain `BaseRetriever` over one collection, for use inside LangChain chains."""
         from rag.langchain import LangChainRetriever
 
-        return LangChainRetriever(retriever=self, k=k, kind=RetrieverKind.parse(kind or self.kind).value)
+        return LangChainRetriever(retriever=self, collection=collection, k=k,
+                                  kind=RetrieverKind.parse(kind or self.kind).value)

@@ -72,7 +72,23 @@ class RetrieverKind(Choice, label="retriever"):
     HYBRID = "hybrid"
 
 
-ALL_COLLECTIONS = "*"  # the scope of an API key that may use every collection
+# Every collection: the scope of an API key that may use them all, and of maintenance reads (statistics,
+# compaction, the operator's `rag info`). A read must name it; nothing means "everything" by omission.
+ALL_COLLECTIONS = "*"
+
+
+def collection_filter(collection: str) -> str | None:
+    """The one collection a store read is limited to, or None for `ALL_COLLECTIONS`.
+
+    A read without a scope is refused instead of read as "every collection": one forgotten argument would otherwise
+    be a leak between tenants.
+
+    >>> collection_filter("finance"), collection_filter(ALL_COLLECTIONS)
+    ('finance', None)
+    """
+    if collection is None:
+        raise TypeError("A store read needs an explicit collection: a name, or ALL_COLLECTIONS (maintenance only).")
+    return None if collection == ALL_COLLECTIONS else check_collection(collection)
 
 
 class Role(Choice, label="role"):
@@ -97,7 +113,7 @@ class Chunk:
     doc_id: str
     ordinal: int  # position within its document
     text: str
-    source: str  # path of the document
+    source: str  # the document's path on the server: its identity in the index, never shown to users
     page: int | None = None
     heading: str | None = None
     element_type: str | None = None
@@ -108,6 +124,8 @@ class Chunk:
     # "three months ended"): a line with the document's card (title, issuer, period), then one with its section and
     # page. Indexed with the text and embedded beside it (`Embedder.encode_chunks`), not quoted.
     context: str = ""
+    # What users and API clients are shown for `source`: its document's `DocumentRecord.name`, filled in by the store.
+    name: str = ""
 
     @property
     def document_card(self) -> str:
@@ -138,7 +156,7 @@ class Chunk:
 
     @property
     def location(self) -> str:
-        parts = [self.source]
+        parts = [self.name or self.source]
         if self.page is not None:
             parts.append(page_label(self.page))
         if self.heading:
@@ -163,5 +181,5 @@ class ScoredChunk:
         """A search hit as JSON: each hit of `rag search --json` and of POST /v1/search."""
         chunk = self.chunk
         return {"rank": self.rank, "score": round(self.score, 6), "chunk_id": chunk.id, "doc_id": chunk.doc_id,
-                "source": chunk.source, "page": chunk.page, "heading": chunk.heading, "text": chunk.text,
+                "source": chunk.name, "page": chunk.page, "heading": chunk.heading, "text": chunk.text,
                 "scores": {name: round(score, 6) for name, score in self.scores.items()}}

@@ -154,8 +154,8 @@ def world(store_options, embedder, generator, tmp_path_factory):
         world.job_ids[ALPHA] = "0" * 32  # alpha has no job: its marker is one no response contains
         reader = open_store(settings)  # what each collection holds, from the store itself, not the routes on trial
         for collection in (ALPHA, BRAVO):
-            world.doc_ids[collection] = list(reader.documents(collection))
-            world.chunk_ids[collection] = [chunk.id for chunk in reader.iter_chunks(collection)]
+            world.doc_ids[collection] = list(reader.documents(collection=collection))
+            world.chunk_ids[collection] = [chunk.id for chunk in reader.iter_chunks(collection=collection)]
             world.reports[collection] = f"{collection}-eval"
         reader.close()
         assert len(world.doc_ids[ALPHA]) == 2 and len(world.doc_ids[BRAVO]) == 3 and all(world.chunk_ids.values())

@@ -16,6 +16,7 @@ import pytest
 
 from rag.store import Store
 from rag.store.jobs import JobLog
+from rag.types import ALL_COLLECTIONS
 from tests.conftest import free_port
 from tests.test_api import api_base_index  # noqa: F401  (fixture re-exported)
 
@@ -84,10 +85,10 @@ def test_accepted_uploads_survive_sigkill_of_the_server(tmp_path, api_base_index
         server.send_signal(signal.SIGTERM)
         server.wait(60)
     store = Store.open(index)
-    sources = [Path(record.source).name for record in store.documents().values()]
+    sources = [Path(record.source).name for record in store.documents(collection=ALL_COLLECTIONS).values()]
     assert sorted(name for name in sources if name in ("numbat.md", "bilby.md")) == ["bilby.md", "numbat.md"]
-    counts = store.counts()
-    assert counts["chunks"] == counts["vectors"] == sum(r.chunk_count for r in store.documents().values())
+    counts = store.counts(collection=ALL_COLLECTIONS)
+    assert counts["chunks"] == counts["vectors"] == sum(r.chunk_count for r in store.documents(collection=ALL_COLLECTIONS).values())
     assert not list((index / "uploads" / ".incoming").glob("*/*"))  # every accepted file reached the upload area
 
 

@@ -7,6 +7,7 @@ from rag.config import Settings
 from rag.generation import GenerationParams, NoAdapterConfigured
 from rag.pipeline import AnswerPath, Pipeline
 from rag.store import IndexNotFoundError, Store
+from rag.types import ALL_COLLECTIONS
 from tests.conftest import CORPUS
 
 pytestmark = pytest.mark.slow
@@ -32,12 +33,12 @@ def test_rag_answer_cites_real_chunks(pipeline):
     assert answer.citations, answer
     store = pipeline.retriever.store
     # The words the 135M model picks vary with the CPU's float kernels; the context it is given does not.
-    assert "5 seconds" in store.get([answer.sources[0].chunk_id])[0].text
+    assert "5 seconds" in store.get([answer.sources[0].chunk_id], collection=ALL_COLLECTIONS)[0].text
     for citation in answer.citations + answer.sources:
-        (chunk,) = store.get([citation.chunk_id])
-        assert chunk.source == citation.source and citation.number >= 1
+        (chunk,) = store.get([citation.chunk_id], collection=ALL_COLLECTIONS)
+        assert chunk.name == citation.source and citation.number >= 1  # a name, not a server path
     cited = answer.citations[0]
-    assert cited.snippet in store.get([cited.chunk_id])[0].text  # an aligned answer quotes its source exactly
+    assert cited.snippet in store.get([cited.chunk_id], collection=ALL_COLLECTIONS)[0].text  # an aligned answer quotes its source exactly
     assert {"retrieve_ms", "prompt_ms", "generate_ms", "tokens_per_second"} <= set(answer.timings)
     assert answer.usage["prompt_tokens"] > 50 and answer.usage["completion_tokens"] >= 1
 

@@ -1,13 +1,16 @@
 """Hybrid retrieval over the shipped corpus: fusion, filters, keyword queries, the LangChain adapter."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 import rag.store.embedded
 from ingest.job import IngestJob
 from rag.retrieve import Retriever, RetrieverKind, one_per_page_first, reciprocal_rank_fusion, score_documents
 from rag.store import Store
-from rag.types import LONG_DOCUMENT_CHUNKS, Chunk
-from tests.conftest import CORPUS
+from rag.types import ALL_COLLECTIONS, DEFAULT_COLLECTION, LONG_DOCUMENT_CHUNKS, Chunk
+from tests.conftest import CORPUS, COSINE_TOLERANCE
 
 # Queries dominated by identifiers, where exact terms matter more than meaning; each with the file that holds it.
 KEYWORD_QUERIES = [
@@ -41,7 +44,7 @@ def retriever(httpx_index, embedder):
 def _mrr(retriever, kind, k=5):
     total = 0.0
     for query, expected in KEYWORD_QUERIES:
-        hits = retriever.retrieve(query, k, kind)
+        hits = retriever.retrieve(query, k, kind, collection=DEFAULT_COLLECTION)
         total += next((1 / hit.rank for hit in hits if hit.chunk.source.endswith(expected)), 0.0)
     return total / len(KEYWORD_QUERIES)
 
@@ -53,27 +56,27 @@ def test_hybrid_beats_or_equals_dense_on_keyword_queries(retriever):
 
 
 def test_hits_carry_score_rank_and_retriever(retriever):
-    hits = retriever.retrieve("How do I set a timeout on a client?", 4, "hybrid")
+    hits = retriever.retrieve("How do I set a timeout on a client?", 4, "hybrid", collection=DEFAULT_COLLECTION)
     assert [hit.rank for hit in hits] == [1, 2, 3, 4]
     assert all(hit.retriever == "hybrid" and hit.scores for hit in hits)
     assert hits[0].score >= hits[-1].score
     assert hits[0].chunk.source.endswith("timeouts.md")
-    dense = retriever.retrieve("How do I set a timeout on a client?", 2, "dense")
+    dense = retriever.retrieve("How do I set a timeout on a client?", 2, "dense", collection=DEFAULT_COLLECTION)
     assert all(set(hit.scores) == {"dense"} and hit.retriever == "dense" for hit in dense)
 
 
 def test_source_glob_filter_restricts_every_retriever(retriever):
     for kind in RetrieverKind:
-        hits = retriever.retrieve("client timeout", 5, kind, source="advanced/*")
+        hits = retriever.retrieve("client timeout", 5, kind, source="advanced/*", collection=DEFAULT_COLLECTION)
         assert hits and all("/advanced/" in hit.chunk.source for hit in hits)
-    assert retriever.retrieve("client", 5, "hybrid", source="*.nothing") == []
+    assert retriever.retrieve("client", 5, "hybrid", source="*.nothing", collection=DEFAULT_COLLECTION) == []
 
 
 def test_unknown_retriever_and_bad_k_are_clear_errors(retriever):
     with pytest.raises(ValueError, match=r"Unknown retriever 'fuzzy'. Supported: \['dense', 'bm25', 'hybrid'\]"):
-        retriever.retrieve("x", 3, "fuzzy")
+        retriever.retrieve("x", 3, "fuzzy", collection=DEFAULT_COLLECTION)
     with pytest.raises(ValueError, match="k must be at least 1"):
-        retriever.retrieve("x", 0)
+        retriever.retrieve("x", 0, collection=DEFAULT_COLLECTION)
 
 
 def test_reciprocal_rank_fusion_rewards_agreement():
@@ -132,11 +135,15 @@ def test_langchain_adapter_is_a_base_retriever(retriever):
     from langchain_core.retrievers import BaseRetriever
     from langchain_core.runnables import RunnableLambda
 
-    adapter = retriever.as_langchain(k=2)
+    adapter = retriever.as_langchain(DEFAULT_COLLECTION, k=2)
     assert isinstance(adapter, BaseRetriever)
     chain = adapter | RunnableLambda(lambda docs: [doc.metadata["source"] for doc in docs])
     sources = chain.invoke("configure proxies with environment variables")
     assert len(sources) == 2 and all(source.endswith(".md") for source in sources)
+    # Scoped like every read: another collection's retriever finds none of these, and none is made without one.
+    assert retriever.as_langchain("another-team", k=2).invoke("configure proxies with environment variables") == []
+    with pytest.raises(TypeError):
+        retriever.as_langchain(k=2)
 
 
 def test_large_index_switches_to_ann_and_finds_the_same_top_hit(docs_dir, settings, embedder, monkeypatch):
@@ -144,7 +151,7 @@ def test_large_index_switches_to_ann_and_finds_the_same_top_hit(docs_dir, settin
     IngestJob(settings, embedder).run(docs_dir)
     store = Store.open(settings.index_dir)
     assert store.manifest.index_type.startswith("IDMap2,IVF")
-    hnsw_top = Retriever(store, embedder).retrieve("set a default timeout on a client", 1, "dense")[0]
+    hnsw_top = Retriever(store, embedder).retrieve("set a default timeout on a client", 1, "dense", collection=DEFAULT_COLLECTION)[0]
     assert hnsw_top.chunk.source.endswith("timeouts.md")
 
 
@@ -171,14 +178,40 @@ def test_a_chunks_vector_carries_its_context_and_each_text_is_embedded_once(embe
     assert question @ vectors[0] > question @ text_only
 
 
-def test_a_bm25_hits_similarity_is_that_of_the_vector_the_index_holds(retriever):
-    query = "client timeout"
-    lexical = retriever.retrieve(query, 6, "bm25")
-    dense = {hit.chunk.id: hit.scores["dense"] for hit in retriever.retrieve(query, 400, "dense")}
+@pytest.fixture(scope="module", params=["fp32", "auto"])
+def small_index(request, tmp_path_factory):
+    """Four httpx pages (short and long documents) embedded at a forced and at this machine's own precision."""
+    from rag.config import Settings
+    from rag.embed import Embedder
+
+    docs = tmp_path_factory.mktemp("pages")
+    for page in ("advanced/timeouts.md", "advanced/clients.md", "quickstart.md", "async.md"):
+        shutil.copy(CORPUS / "httpx" / page, docs / Path(page).name)
+    embedder = Embedder(device="cpu", precision=request.param)
+    settings = Settings(index_dir=docs.parent / f"index-{request.param}", parse_workers=1,
+                        embedding_precision=request.param)
+    IngestJob(settings, embedder).run(docs)
+    return Retriever(Store.open(settings.index_dir, embedder.name), embedder)
+
+
+def test_a_bm25_hits_similarity_is_that_of_the_vector_the_index_holds(small_index):
+    retriever, embedder, query = small_index, small_index.embedder, "client timeout"
+    lexical = retriever.retrieve(query, 8, "bm25", collection=DEFAULT_COLLECTION)
+    dense = {hit.chunk.id: hit.scores["dense"]
+             for hit in retriever.retrieve(query, 400, "dense", collection=DEFAULT_COLLECTION)}
     assert lexical and all(hit.chunk.id in dense for hit in lexical)
-    sizes = {retriever.store.document(hit.chunk.doc_id).chunk_count for hit in lexical}
-    assert min(sizes) < LONG_DOCUMENT_CHUNKS <= max(sizes)
+    sizes = {hit.chunk.doc_id: retriever.store.document(hit.chunk.doc_id, collection=DEFAULT_COLLECTION).chunk_count
+             for hit in lexical}
+    assert min(sizes.values()) < LONG_DOCUMENT_CHUNKS <= max(sizes.values())
     # Embedded now, the way ingestion embedded it (short and long documents alike): the same cosine, but for the
-    # rounding of other batches (bf16 where the CPU has it).
-    for hit, similarity in zip(lexical, retriever.similarities(query, lexical)):
-        assert abs(similarity - dense[hit.chunk.id]) < 3e-3
+    # rounding of other batches at this precision...
+    tolerance = COSINE_TOLERANCE[embedder.precision]
+    similarities = retriever.similarities(query, lexical, collection=DEFAULT_COLLECTION)
+    assert all(abs(similarity - dense[hit.chunk.id]) < tolerance for hit, similarity in zip(lexical, similarities))
+    # ... which is well below what embedding them the other way (long documents in one input, short ones apart)
+    # would change, so the tolerance does not hide that mistake.
+    swapped = {doc_id: 1 if size >= LONG_DOCUMENT_CHUNKS else LONG_DOCUMENT_CHUNKS for doc_id, size in sizes.items()}
+    other_way = embedder.encode_chunks([hit.chunk for hit in lexical], swapped, at_query_time=True)
+    question = embedder.encode_queries([query])[0]
+    assert max(abs(float(question @ vector) - dense[hit.chunk.id]) for hit, vector in zip(lexical, other_way)) \
+        > 2 * tolerance

@@ -18,6 +18,7 @@ import pytest
 
 import rag.store.embedded
 from rag.store import DocumentRecord, IndexMismatchError, Store, compact
+from rag.types import ALL_COLLECTIONS
 from tests import store_writer as w
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,19 +38,19 @@ def _run(action: str, index: Path, crash_at: str | None = None) -> int:
 def assert_holds_exactly(index: Path, docs: set[int]) -> None:
     """Opens, answers, and holds each of `docs` exactly once (rows, vectors, postings), and nothing else."""
     store = Store.open(index, w.MODEL, w.DIMENSION)
-    assert {record.doc_id for record in store.documents().values()} == {w.doc_id(d) for d in docs}
-    counts = store.counts()
+    assert {record.doc_id for record in store.documents(collection=ALL_COLLECTIONS).values()} == {w.doc_id(d) for d in docs}
+    counts = store.counts(collection=ALL_COLLECTIONS)
     assert counts == {"documents": len(docs), "chunks": len(docs) * w.CHUNKS_PER_DOC,
                       "vectors": len(docs) * w.CHUNKS_PER_DOC}
     assert len(store) == counts["vectors"]
-    everything = store.dense(w.vector(0, 0), k=1000)
+    everything = store.dense(w.vector(0, 0), k=1000, collection=ALL_COLLECTIONS)
     assert len(everything) == counts["chunks"]  # every live vector once, no tombstoned one
-    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in everything])} == {w.doc_id(d) for d in docs}
+    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in everything], collection=ALL_COLLECTIONS)} == {w.doc_id(d) for d in docs}
     for doc in docs:
-        (top_id, score), *_ = store.dense(w.vector(doc, 1), k=3)
-        assert store.get([top_id])[0].doc_id == w.doc_id(doc) and score == pytest.approx(1.0, abs=1e-5)
-        hits = store.lexical(f"zebra{doc}", k=10)
-        assert sorted(chunk.ordinal for chunk in store.get([id_ for id_, _ in hits])) == [0, 1, 2]
+        (top_id, score), *_ = store.dense(w.vector(doc, 1), k=3, collection=ALL_COLLECTIONS)
+        assert store.get([top_id], collection=ALL_COLLECTIONS)[0].doc_id == w.doc_id(doc) and score == pytest.approx(1.0, abs=1e-5)
+        hits = store.lexical(f"zebra{doc}", k=10, collection=ALL_COLLECTIONS)
+        assert sorted(chunk.ordinal for chunk in store.get([id_ for id_, _ in hits], collection=ALL_COLLECTIONS)) == [0, 1, 2]
     store.close()
 
 
@@ -71,8 +72,8 @@ def test_commits_add_segments_and_deletions_are_tombstones(tmp_path):
     manifest = store.manifest
     assert (manifest.segments, manifest.tombstones, manifest.generation) == (2, 3, 3)
     deleted = w.doc_id(next(iter(w.SEED_DELETED)))
-    assert not [id_ for id_, _ in store.dense(w.vector(1, 0), 100) if store.get([id_])[0].doc_id == deleted]
-    assert store.lexical("zebra1", 10) == []
+    assert not [id_ for id_, _ in store.dense(w.vector(1, 0), 100, collection=ALL_COLLECTIONS) if store.get([id_], collection=ALL_COLLECTIONS)[0].doc_id == deleted]
+    assert store.lexical("zebra1", 10, collection=ALL_COLLECTIONS) == []
     assert_holds_exactly(index, SEEDED)
 
     info = compact(index)
@@ -89,7 +90,7 @@ def test_buffered_changes_are_invisible_until_commit_and_gone_on_abort(tmp_path)
     writer = Store.begin(index, w.MODEL, w.DIMENSION, w.CHUNKING)
     writer.add_document(*w.document(50))
     writer.delete([w.doc_id(0)])
-    assert reader.counts()["documents"] == len(SEEDED)
+    assert reader.counts(collection=ALL_COLLECTIONS)["documents"] == len(SEEDED)
     writer.abort()
     assert_holds_exactly(index, SEEDED)
     with pytest.raises(IndexMismatchError, match="test-model"):
@@ -157,7 +158,7 @@ def test_reader_sees_every_document_while_another_process_compacts(tmp_path):
     def read_loop() -> None:
         while not stop.is_set():
             reader.refresh()
-            found = {reader.get([id_])[0].doc_id for id_, _ in reader.dense(w.vector(0, 0), 1000)}
+            found = {reader.get([id_], collection=ALL_COLLECTIONS)[0].doc_id for id_, _ in reader.dense(w.vector(0, 0), 1000, collection=ALL_COLLECTIONS)}
             if found != {w.doc_id(d) for d in live}:
                 failures.append(len(found))
             rounds[0] += 1
@@ -193,7 +194,7 @@ def _write_snapshot_format(index: Path) -> None:
     for doc in SEEDED:
         record, chunks, vectors = w.document(doc)
         db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(record.__getattribute__(f)
-                   for f in record.__dataclass_fields__ if f not in ("collection", "warnings")))  # format 1's
+                   for f in record.__dataclass_fields__ if f not in ("collection", "warnings", "name")))  # format 1's
         ids = [db.execute("INSERT INTO chunks (doc_id, ordinal, text, source, tokens, hash) VALUES (?, ?, ?, ?, 0, '')",
                           (c.doc_id, c.ordinal, c.text, c.source)).lastrowid for c in chunks]
         flat.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
@@ -253,7 +254,7 @@ def test_cli_documents_and_index_commands(tmp_path):
     assert {d["doc_id"] for d in listed["documents"]} == {w.doc_id(d) for d in SEEDED}
     assert listed["counts"]["documents"] == len(SEEDED) and listed["snapshot"]
     deleted = cli.invoke(app, ["documents", "delete", w.doc_id(0), "--index", str(index), "--json"])
-    assert json.loads(deleted.stdout) == {"doc_id": w.doc_id(0), "source": "/docs/file0.md", "deleted": True}
+    assert json.loads(deleted.stdout) == {"doc_id": w.doc_id(0), "source": "file0.md", "deleted": True}  # its name
     assert cli.invoke(app, ["documents", "delete", w.doc_id(0), "--index", str(index)]).exit_code == 3
     stats = json.loads(cli.invoke(app, ["index", "stats", "--index", str(index), "--json"]).stdout)
     assert stats["tombstones"] == 2 * w.CHUNKS_PER_DOC and stats["segments"] == 2
@@ -269,14 +270,14 @@ def test_an_index_from_before_document_warnings_is_upgraded_by_its_first_reader(
         db.execute("ALTER TABLE documents DROP COLUMN warnings")
     assert_holds_exactly(index, {0, 1})
     store = Store.open(index)
-    assert [record.warnings for record in store.documents().values()] == [(), ()]
+    assert [record.warnings for record in store.documents(collection=ALL_COLLECTIONS).values()] == [(), ()]
     store.close()
     record, chunks, vectors = w.document(2)
     writer = Store.begin(index, w.MODEL, w.DIMENSION, w.CHUNKING)
     writer.add_document(replace(record, warnings=("1 of 3 pages are page-sized images ...: page 2",)), chunks, vectors)
     writer.commit()
     store = Store.open(index)
-    assert store.document(w.doc_id(2)).warnings == ("1 of 3 pages are page-sized images ...: page 2",)
+    assert store.document(w.doc_id(2), collection=ALL_COLLECTIONS).warnings == ("1 of 3 pages are page-sized images ...: page 2",)
     store.close()
 
 
@@ -297,7 +298,7 @@ def test_an_index_from_before_collections_is_upgraded_in_place_and_then_holds_co
             ALTER TABLE chunks DROP COLUMN collection;""")
     assert_holds_exactly(index, {0, 1})  # a reader upgrades it; every document is in the default collection
     store = Store.open(index)
-    assert store.collections() == {"default": 2} and store.counts("default")["chunks"] == 2 * w.CHUNKS_PER_DOC
+    assert store.collections() == {"default": 2} and store.counts(collection="default")["chunks"] == 2 * w.CHUNKS_PER_DOC
     store.close()
 
     record, chunks, vectors = w.document(0)  # the same file again, in another collection: a second document
@@ -309,11 +310,11 @@ def test_an_index_from_before_collections_is_upgraded_in_place_and_then_holds_co
     store = Store.open(index)
     assert store.collections() == {"default": 2, "other": 1}
     top = store.dense(w.vector(0, 1), k=10, collection="other")
-    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in top])} == {"doc-other"}
-    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in top], "default")} == set()
-    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in store.lexical("zebra0", 10, collection="default")])
-            } == {w.doc_id(0)}
-    assert store.counts("other") == {"documents": 1, "chunks": w.CHUNKS_PER_DOC, "vectors": w.CHUNKS_PER_DOC}
-    assert list(store.documents("other")) == ["doc-other"] and store.document(w.doc_id(0), "other") is None
-    assert len(store.ids_with_source("file0.md", "other")) == w.CHUNKS_PER_DOC
+    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in top], collection=ALL_COLLECTIONS)} == {"doc-other"}
+    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in top], collection="default")} == set()
+    lexical = store.lexical("zebra0", 10, collection="default")
+    assert {chunk.doc_id for chunk in store.get([id_ for id_, _ in lexical], collection=ALL_COLLECTIONS)} == {w.doc_id(0)}
+    assert store.counts(collection="other") == {"documents": 1, "chunks": w.CHUNKS_PER_DOC, "vectors": w.CHUNKS_PER_DOC}
+    assert list(store.documents(collection="other")) == ["doc-other"] and store.document(w.doc_id(0), collection="other") is None
+    assert len(store.ids_with_source("file0.md", collection="other")) == w.CHUNKS_PER_DOC
     store.close()

@@ -6,6 +6,7 @@ concurrent writers, migrations, an unreachable database."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import threading
 
@@ -16,11 +17,11 @@ from psycopg.conninfo import conninfo_to_dict
 
 from rag.config import Settings
 from rag.errors import UnavailableError
-from rag.store.base import DocumentRecord, IndexMismatchError, IndexNotFoundError
+from rag.store.base import DocumentRecord, IndexMismatchError, IndexNotFoundError, Store
 from rag.store.embedded import EmbeddedStore
 from rag.store.pg_schema import MIGRATIONS, migrate, schema_version
 from rag.store.postgres import PostgresStore
-from rag.types import Chunk
+from rag.types import ALL_COLLECTIONS, Chunk
 from tests.conftest import free_port
 
 MODEL, DIMENSION, CHUNKING = "test-model", 16, {"chunk_tokens": 50}
@@ -99,26 +100,26 @@ def test_committed_documents_are_found_by_every_read(backend):
     assert writer.commit().chunks_added == 4
 
     store = backend.open()
-    assert store.counts() == {"documents": 2, "chunks": 4, "vectors": 4}
+    assert store.counts(collection=ALL_COLLECTIONS) == {"documents": 2, "chunks": 4, "vectors": 4}
     assert store.manifest.embedding_model == MODEL and store.manifest.dimension == DIMENSION
-    by_text = {chunk.text: chunk for chunk in store.iter_chunks()}
+    by_text = {chunk.text: chunk for chunk in store.iter_chunks(collection=ALL_COLLECTIONS)}
     assert set(by_text) == set(TIMEOUTS + PROXIES)
 
-    hits = store.dense(proxies[2][1], k=2)
+    hits = store.dense(proxies[2][1], k=2, collection=ALL_COLLECTIONS)
     assert [by_text[PROXIES[1]].id] == [hits[0][0]] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
     assert len(hits) == 2 and hits[0][1] >= hits[1][1]
-    lexical = store.lexical("What is the default timeout of a network operation?", k=3)
+    lexical = store.lexical("What is the default timeout of a network operation?", k=3, collection=ALL_COLLECTIONS)
     assert lexical[0][0] == by_text[TIMEOUTS[0]].id
     assert by_text[PROXIES[1]].id not in dict(lexical)  # shares no term with the question
-    assert store.lexical("the of and", k=3) == []  # stopwords only
+    assert store.lexical("the of and", k=3, collection=ALL_COLLECTIONS) == []  # stopwords only
 
     ids = [by_text[PROXIES[0]].id, by_text[TIMEOUTS[1]].id]
-    assert [chunk.text for chunk in store.get(ids)] == [PROXIES[0], TIMEOUTS[1]]
-    assert [chunk.text for chunk, _ in store.search(timeouts[2][0], k=1)] == [TIMEOUTS[0]]
-    assert store.documents() == {timeouts[0].doc_id: timeouts[0], proxies[0].doc_id: proxies[0]}
-    assert store.document(proxies[0].doc_id) == proxies[0]
-    assert sorted(store.ids_with_source("timeouts.md").tolist()) == sorted(by_text[text].id for text in TIMEOUTS)
-    assert store.dense(proxies[2][1], k=5, allowed=np.asarray(ids))[0][0] == by_text[PROXIES[0]].id
+    assert [chunk.text for chunk in store.get(ids, collection=ALL_COLLECTIONS)] == [PROXIES[0], TIMEOUTS[1]]
+    assert [chunk.text for chunk, _ in store.search(timeouts[2][0], k=1, collection=ALL_COLLECTIONS)] == [TIMEOUTS[0]]
+    assert store.documents(collection=ALL_COLLECTIONS) == {timeouts[0].doc_id: timeouts[0], proxies[0].doc_id: proxies[0]}
+    assert store.document(proxies[0].doc_id, collection=ALL_COLLECTIONS) == proxies[0]
+    assert sorted(store.ids_with_source("timeouts.md", collection=ALL_COLLECTIONS).tolist()) == sorted(by_text[text].id for text in TIMEOUTS)
+    assert store.dense(proxies[2][1], k=5, allowed=np.asarray(ids), collection=ALL_COLLECTIONS)[0][0] == by_text[PROXIES[0]].id
 
 
 def test_delete_removes_the_document_and_its_chunks(backend):
@@ -128,39 +129,39 @@ def test_delete_removes_the_document_and_its_chunks(backend):
     assert writer.delete([timeouts[0].doc_id]) == 2
     writer.commit()
     store = backend.open()
-    assert store.counts() == {"documents": 1, "chunks": 2, "vectors": 2}
-    assert store.document(timeouts[0].doc_id) is None
-    assert store.lexical("timeout", k=5) == []
-    assert {chunk.text for chunk in store.iter_chunks()} == set(PROXIES)
-    assert {store.get([id_])[0].text for id_, _ in store.dense(timeouts[2][0], k=5)} == set(PROXIES)
+    assert store.counts(collection=ALL_COLLECTIONS) == {"documents": 1, "chunks": 2, "vectors": 2}
+    assert store.document(timeouts[0].doc_id, collection=ALL_COLLECTIONS) is None
+    assert store.lexical("timeout", k=5, collection=ALL_COLLECTIONS) == []
+    assert {chunk.text for chunk in store.iter_chunks(collection=ALL_COLLECTIONS)} == set(PROXIES)
+    assert {store.get([id_], collection=ALL_COLLECTIONS)[0].text for id_, _ in store.dense(timeouts[2][0], k=5, collection=ALL_COLLECTIONS)} == set(PROXIES)
 
 
 def test_adding_a_document_again_replaces_it_with_new_chunk_ids(backend):
     first = document("report.txt", NTSB[:2], seed=3)
     backend.write(first)
-    old_ids = {chunk.id for chunk in backend.open().iter_chunks()}
+    old_ids = {chunk.id for chunk in backend.open().iter_chunks(collection=ALL_COLLECTIONS)}
     second = document("report.txt", NTSB, seed=4)
     backend.write(second)
     store = backend.open()
-    assert store.counts() == {"documents": 1, "chunks": 3, "vectors": 3}
-    assert store.documents() == {second[0].doc_id: second[0]}
-    new_ids = {chunk.id for chunk in store.iter_chunks()}
+    assert store.counts(collection=ALL_COLLECTIONS) == {"documents": 1, "chunks": 3, "vectors": 3}
+    assert store.documents(collection=ALL_COLLECTIONS) == {second[0].doc_id: second[0]}
+    new_ids = {chunk.id for chunk in store.iter_chunks(collection=ALL_COLLECTIONS)}
     assert min(new_ids) > max(old_ids)  # ids are never reused
-    assert store.get(sorted(old_ids)) == []
-    assert store.lexical("gusting crosswind", k=3)[0][0] in new_ids
+    assert store.get(sorted(old_ids), collection=ALL_COLLECTIONS) == []
+    assert store.lexical("gusting crosswind", k=3, collection=ALL_COLLECTIONS)[0][0] in new_ids
 
 
 def test_touching_a_document_changes_only_its_size_and_time(backend):
     record, chunks, vectors = document("timeouts.md", TIMEOUTS, seed=1)
     backend.write((record, chunks, vectors))
-    ids = {chunk.id for chunk in backend.open().iter_chunks()}
+    ids = {chunk.id for chunk in backend.open().iter_chunks(collection=ALL_COLLECTIONS)}
     writer = backend.begin()
     writer.touch_document(record.doc_id, 4321, record.mtime_ns + 5)
     writer.commit()
     store = backend.open()
-    touched = store.document(record.doc_id)
+    touched = store.document(record.doc_id, collection=ALL_COLLECTIONS)
     assert (touched.size, touched.mtime_ns) == (4321, record.mtime_ns + 5)
-    assert touched.content_hash == record.content_hash and {chunk.id for chunk in store.iter_chunks()} == ids
+    assert touched.content_hash == record.content_hash and {chunk.id for chunk in store.iter_chunks(collection=ALL_COLLECTIONS)} == ids
 
 
 def test_refresh_sees_another_writers_commit(backend):
@@ -171,7 +172,45 @@ def test_refresh_sees_another_writers_commit(backend):
     backend.write(document("proxies.md", PROXIES, seed=2))
     assert reader.refresh() is True
     assert reader.refresh() is False
-    assert reader.counts()["documents"] == 2
+    assert reader.counts(collection=ALL_COLLECTIONS)["documents"] == 2
+
+
+# Members of the Store protocol that read no document: opening, the manifest, refreshing, the list of collections
+# (names and counts, for admins), backend statistics and maintenance, and the writer's API. Every other member is
+# a read of documents and must take a scope.
+UNSCOPED_MEMBERS = {"open", "begin", "manifest", "chunking", "refresh", "collections", "stats", "compact",
+                    "add_document", "delete", "touch_document", "commit", "abort", "close"}
+READ_ARGUMENTS = {"dense": (np.ones(DIMENSION, np.float32), 5), "lexical": ("timeout", 5),
+                  "search": (np.ones(DIMENSION, np.float32), 5), "get": ([1, 2],), "iter_chunks": (),
+                  "ids_with_source": ("*.md",), "documents": (), "document": ("0" * 16,), "counts": ()}
+
+
+@pytest.mark.parametrize("store_class", [EmbeddedStore, PostgresStore])
+def test_every_store_read_needs_an_explicit_scope(store_class):
+    """Walks the Store protocol: every read takes `collection` as a keyword with no default, so a read that forgets
+    it cannot run; None is refused rather than read as every collection."""
+    members = {name for name in vars(Store) if not name.startswith("_")}
+    reads = members - UNSCOPED_MEMBERS
+    assert reads == set(READ_ARGUMENTS), "a new Store member: list its arguments here (a read) or say why it is unscoped"
+    for name in reads:
+        for declared in (getattr(Store, name), getattr(store_class, name)):
+            collection = inspect.signature(declared).parameters.get("collection")
+            assert collection is not None and collection.kind is inspect.Parameter.KEYWORD_ONLY, (declared, name)
+            assert collection.default is inspect.Parameter.empty, f"{store_class.__name__}.{name} has a default scope"
+
+
+def test_a_read_without_a_scope_is_refused(backend):
+    backend.write(document("docs/timeouts.md", TIMEOUTS, "a", seed=1))
+    store = backend.open()
+    for name, arguments in READ_ARGUMENTS.items():
+        read = getattr(store, name)
+        with pytest.raises(TypeError):
+            read(*arguments)
+        with pytest.raises(TypeError, match="explicit collection"):
+            result = read(*arguments, collection=None)
+            list(result) if name == "iter_chunks" else result  # a generator reads when iterated
+        read_all = read(*arguments, collection=ALL_COLLECTIONS)
+        list(read_all) if name == "iter_chunks" else read_all
 
 
 def test_collections_are_isolated_in_every_read(backend):
@@ -181,13 +220,13 @@ def test_collections_are_isolated_in_every_read(backend):
     b_only = document("ntsb.txt", NTSB, "b", seed=6)
     backend.write(a, b, b_only)
     store = backend.open()
-    a_ids = {chunk.id for chunk in store.iter_chunks("a")}
-    b_ids = {chunk.id for chunk in store.iter_chunks("b")}
+    a_ids = {chunk.id for chunk in store.iter_chunks(collection="a")}
+    b_ids = {chunk.id for chunk in store.iter_chunks(collection="b")}
     assert len(a_ids) == 2 and len(b_ids) == 5 and not a_ids & b_ids
     assert store.collections() == {"a": 1, "b": 2}
-    assert store.counts("a") == {"documents": 1, "chunks": 2, "vectors": 2}
-    assert store.counts("b") == {"documents": 2, "chunks": 5, "vectors": 5}
-    assert store.counts() == {"documents": 3, "chunks": 7, "vectors": 7}
+    assert store.counts(collection="a") == {"documents": 1, "chunks": 2, "vectors": 2}
+    assert store.counts(collection="b") == {"documents": 2, "chunks": 5, "vectors": 5}
+    assert store.counts(collection=ALL_COLLECTIONS) == {"documents": 3, "chunks": 7, "vectors": 7}
 
     for vector in np.concatenate([b[2], b_only[2]]):  # b's own vectors: the best matches are all in b
         assert {id_ for id_, _ in store.dense(vector, k=10, collection="a")} == a_ids
@@ -198,7 +237,7 @@ def test_collections_are_isolated_in_every_read(backend):
     assert store.dense(b[2][0], k=5, allowed=np.asarray(sorted(b_ids)), collection="a") == []
     assert [hit[0].id for hit in store.search(b[2][0], k=3, collection="a")] != [] and all(
         chunk.id in a_ids for chunk, _ in store.search(b[2][0], k=3, collection="a"))
-    assert set(store.documents("a")) == {a[0].doc_id}
+    assert set(store.documents(collection="a")) == {a[0].doc_id}
     assert store.document(b_only[0].doc_id, collection="a") is None
     assert store.document(b_only[0].doc_id, collection="b") == b_only[0]
     assert set(store.ids_with_source("*.md", collection="a").tolist()) == a_ids
@@ -238,8 +277,8 @@ def test_abort_leaves_the_index_as_it_was(backend):
     writer.delete([kept[0].doc_id])
     writer.abort()
     store = backend.open()
-    assert store.documents() == {kept[0].doc_id: kept[0]}
-    assert store.counts() == {"documents": 1, "chunks": 2, "vectors": 2}
+    assert store.documents(collection=ALL_COLLECTIONS) == {kept[0].doc_id: kept[0]}
+    assert store.counts(collection=ALL_COLLECTIONS) == {"documents": 1, "chunks": 2, "vectors": 2}
 
 
 # ------------------------------------------------------------------------------ PostgreSQL only
@@ -272,9 +311,9 @@ def test_concurrent_writers_of_one_document_store_it_once(database_url):
     assert errors == []
     store = PostgresStore.open(database_url)
     try:
-        (record,) = store.documents().values()
-        chunks = list(store.iter_chunks())
-        assert store.counts() == {"documents": 1, "chunks": record.chunk_count, "vectors": record.chunk_count}
+        (record,) = store.documents(collection=ALL_COLLECTIONS).values()
+        chunks = list(store.iter_chunks(collection=ALL_COLLECTIONS))
+        assert store.counts(collection=ALL_COLLECTIONS) == {"documents": 1, "chunks": record.chunk_count, "vectors": record.chunk_count}
         assert [chunk.ordinal for chunk in chunks] == list(range(record.chunk_count))
         assert store.manifest.generation == len(versions)
     finally:
@@ -297,7 +336,7 @@ def test_dense_returns_k_hits_of_a_collection_although_hnsw_filters_after_its_sc
     store = PostgresStore.open(database_url)
     try:
         store.compact()  # planner statistics now, as autovacuum would later
-        chunks = list(store.iter_chunks("mid"))
+        chunks = list(store.iter_chunks(collection="mid"))
         vectors = {record.doc_id: vectors for record, _, vectors in mid}
         ids = np.asarray([chunk.id for chunk in chunks])
         matrix = np.stack([vectors[chunk.doc_id][chunk.ordinal] for chunk in chunks])
@@ -321,7 +360,7 @@ def test_the_stores_of_a_process_share_one_pool_released_by_the_last_close(datab
     writer.add_document(*document("timeouts.md", TIMEOUTS, seed=1))
     writer.commit()
     readers = [PostgresStore.open(database_url) for _ in range(6)]
-    threads = [threading.Thread(target=lambda store=store: [store.counts() for _ in range(20)]) for store in readers]
+    threads = [threading.Thread(target=lambda store=store: [store.counts(collection=ALL_COLLECTIONS) for _ in range(20)]) for store in readers]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -408,11 +447,12 @@ def test_a_database_that_goes_away_makes_reads_unavailable_not_crash(database_ur
     store = PostgresStore.open(database_url, settings=settings)
     name = conninfo_to_dict(database_url)["dbname"]
     try:
-        assert store.counts()["documents"] == 1
+        assert store.counts(collection=ALL_COLLECTIONS)["documents"] == 1
         with psycopg.connect(postgres_server.get_uri(), autocommit=True) as admin:  # the database goes away
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        for read in (store.counts, store.refresh, lambda: store.lexical("timeout", 3)):
+        for read in (lambda: store.counts(collection=ALL_COLLECTIONS), store.refresh,
+                     lambda: store.lexical("timeout", 3, collection=ALL_COLLECTIONS)):
             with pytest.raises(UnavailableError, match="unavailable"):
                 read()
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -90,7 +91,7 @@ async def list_documents(service: ServiceDep, collection: ReadScope) -> Document
     service.retriever  # noqa: B018  (503 when there is no index at all)
     index = service.index
     records = await run_in_threadpool(index.documents, collection)
-    counts = await run_in_threadpool(index.store.counts, collection)
+    counts = await run_in_threadpool(partial(index.store.counts, collection=collection))
     return DocumentList(
         collection=collection,
         documents=[DocumentOut(**listed(record)) for record in records],
@@ -105,4 +106,4 @@ async def delete_document(doc_id: str, request: Request, service: ServiceDep,
     # Errors map once (api/errors.py): IndexBusyError (`rag ingest` holds the writer lock) is a 409 "index_busy",
     # DocumentNotFoundError (none in this collection) a 404 "document_not_found".
     record = await asyncio.wrap_future(_queue(request).delete(doc_id, collection))
-    return DeletedDocument(doc_id=record.doc_id, source=record.source)
+    return DeletedDocument(doc_id=record.doc_id, source=record.name)

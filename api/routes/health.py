@@ -6,8 +6,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.auth import require_api_key
 from api.deps import ServiceDep
+from api.errors import ApiError
 from api.schemas import Health
+from rag.types import Role
 
 router = APIRouter(tags=["health"])
 
@@ -19,22 +22,31 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, summary="Readiness: models loaded and an index open (else 503)",
             responses={503: {"model": Health, "description": "Still loading, loading failed, or no index yet."}})
-async def readyz(service: ServiceDep):
-    retriever = service._retriever
-    checks = {"models_loaded": service.models_loaded, "index_open": retriever is not None,
-              "snapshot": service.snapshot,
-              "adapter": str(service.settings.adapter) if service.settings.adapter else None,
-              "default_path": service.settings.default_path.value}
-    if service.load_error:
-        checks["error"] = service.load_error
-    elif retriever is None and service.index_error:
-        checks["error"] = service.index_error
-    elif service.store_error:
-        checks["error"] = service.store_error
-    if service.ready:
-        return Health(status="ready", checks=checks)
-    return JSONResponse(Health(status="not_ready", checks=checks).model_dump(), status_code=503,
+async def readyz(service: ServiceDep, request: Request):
+    """Ready or not, and why in plain words, for anyone (probes have no key); the details (snapshot, adapter, the
+    error itself, which may name server paths) only for an admin key."""
+    reason = service.not_ready_reason
+    health = Health(status="not_ready" if reason else "ready", reason=reason)
+    if await _is_admin(request):
+        health.checks = {"models_loaded": service.models_loaded, "index_open": service.index_open,
+                         "snapshot": service.snapshot,
+                         "adapter": str(service.settings.adapter) if service.settings.adapter else None,
+                         "default_path": service.settings.default_path.value}
+        error = service.load_error or (None if service.index_open else service.index_error) or service.store_error
+        if error:
+            health.checks["error"] = error
+    if reason is None:
+        return health
+    return JSONResponse(health.model_dump(), status_code=503,
                         headers={"Retry-After": str(service.api_settings.retry_after_s)})
+
+
+async def _is_admin(request: Request) -> bool:
+    try:
+        await require_api_key(request)
+    except ApiError:
+        return False
+    return request.state.principal.role.allows(Role.ADMIN)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

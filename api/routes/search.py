@@ -20,7 +20,8 @@ async def search(body: SearchRequest, service: ServiceDep, request: Request) -> 
     collection = authorize(request, body.collection, Role.READ)
     retriever = service.retriever  # one snapshot for the whole request, even if a new one is swapped in
     started = time.perf_counter()
-    hits = await run_blocking(retriever.retrieve, body.query, body.k, body.retriever, body.source, collection)
+    hits = await run_blocking(retriever.retrieve, body.query, body.k, body.retriever, body.source,
+                              collection=collection)
     seconds = time.perf_counter() - started
     service.metrics.retrieval_seconds.observe(seconds)
     results = [SearchHit(**hit.to_dict()) for hit in hits]

@@ -7,6 +7,7 @@ that was ingested (otherwise the cited pages may no longer be what the answer qu
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -28,12 +29,12 @@ router = APIRouter(tags=["sources"])
 async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: ServiceDep,
                   collection: ReadScope) -> PassageOut:
     store = service.retriever.store
-    found = await run_in_threadpool(store.get, [chunk_id], collection)  # another collection's chunk: none
+    found = await run_in_threadpool(partial(store.get, [chunk_id], collection=collection))  # another collection's chunk: none
     if not found:
         raise ApiError(404, "chunk_not_found", f"No chunk {chunk_id} in the current index (a later ingestion may "
                        "have replaced it: ask again).")
     chunk = found[0]
-    return PassageOut(chunk_id=chunk_id, doc_id=chunk.doc_id, source=chunk.source, page=chunk.page,
+    return PassageOut(chunk_id=chunk_id, doc_id=chunk.doc_id, source=chunk.name, page=chunk.page,
                       heading=chunk.heading, text=chunk.text)
 
 
@@ -44,7 +45,7 @@ async def passage(chunk_id: Annotated[int, PathParam(ge=0, le=2**62)], service: 
 async def original_file(doc_id: Annotated[str, PathParam(max_length=64)], service: ServiceDep,
                         collection: ReadScope):
     store = service.retriever.store
-    record = await run_in_threadpool(store.document, doc_id, collection)
+    record = await run_in_threadpool(partial(store.document, doc_id, collection=collection))
     if record is None:
         raise ApiError(404, "document_not_found", f"No document '{doc_id}' in the index.")
     path = Path(record.source)

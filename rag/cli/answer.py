@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rag.cli.app import CollectionOption, IndexOption, JsonOption, app, console, display, errors, settings_from
+from rag.cli.app import CollectionOption, IndexOption, JsonOption, app, console, errors, settings_from
 from rag.config import MAX_CHUNKS, Settings
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, MAX_TEMPERATURE
 from rag.types import AnswerPath, RetrieverKind
@@ -21,7 +21,7 @@ def _print_answer(answer, title: str | None = None) -> None:
     if answer.see_also:
         lines.append("See also:")
     for citation in answer.citations or answer.see_also:
-        where = display(citation.source) + (f", p. {citation.page}" if citation.page else "")
+        where = citation.source + (f", p. {citation.page}" if citation.page else "")
         lines.append(f"[{citation.number}] {where}" + (f" § {citation.heading}" if citation.heading else ""))
     timings = answer.timings
     footer = (f"{answer.usage.get('prompt_tokens', 0)} prompt tokens, {answer.usage.get('completion_tokens', 0)} "

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rag.cli.app import (CollectionOption, IndexOption, JsonOption, app, console, display, print_mapping,
+from rag.cli.app import (CollectionOption, IndexOption, JsonOption, app, console, print_mapping,
                          settings_from)
 
 documents_app = typer.Typer(help="List and delete the documents in the index.", no_args_is_help=True)
@@ -36,7 +36,7 @@ def documents_list(index: IndexOption = None, collection: CollectionOption = Non
     records = opened.documents(collection)
     data = {"collection": collection,
             "documents": [listed(record) for record in records],
-            "counts": opened.store.counts(collection), "snapshot": opened.store.manifest.snapshot}
+            "counts": opened.store.counts(collection=collection), "snapshot": opened.store.manifest.snapshot}
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -45,7 +45,7 @@ def documents_list(index: IndexOption = None, collection: CollectionOption = Non
     for column in ("doc_id", "source", "chunks", "ingested at", *(["warnings"] if warned else [])):
         table.add_column(column, overflow="fold")
     for record in records:
-        table.add_row(record.doc_id, display(record.source), str(record.chunk_count), record.ingested_at,
+        table.add_row(record.doc_id, record.name, str(record.chunk_count), record.ingested_at,
                       *(["\n".join(record.warnings)] if warned else []))
     console.print(table)
 
@@ -59,9 +59,9 @@ def documents_delete(doc_id: Annotated[str, typer.Argument(help="The document's 
     opened = _open_index(index, collection)
     record = opened.delete(doc_id, opened.settings.collection)
     if as_json:
-        print(json.dumps({"doc_id": record.doc_id, "source": record.source, "deleted": True}, indent=2))
+        print(json.dumps({"doc_id": record.doc_id, "source": record.name, "deleted": True}, indent=2))
     else:
-        console.print(f"Deleted {display(record.source)} ({record.doc_id}).")
+        console.print(f"Deleted {record.name} ({record.doc_id}).")
 
 
 @index_app.command("compact")

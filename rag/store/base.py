@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Protocol
 
 import numpy as np
@@ -51,9 +52,16 @@ class DocumentRecord:
     ingested_at: str
     collection: str = DEFAULT_COLLECTION
     # What of the file is not in the index or was read by a guess (pages without a text layer, a guessed
-    # encoding): the warnings of the ingest that added it, kept for as long as the document is. The last field: the
-    # stores write and read it as JSON.
+    # encoding): the warnings of the ingest that added it, kept for as long as the document is. The stores write and
+    # read it as JSON.
     warnings: tuple[str, ...] = ()
+    # The name users and API clients see instead of `source` (a path on the server): the path below the folder it
+    # was ingested from, or the uploaded file's name. Documents from before it was kept are shown by their file name.
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", PurePath(self.source).name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,17 +157,17 @@ class Store(Protocol):
 
     # reading (committed state); `collection` None = every collection
     def refresh(self) -> bool: ...  # True when another commit became visible
-    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None,
-              collection: str | None = None) -> list[tuple[int, float]]: ...
-    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None,
-                collection: str | None = None) -> list[tuple[int, float]]: ...
-    def search(self, vector: np.ndarray, k: int, collection: str | None = None) -> list[tuple[Chunk, float]]: ...
-    def get(self, ids: Iterable[int], collection: str | None = None) -> list[Chunk]: ...
-    def iter_chunks(self, collection: str | None = None) -> Iterator[Chunk]: ...
-    def ids_with_source(self, pattern: str, collection: str | None = None) -> np.ndarray: ...
-    def documents(self, collection: str | None = None) -> dict[str, DocumentRecord]: ...  # by doc_id
-    def document(self, doc_id: str, collection: str | None = None) -> DocumentRecord | None: ...
-    def counts(self, collection: str | None = None) -> dict[str, int]: ...  # documents, chunks, vectors
+    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
+              collection: str) -> list[tuple[int, float]]: ...
+    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None, *,
+                collection: str) -> list[tuple[int, float]]: ...
+    def search(self, vector: np.ndarray, k: int, *, collection: str) -> list[tuple[Chunk, float]]: ...
+    def get(self, ids: Iterable[int], *, collection: str) -> list[Chunk]: ...
+    def iter_chunks(self, *, collection: str) -> Iterator[Chunk]: ...
+    def ids_with_source(self, pattern: str, *, collection: str) -> np.ndarray: ...
+    def documents(self, *, collection: str) -> dict[str, DocumentRecord]: ...  # by doc_id
+    def document(self, doc_id: str, *, collection: str) -> DocumentRecord | None: ...
+    def counts(self, *, collection: str) -> dict[str, int]: ...  # documents, chunks, vectors
     def collections(self) -> dict[str, int]: ...  # name -> documents
     def stats(self) -> dict: ...  # backend detail for `rag index stats` (segments, bytes on disk...)
 

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import faiss
 import numpy as np
@@ -45,7 +45,7 @@ import numpy as np
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexBusyError, IndexMismatchError,
                             IndexNotFoundError, Manifest, PendingChanges, StoreError)
 from rag.store.terms import indexed_terms, match_query, rarest_within, terms
-from rag.types import Chunk
+from rag.types import ALL_COLLECTIONS, Chunk, collection_filter
 
 FORMAT_VERSION = 2
 DB_FILE = "store.sqlite"
@@ -91,7 +91,9 @@ DOCUMENTS_TABLE = """(
     UNIQUE (collection, source)
 )"""
 # Columns added after a release, to new databases and to older ones alike, when a writer or reader opens them.
-ADDED_COLUMNS = {"documents": {"warnings": "TEXT NOT NULL DEFAULT '[]'"}}  # JSON list (DocumentRecord.warnings)
+ADDED_COLUMNS = {"documents": {"warnings": "TEXT NOT NULL DEFAULT '[]'",  # JSON list (DocumentRecord.warnings)
+                               "name": "TEXT NOT NULL DEFAULT ''"},  # '' in older indexes: shown by file name
+                 "chunks": {"name": "TEXT NOT NULL DEFAULT ''"}}  # its document's name, so a read needs no join
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents {DOCUMENTS_TABLE};
@@ -130,9 +132,9 @@ CREATE TABLE IF NOT EXISTS segments (
 );
 CREATE TABLE IF NOT EXISTS tombstones (chunk_id INTEGER PRIMARY KEY);
 """
-CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context"
+CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context, name"
 INSERT_CHUNK = ("INSERT INTO chunks (id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash,"
-                " context, collection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                " context, collection, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 DOCUMENT_COLUMNS = ", ".join(DocumentRecord.__dataclass_fields__)
 INSERT_DOCUMENT = f"INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES ({', '.join('?' * len(DocumentRecord.__dataclass_fields__))})"
 
@@ -235,13 +237,19 @@ def add_collections(db: sqlite3.Connection) -> None:
 
 
 def _document(row: tuple) -> DocumentRecord:
-    *rest, warnings = row  # the last column, JSON text
-    return DocumentRecord(*rest, tuple(json.loads(warnings)))
+    *rest, warnings, name = row  # warnings as JSON text
+    return DocumentRecord(*rest, tuple(json.loads(warnings)), name)
+
+
+def _document_row(record: DocumentRecord) -> tuple:
+    *rest, warnings, name = astuple(record)
+    return (*rest, json.dumps(warnings), name)
 
 
 def _row_to_chunk(row: tuple) -> Chunk:
-    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context = row
-    return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context)
+    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context, name = row
+    return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context,
+                 name or PurePath(source).name)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -353,7 +361,7 @@ class EmbeddedStore:
     """An index directory: read it with `EmbeddedStore.open`, change it with `begin` ... `commit`.
 
     >>> store = EmbeddedStore.open("rag-index")  # doctest: +SKIP
-    >>> [(chunk.source, score) for chunk, score in store.search(query_vector, k=3)]  # doctest: +SKIP
+    >>> [(chunk.source, score) for chunk, score in store.search(query_vector, k=3, collection="default")]  # doctest: +SKIP
     """
 
     def __init__(self, index_dir: Path, lock_handle=None, embedding_model: str = "", dimension: int = 0,
@@ -457,15 +465,16 @@ class EmbeddedStore:
         return Manifest(
             embedding_model=meta["embedding_model"], dimension=int(meta["dimension"]),
             chunking=json.loads(meta["chunking"]), index_type=segments[0][0] if segments else "IDMap2,Flat",
-            **self.counts(), segments=len(segments), tombstones=self._count("tombstones"), generation=generation,
+            **self.counts(collection=ALL_COLLECTIONS), segments=len(segments), tombstones=self._count("tombstones"),
+            generation=generation,
             created_at=meta.get("committed_at", ""), snapshot=generation_name(generation),
             format_version=int(meta.get("format_version", FORMAT_VERSION)))
 
     def _count(self, table: str) -> int:
         return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
-    def counts(self, collection: str | None = None) -> dict[str, int]:
-        db = self.db
+    def counts(self, *, collection: str) -> dict[str, int]:
+        db, collection = self.db, collection_filter(collection)
         if collection is not None:  # a collection's live vectors are its chunk rows (deleted rows are tombstoned)
             documents, chunks = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(chunk_count), 0) FROM documents WHERE collection = ?",
@@ -520,8 +529,9 @@ class EmbeddedStore:
             self.refresh()
         return self._vectors
 
-    def _scope(self, collection: str | None, allowed: np.ndarray | None) -> np.ndarray | None:
+    def _scope(self, collection: str, allowed: np.ndarray | None) -> np.ndarray | None:
         """The ids a read may return: `allowed` within the collection; None for no restriction (every chunk)."""
+        collection = collection_filter(collection)
         if collection is None:
             return allowed
         generation, scopes = self._scopes
@@ -539,8 +549,8 @@ class EmbeddedStore:
             return allowed
         return ids if allowed is None else np.intersect1d(ids, allowed)
 
-    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None,
-              collection: str | None = None) -> list[tuple[int, float]]:
+    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
+              collection: str) -> list[tuple[int, float]]:
         """(chunk id, inner product) best first, over every live segment; `allowed` and `collection` restrict the
         ids (through FAISS's id selector, so the k results are the best k within them)."""
         vectors = self._loaded()
@@ -565,8 +575,8 @@ class EmbeddedStore:
         hits.sort(key=lambda hit: (-hit[1], hit[0]))
         return hits[:k]
 
-    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None,
-                collection: str | None = None) -> list[tuple[int, float]]:
+    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None, *,
+                collection: str) -> list[tuple[int, float]]:
         """(chunk id, BM25 score) best first, from SQLite FTS5; chunks sharing no term with the query are left out.
         Term statistics are the whole index's: a collection changes which chunks come back, not how they rank."""
         allowed = self._scope(collection, allowed)
@@ -594,12 +604,12 @@ class EmbeddedStore:
                                          f"({','.join('?' * len(words))})", words))
         return rarest_within(words, frequency, LEXICAL_POSTINGS_BUDGET)
 
-    def search(self, vector: np.ndarray, k: int, collection: str | None = None) -> list[tuple[Chunk, float]]:
+    def search(self, vector: np.ndarray, k: int, *, collection: str) -> list[tuple[Chunk, float]]:
         hits = self.dense(vector, k, collection=collection)
-        chunks = {chunk.id: chunk for chunk in self.get([id_ for id_, _ in hits], collection)}
+        chunks = {chunk.id: chunk for chunk in self.get([id_ for id_, _ in hits], collection=collection)}
         return [(chunks[id_], score) for id_, score in hits if id_ in chunks]
 
-    def get(self, ids: Iterable[int], collection: str | None = None) -> list[Chunk]:
+    def get(self, ids: Iterable[int], *, collection: str) -> list[Chunk]:
         """The chunks with these ids, in the order given; ids not in the index (or not in `collection`) are left
         out."""
         ids = list(ids)
@@ -612,12 +622,12 @@ class EmbeddedStore:
             by_id.update((row[0], _row_to_chunk(row)) for row in rows)
         return [by_id[id_] for id_ in ids if id_ in by_id]
 
-    def iter_chunks(self, collection: str | None = None) -> Iterator[Chunk]:
+    def iter_chunks(self, *, collection: str) -> Iterator[Chunk]:
         scope, scope_args = _collection_condition(collection, first=True)
         for row in self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks{scope} ORDER BY id", scope_args):
             yield _row_to_chunk(row)
 
-    def ids_with_source(self, pattern: str, collection: str | None = None) -> np.ndarray:
+    def ids_with_source(self, pattern: str, *, collection: str) -> np.ndarray:
         """Ids of the chunks whose source path matches a glob (or ends with it below some folder)."""
         import fnmatch
 
@@ -633,13 +643,13 @@ class EmbeddedStore:
                 f"SELECT id FROM chunks WHERE doc_id IN ({','.join('?' * len(batch))})", batch)]
         return np.asarray(ids, dtype=np.int64)
 
-    def documents(self, collection: str | None = None) -> dict[str, DocumentRecord]:
+    def documents(self, *, collection: str) -> dict[str, DocumentRecord]:
         """Documents by doc_id."""
         scope, scope_args = _collection_condition(collection, first=True)
         rows = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents{scope}", scope_args)
         return {row[0]: _document(row) for row in rows}
 
-    def document(self, doc_id: str, collection: str | None = None) -> DocumentRecord | None:
+    def document(self, doc_id: str, *, collection: str) -> DocumentRecord | None:
         scope, scope_args = _collection_condition(collection)
         row = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?{scope}",
                               (doc_id, *scope_args)).fetchone()
@@ -715,11 +725,10 @@ class EmbeddedStore:
                 deleted += db.execute(f"DELETE FROM chunks WHERE doc_id IN ({marks})", batch).rowcount
                 db.execute(f"DELETE FROM documents WHERE doc_id IN ({marks})", batch)
             added_docs = {record.doc_id: record for record, _, _ in self._pending.adds.values()}
-            db.executemany(INSERT_DOCUMENT, ((*astuple(record)[:-1], json.dumps(record.warnings))
-                                             for record in added_docs.values()))
+            db.executemany(INSERT_DOCUMENT, (_document_row(record) for record in added_docs.values()))
             db.executemany(INSERT_CHUNK, (
                 (int(id_), record.doc_id, chunk.ordinal, chunk.text, chunk.source, chunk.page, chunk.heading,
-                 chunk.element_type, chunk.tokens, chunk.hash, chunk.context, record.collection)
+                 chunk.element_type, chunk.tokens, chunk.hash, chunk.context, record.collection, record.name)
                 for id_, (record, chunk) in zip(ids, new_chunks)))
             db.executemany("UPDATE documents SET size = ?, mtime_ns = ? WHERE doc_id = ?",
                            ((size, mtime, doc_id) for doc_id, (size, mtime) in self._pending.touches.items()))
@@ -759,8 +768,9 @@ class EmbeddedStore:
         self._vectors = None
 
 
-def _collection_condition(collection: str | None, first: bool = False) -> tuple[str, tuple]:
+def _collection_condition(collection: str, first: bool = False) -> tuple[str, tuple]:
     """The SQL condition (and its argument) that scopes a query to one collection; nothing for every collection."""
+    collection = collection_filter(collection)
     if collection is None:
         return "", ()
     return (" WHERE" if first else " AND") + " collection = ?", (collection,)
@@ -912,8 +922,8 @@ def migrate_snapshot_format(index_dir: Path) -> bool:
         db.execute("BEGIN")
         db.executemany(INSERT_DOCUMENT,
                        old.execute("SELECT doc_id, source, content_hash, size, mtime_ns, chunking, chunk_count, "
-                                   "ingested_at, 'default', '[]' FROM documents"))
-        columns = OLD_COLUMNS + (", context" if has_context else ", ''") + ", 'default'"
+                                   "ingested_at, 'default', '[]', '' FROM documents"))
+        columns = OLD_COLUMNS + (", context" if has_context else ", ''") + ", 'default', ''"
         db.executemany(INSERT_CHUNK, old.execute(f"SELECT {columns} FROM chunks ORDER BY id"))
         next_id = (db.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0) + 1
         old.close()

@@ -134,6 +134,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE documents ADD COLUMN warnings jsonb NOT NULL DEFAULT '[]';
     """,
+    # 5: the name a document is shown by (DocumentRecord.name), on its chunks too so that a read needs no join;
+    # '' for documents from before: shown by their file name.
+    """
+    ALTER TABLE documents ADD COLUMN name text NOT NULL DEFAULT '';
+    ALTER TABLE chunks ADD COLUMN name text NOT NULL DEFAULT '';
+    """,
 ]
 
 

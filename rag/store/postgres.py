@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import astuple, fields
+from pathlib import PurePath
 
 import numpy as np
 from psycopg.types.json import Jsonb
@@ -28,15 +29,15 @@ from rag.store.embedded import LEXICAL_POSTINGS_BUDGET, generation_name
 from rag.store.jobs import utc_now
 from rag.store.pg_schema import DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, Database, initialise, read_meta, schema_version
 from rag.store.terms import indexed_terms, rarest_within, terms
-from rag.types import Chunk
+from rag.types import ALL_COLLECTIONS, Chunk, collection_filter
 
-CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context"
+CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context, name"
 DOCUMENT_COLUMNS = ", ".join(field.name for field in fields(DocumentRecord))
 INSERT_DOCUMENT = (f"INSERT INTO documents ({DOCUMENT_COLUMNS}) "
                    f"VALUES ({', '.join(['%s'] * len(fields(DocumentRecord)))})")
-INSERT_CHUNK = ("INSERT INTO chunks (doc_id, collection, ordinal, text, source, page, heading, element_type, tokens,"
-                " hash, context, embedding, terms, term_count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                " %b, %s::tsvector, %s)")
+INSERT_CHUNK = ("INSERT INTO chunks (doc_id, collection, name, ordinal, text, source, page, heading, element_type,"
+                " tokens, hash, context, embedding, terms, term_count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                " %s, %s, %b, %s::tsvector, %s)")
 # HNSW explores ef_search candidates per query (pgvector's default 40, at most 1000); a query for k hits needs at
 # least k of them, and a margin keeps its recall near exact search's.
 MIN_EF_SEARCH, MAX_EF_SEARCH = 100, 1000
@@ -67,18 +68,24 @@ def _analysed(chunk: Chunk) -> tuple[str, int]:
 
 
 def _chunk(row: tuple) -> Chunk:
-    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context = row
-    return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context)
+    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context, name = row
+    return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context,
+                 name or PurePath(source).name)
 
 
 def _document(row: tuple) -> DocumentRecord:
-    *rest, warnings = row  # the last column; jsonb arrives as a list
-    return DocumentRecord(*rest, tuple(warnings))
+    *rest, warnings, name = row  # jsonb arrives as a list
+    return DocumentRecord(*rest, tuple(warnings), name)
 
 
-def _where(collection: str | None, allowed: np.ndarray | None = None) -> tuple[str, list]:
+def _document_row(record: DocumentRecord) -> tuple:
+    *rest, warnings, name = astuple(record)
+    return (*rest, Jsonb(list(warnings)), name)
+
+
+def _where(collection: str, allowed: np.ndarray | None = None) -> tuple[str, list]:
     """The WHERE clause (and its parameters) that scopes a chunk query to a collection and/or a set of ids."""
-    clauses, params = [], []
+    clauses, params, collection = [], [], collection_filter(collection)
     if collection is not None:
         clauses.append("collection = %s")
         params.append(collection)
@@ -164,7 +171,8 @@ class PostgresStore:
     def manifest(self) -> Manifest:
         meta = self._meta()  # a writer's `begin` created it
         return Manifest(embedding_model=meta["embedding_model"], dimension=meta["dimension"],
-                        chunking=meta["chunking"], index_type="hnsw(vector_ip_ops)", **self.counts(), segments=0,
+                        chunking=meta["chunking"], index_type="hnsw(vector_ip_ops)",
+                        **self.counts(collection=ALL_COLLECTIONS), segments=0,
                         tombstones=0, generation=meta["generation"], created_at=meta["committed_at"],
                         snapshot=generation_name(meta["generation"]), format_version=len(MIGRATIONS))
 
@@ -174,8 +182,8 @@ class PostgresStore:
         changed, self._generation = generation != self._generation, generation
         return changed
 
-    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None,
-              collection: str | None = None) -> list[tuple[int, float]]:
+    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
+              collection: str) -> list[tuple[int, float]]:
         """(chunk id, inner product) best first. Approximate (HNSW) over a collection; exact over `allowed` ids,
         and whenever HNSW returns fewer than k: pgvector 0.6 filters HNSW's ef_search candidates after the index
         scan, so a selective WHERE can leave fewer than k of them although the collection holds more."""
@@ -196,8 +204,8 @@ class PostgresStore:
                                 [query, *params, k]).fetchall()
         return [(int(id_), float(score)) for id_, score in rows]
 
-    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None,
-                collection: str | None = None) -> list[tuple[int, float]]:
+    def lexical(self, query: str, k: int, allowed: np.ndarray | None = None, *,
+                collection: str) -> list[tuple[int, float]]:
         """(chunk id, BM25 score) best first; chunks sharing no term with the query are left out. Scored as FTS5
         scores the embedded store's chunks: the same analysed terms, formula and statistics of the whole index (a
         collection changes which chunks come back, not how they rank), and the same cut to the query's rarest
@@ -230,12 +238,12 @@ class PostgresStore:
                 [length, kept, idf, *params, " | ".join(f"'{word}'" for word in kept), k]).fetchall()
         return [(int(id_), float(score)) for id_, score in rows]
 
-    def search(self, vector: np.ndarray, k: int, collection: str | None = None) -> list[tuple[Chunk, float]]:
+    def search(self, vector: np.ndarray, k: int, *, collection: str) -> list[tuple[Chunk, float]]:
         hits = self.dense(vector, k, collection=collection)
-        chunks = {chunk.id: chunk for chunk in self.get([id_ for id_, _ in hits], collection)}
+        chunks = {chunk.id: chunk for chunk in self.get([id_ for id_, _ in hits], collection=collection)}
         return [(chunks[id_], score) for id_, score in hits if id_ in chunks]
 
-    def get(self, ids: Iterable[int], collection: str | None = None) -> list[Chunk]:
+    def get(self, ids: Iterable[int], *, collection: str) -> list[Chunk]:
         """The chunks with these ids, in the order asked; ids outside `collection` (or deleted) are dropped."""
         ids = [int(id_) for id_ in ids]
         if not ids:
@@ -246,7 +254,7 @@ class PostgresStore:
                                                                  params)}
         return [by_id[id_] for id_ in ids if id_ in by_id]
 
-    def iter_chunks(self, collection: str | None = None) -> Iterator[Chunk]:
+    def iter_chunks(self, *, collection: str) -> Iterator[Chunk]:
         where, params = _where(collection)
         with self._db.connection() as conn, conn.transaction():
             with conn.cursor(name="rag_iter_chunks") as cursor:  # server-side: streamed, not loaded at once
@@ -255,7 +263,7 @@ class PostgresStore:
                 for row in cursor:
                     yield _chunk(row)
 
-    def ids_with_source(self, pattern: str, collection: str | None = None) -> np.ndarray:
+    def ids_with_source(self, pattern: str, *, collection: str) -> np.ndarray:
         """Ids of the chunks whose source path matches a glob (or ends with it below some folder)."""
         where, params = _where(collection)
         with self._db.connection() as conn:
@@ -264,21 +272,21 @@ class PostgresStore:
             rows = conn.execute("SELECT id FROM chunks WHERE doc_id = ANY(%s) ORDER BY id", [doc_ids]).fetchall()
         return np.asarray([id_ for (id_,) in rows], dtype=np.int64)
 
-    def documents(self, collection: str | None = None) -> dict[str, DocumentRecord]:
+    def documents(self, *, collection: str) -> dict[str, DocumentRecord]:
         """Documents by doc_id."""
         where, params = _where(collection)
         with self._db.connection() as conn:
             rows = conn.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents {where}", params).fetchall()
         return {row[0]: _document(row) for row in rows}
 
-    def document(self, doc_id: str, collection: str | None = None) -> DocumentRecord | None:
+    def document(self, doc_id: str, *, collection: str) -> DocumentRecord | None:
         where, params = _where(collection)
         with self._db.connection() as conn:
             row = conn.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents {where + ' AND' if where else 'WHERE'} "
                                "doc_id = %s", [*params, doc_id]).fetchone()
         return _document(row) if row else None
 
-    def counts(self, collection: str | None = None) -> dict[str, int]:
+    def counts(self, *, collection: str) -> dict[str, int]:
         """One statement, so the numbers describe one committed state. Every chunk row holds its vector."""
         where, params = _where(collection)
         with self._db.connection() as conn:
@@ -354,7 +362,7 @@ class PostgresStore:
         pending = self._pending
         documents = sorted(pending.deletes | pending.touches.keys() | pending.adds.keys())
         deletes = sorted(pending.deletes)
-        chunk_rows = [(record.doc_id, record.collection, chunk.ordinal, chunk.text, chunk.source, chunk.page,
+        chunk_rows = [(record.doc_id, record.collection, record.name, chunk.ordinal, chunk.text, chunk.source, chunk.page,
                        chunk.heading, chunk.element_type, chunk.tokens, chunk.hash, chunk.context, vector,
                        *_analysed(chunk))
                       for record, chunks, vectors in pending.adds.values() for chunk, vector in zip(chunks, vectors)]
@@ -368,8 +376,7 @@ class PostgresStore:
                 "SELECT count(*), COALESCE(sum(term_count), 0) FROM gone", (deletes,)).fetchone()
             conn.execute("DELETE FROM documents WHERE doc_id = ANY(%s)", (deletes,))
             with conn.cursor() as cursor:
-                cursor.executemany(INSERT_DOCUMENT, [(*astuple(record)[:-1], Jsonb(list(record.warnings)))
-                                                     for record, _, _ in pending.adds.values()])
+                cursor.executemany(INSERT_DOCUMENT, [_document_row(record) for record, _, _ in pending.adds.values()])
                 cursor.executemany(INSERT_CHUNK, chunk_rows)
                 cursor.executemany("UPDATE documents SET size = %s, mtime_ns = %s WHERE doc_id = %s",
                                    [(size, mtime, doc_id) for doc_id, (size, mtime) in pending.touches.items()])
