@@ -11,6 +11,7 @@ nothing. Who runs it depends on the store:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -31,21 +32,34 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def sanitize_filename(name: str) -> str:
-    """A plain file name that cannot leave the upload folder: no directories, no hidden or special names.
+    """A plain file name that cannot leave the upload folder (no directories, no hidden or special names) and that
+    keeps enough of the name it was sent with that two different names are never stored as one (the second would
+    replace the first): the folders of a client's path stay in it, and a name that had to change gets a short hash
+    of the original, so it cannot meet another name changed into the same.
 
+    >>> sanitize_filename("notes.md")
+    'notes.md'
+    >>> sanitize_filename("a\\\\x.md"), sanitize_filename("b\\\\x.md"), sanitize_filename("a_x.md")
+    ('a_x-3e12cc00.md', 'b_x-668c0418.md', 'a_x.md')
     >>> sanitize_filename("../../etc/passwd")
-    'passwd'
-    >>> sanitize_filename("..\\\\Report (final) v2.PDF")
-    'Report_final_v2.PDF'
+    'etc_passwd-3754d6cb'
     """
-    name = unicodedata.normalize("NFKC", name or "").replace("\\", "/").split("/")[-1]
-    name = _UNSAFE.sub("_", name).strip("._-") or "upload"
+    original = unicodedata.normalize("NFKC", name or "")
+    parts = [part for part in original.replace("\\", "/").split("/") if part not in ("", ".", "..")]
+    if len(parts) > 1 and parts[0].endswith(":"):  # a Windows drive, "C:"
+        parts.pop(0)
     # ingestion skips hidden files and globs on names, so neither a leading dot nor glob characters survive
-    stem, dot, suffix = name.rpartition(".")
+    safe = _UNSAFE.sub("_", "_".join(parts)).strip("._-") or "upload"
+    stem, dot, suffix = safe.rpartition(".")
     if not dot:
-        return name[:MAX_FILENAME]
-    suffix = suffix[:16]
-    return f"{stem[:MAX_FILENAME - len(suffix) - 1]}.{suffix}".lstrip(".") or "upload"
+        stem, suffix = safe, ""
+    suffix = f".{suffix[:16]}" if suffix else ""
+    tag = f"-{hashlib.sha256(original.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    if f"{stem}{suffix}" == original and len(original) <= MAX_FILENAME:
+        return original
+    # the end of a long name is kept: the file's own name, after its client folders
+    stem = stem[-(MAX_FILENAME - len(tag) - len(suffix)):].lstrip("._-") or "upload"
+    return f"{stem}{tag}{suffix}"
 
 
 def supported(name: str) -> bool:

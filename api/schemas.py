@@ -165,6 +165,8 @@ class FileOutcomeOut(BaseModel):
     chunks: int
     error: str | None
     doc_id: str | None
+    duplicate_of: str | None = Field(None, description="Status duplicate: the document that already holds these "
+                                     "bytes (not indexed again; RAG_KEEP_DUPLICATES=true indexes both).")
     warnings: list[str] = Field(default_factory=list, description="An ingested file's content that was not indexed "
                                 "(pages that are images without a text layer) or was read by a guess (the encoding "
                                 "of a text file that is not UTF-8).")
@@ -173,7 +175,8 @@ class FileOutcomeOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     collection: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "partial", "failed"] = Field(
+        description="partial: some files failed (see each file's error) and the others were ingested.")
     files: list[FileOutcomeOut]
     progress: dict[str, int]
     created_at: str
@@ -244,7 +247,8 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: str
-    checks: dict[str, Any] = Field(default_factory=dict)
+    reason: str | None = Field(None, description="Why the server is not ready, in plain words (null when ready).")
+    checks: dict[str, Any] = Field(default_factory=dict, description="Details for an admin key (or with auth off).")
 
 
 # ---------------------------------------------------------------- API keys (admin keys only)

@@ -11,13 +11,11 @@ import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -25,8 +23,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from ingest.chunk import CHUNKER_VERSION, Chunker, ChunkSettings
+from ingest.limits import LimitError, Limits, check_size
 from ingest.load import LoadError, load, unsupported_type
 from ingest.pdf import page_count
+from ingest.sandbox import BudgetError, ParsePool
 from rag.config import Settings
 from rag.embed import Embedder
 from rag.models import sha256_files
@@ -35,7 +35,8 @@ from rag.types import Chunk
 
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
-STATUSES = ("new", "changed", "unchanged", "removed", "skipped", "failed")  # skipped: not a supported file type
+# skipped: not a supported type, or a symbolic link out of the ingested folder
+STATUSES = ("new", "changed", "unchanged", "duplicate", "removed", "skipped", "failed")
 
 # Chunks gathered across files before they are embedded: the embedder orders them by token count, so over this many
 # its batches carry under 1% padding (about 5% over 128).
@@ -54,6 +55,7 @@ class FileResult:
     chunks: int = 0
     error: str | None = None
     warnings: tuple[str, ...] = ()  # an ingested file's content that was not indexed, or was read by a guess
+    duplicate_of: str | None = None  # status duplicate: the document (id) that already holds these bytes
 
 
 @dataclass(slots=True)
@@ -115,11 +117,14 @@ class IngestReport:
         }
 
 
-def discover(root: Path, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[Path]:
+def discover(root: Path, include: Iterable[str] = (), exclude: Iterable[str] = (),
+             follow_links: bool = False) -> list[Path]:
     """Files under `root` (or `root` itself), filtered by glob patterns on the path relative to `root`.
 
     Hidden files and folders are skipped. Without --include every file is taken, so unsupported ones are
-    reported rather than silently ignored.
+    reported rather than silently ignored. Folders reached by a symbolic link are searched only with
+    `follow_links`; without it, links that lead out of `root` are returned as they are, for the job to list as
+    skipped (`link_outside`), so nothing outside the folder is read unasked.
     """
     include, exclude = list(include), list(exclude)
     if root.is_file():
@@ -127,16 +132,47 @@ def discover(root: Path, include: Iterable[str] = (), exclude: Iterable[str] = (
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is neither a file nor a folder")
     found = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in path.relative_to(root).parts) or not path.is_file():
-            continue
-        if include and not any(_matches(relative, pattern) for pattern in include):
-            continue
-        if any(_matches(relative, pattern) for pattern in exclude):
-            continue
-        found.append(path)
-    return found
+    searched = {root.resolve()}  # with follow_links: a link back to a folder searched already is not searched again
+    for folder, folders, names in os.walk(root, followlinks=follow_links):
+        folder_path = Path(folder)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        if follow_links:
+            folders[:] = [name for name in folders if (folder_path / name).resolve() not in searched]
+            searched.update((folder_path / name).resolve() for name in folders)
+        else:  # a linked folder is not searched; one that leads out is listed (and then skipped, with the reason)
+            names = names + [name for name in folders if link_outside(folder_path / name, root)]
+        for name in names:
+            path = folder_path / name
+            relative = path.relative_to(root).as_posix()
+            if name.startswith(".") or not (path.is_file() or path.is_symlink()):
+                continue
+            if include and not any(_matches(relative, pattern) for pattern in include):
+                continue
+            if any(_matches(relative, pattern) for pattern in exclude):
+                continue
+            found.append(path)
+    return sorted(found)
+
+
+def display_name(path: Path, root: Path) -> str:
+    """What users are shown for a file instead of its path on the server: its path below the ingested folder (an
+    uploaded file's name, for the uploads area), or its own name when ingested alone or through a link."""
+    try:
+        return path.relative_to(root).as_posix() if root.is_dir() else path.name
+    except ValueError:
+        return path.name
+
+
+def link_outside(path: Path, root: Path) -> str | None:
+    """Why `path` is not ingested without --follow-links: it is a symbolic link that leads out of `root`."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    kind = "folder" if target.is_dir() else "file" if target.exists() else "missing file"
+    return (f"symbolic link to the {kind} {target}, outside the ingested folder: not followed "
+            "(--follow-links follows it)")
 
 
 def _matches(relative: str, pattern: str) -> bool:
@@ -160,18 +196,6 @@ def in_order(submit: Callable[[T], Future[R]], items: Iterable[T], ahead: int) -
         yield result
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: ask Linux to kill this worker when the ingest process dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died while this worker was still starting up
-        os._exit(1)
-
-
 @lru_cache(maxsize=2)
 def _worker_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, max_tokens: int) -> Chunker:
     from rag.models import read_tokenizer
@@ -181,17 +205,35 @@ def _worker_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, 
 
 def parse_file(path: str, source: str, tokenizer_path: str, chunk_tokens: int, chunk_overlap: int,
                max_tokens: int, collection: str = DEFAULT_COLLECTION, map_pages: Callable = map,
-               pages_per_task: int | None = None) -> ParsedFile:
-    """Load and chunk one file (a PDF's pages read by `map_pages`, see `parse_pdf`)."""
+               pages_per_task: int | None = None, limits: Limits | None = None) -> ParsedFile:
+    """Load and chunk one file (a PDF's pages read by `map_pages`, see `parse_pdf`), within `limits`."""
     started = time.perf_counter()
     try:
-        document = load(path, map_pages, pages_per_task)
+        document = load(path, map_pages, pages_per_task, limits)
     except LoadError as error:
         return ParsedFile([], str(error), parse_seconds=time.perf_counter() - started)
     parsed = time.perf_counter()
     chunker = _worker_chunker(tokenizer_path, chunk_tokens, chunk_overlap, max_tokens)
     chunks = chunker.chunk(document, doc_id_for(source, collection), source)
-    return ParsedFile(chunks, None, document.warnings, parsed - started, time.perf_counter() - parsed)
+    warnings = document.warnings
+    if not chunks:  # read, but nothing of it became a chunk (e.g. every line was taken for a heading)
+        warnings = (*warnings, f"no text indexed: the parser read {len(document.elements)} element(s) and none "
+                               "became searchable text, so search will not find this document")
+    return ParsedFile(chunks, None, warnings, parsed - started, time.perf_counter() - parsed)
+
+
+def warm_chunker(tokenizer_path: str, chunk_tokens: int, chunk_overlap: int, max_tokens: int) -> None:
+    """A parse worker's start: read the tokenizer before its first file, which is then not charged for it."""
+    _worker_chunker(tokenizer_path, chunk_tokens, chunk_overlap, max_tokens)
+
+
+def parse_budgeted(pool: ParsePool, arguments: tuple, **options: object) -> ParsedFile:
+    """`parse_file` in one of `pool`'s workers; a file past its time or memory budget fails with the reason."""
+    started = time.perf_counter()
+    try:
+        return pool.call(parse_file, *arguments, **options)
+    except BudgetError as error:
+        return ParsedFile([], str(error), parse_seconds=time.perf_counter() - started)
 
 
 def embed_window(batch_size: int) -> int:
@@ -203,6 +245,7 @@ def embed_window(batch_size: int) -> int:
 class _Pending:
     path: Path
     source: str
+    name: str  # what users are shown (DocumentRecord.name)
     status: str  # new or changed
     content_hash: str
     size: int
@@ -231,11 +274,13 @@ class IngestJob:
                            "embedding_weights": self.embedder.weights}, sort_keys=True)
 
     def run(self, root: Path, include: Iterable[str] = (), exclude: Iterable[str] = (), prune: bool | None = None,
-            on_file: Callable[[FileResult], None] | None = None, on_plan: Callable[[int], None] | None = None
-            ) -> IngestReport:
+            on_file: Callable[[FileResult], None] | None = None, on_plan: Callable[[int], None] | None = None,
+            follow_links: bool = False) -> IngestReport:
+        """`follow_links`: also ingest what symbolic links lead to outside `root` (else they are listed as
+        skipped)."""
         started = time.perf_counter()
         root = Path(root).resolve()
-        files = discover(root, include, exclude)
+        files = discover(root, include, exclude, follow_links)
         prune = root.is_dir() if prune is None else prune
         report = IngestReport()
         notify = on_file or (lambda result: None)
@@ -243,14 +288,28 @@ class IngestJob:
         self.embedder.follow(recorded_chunking(self.settings).get("embedding_weights"))
         store = begin_store(self.settings, self.embedder.name, self.embedder.dimension, json.loads(self.chunking_key))
         try:
-            known = {record.source: record for record in store.documents(self.collection).values()}
+            known = {record.source: record for record in store.documents(collection=self.collection).values()}
+            # What the collection holds after this run, by content: a new file with the same bytes is a duplicate.
+            listed, prefix = {str(path) for path in files}, str(root) + os.sep
+            contents = {record.content_hash: (record.doc_id, record.name) for source, record in known.items()
+                        if not (prune and source.startswith(prefix) and source not in listed)}
             pending: list[_Pending] = []
             touched = False
+            outside: set[str] = set()  # links not followed: what they lead to is not this folder's (and not kept)
             for path in files:
+                if not follow_links and (reason := link_outside(path, root)):
+                    outside.add(str(path))
+                    report.files.append(FileResult(str(path), "skipped", error=reason))
+                    notify(report.files[-1])
+                    continue
                 record = known.get(str(path))
-                result, todo, was_touched = self._classify(path, record, store)
+                result, todo, was_touched = self._classify(path, record, store, display_name(path, root))
                 touched |= was_touched
+                if todo and todo.status == "new" and not self.settings.keep_duplicates:
+                    result = self._duplicate(todo, contents)
+                    todo = None if result else todo
                 if todo:
+                    contents.setdefault(todo.content_hash, (doc_id_for(todo.source, self.collection), todo.name))
                     pending.append(todo)
                     report.stale += record is not None and record.chunking != self.chunking_key
                 else:
@@ -266,8 +325,7 @@ class IngestJob:
                 notify(result)
 
             if prune:
-                present = {str(path) for path in files}
-                prefix = str(root) + os.sep
+                present = listed - outside
                 gone = [record for source, record in known.items() if source.startswith(prefix) and source not in present]
                 store.delete(record.doc_id for record in gone)
                 for record in gone:
@@ -278,9 +336,9 @@ class IngestJob:
             changed = any(r.status in ("new", "changed", "removed") for r in report.files)
             if changed or touched:
                 report.snapshot = store.commit().name
-                report.index_counts = store.counts(self.collection)
+                report.index_counts = store.counts(collection=self.collection)
             else:
-                report.index_counts = store.counts(self.collection)
+                report.index_counts = store.counts(collection=self.collection)
                 store.abort()
         except BaseException:
             store.abort()
@@ -290,7 +348,18 @@ class IngestJob:
         report.total_seconds = time.perf_counter() - started
         return report
 
-    def _classify(self, path: Path, record: DocumentRecord | None, store: Store
+    @staticmethod
+    def _duplicate(todo: _Pending, contents: dict[str, tuple[str, str]]) -> FileResult | None:
+        """A new file whose bytes a document of the collection (or an earlier file of this run) already holds: the
+        one user complaint about ingestion heard most from every peer is the same report indexed twice."""
+        if todo.content_hash not in contents:
+            return None
+        doc_id, name = contents[todo.content_hash]
+        return FileResult(todo.source, "duplicate", duplicate_of=doc_id,
+                          error=f"the same content as '{name}' ({doc_id}), which is indexed: not indexed again "
+                                "(RAG_KEEP_DUPLICATES=true indexes both)")
+
+    def _classify(self, path: Path, record: DocumentRecord | None, store: Store, name: str
                   ) -> tuple[FileResult | None, _Pending | None, bool]:
         """Decide whether a file needs parsing. Size + mtime unchanged means unchanged without reading it."""
         source = str(path)
@@ -298,6 +367,11 @@ class IngestJob:
         if unsupported:  # listed, not parsed (a re-run over such a file loads no model), and not a failure
             return FileResult(source, "skipped", error=unsupported), None, False
         stat = path.stat()
+        try:  # before the file is hashed or read
+            check_size(stat.st_size, Limits.from_settings(self.settings))
+        except LimitError as error:
+            kept = " (previous version kept in the index)" if record else ""
+            return FileResult(source, "failed", error=f"{error}{kept}"), None, False
         if record and record.chunking == self.chunking_key:
             if (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
                 return FileResult(source, "unchanged", record.chunk_count), None, False
@@ -308,36 +382,32 @@ class IngestJob:
         else:
             content_hash = sha256_files(path)
         status = "changed" if record else "new"
-        return None, _Pending(path, source, status, content_hash, stat.st_size, stat.st_mtime_ns), False
+        return None, _Pending(path, source, name, status, content_hash, stat.st_size, stat.st_mtime_ns), False
 
     def _parsed(self, pending: list[_Pending]) -> Iterator[tuple[_Pending, ParsedFile]]:
-        """Parse results in input order: with `parse_workers` > 1, files are parsed in worker processes, and the
-        pages of a PDF longer than PAGES_PER_TASK are read across them (one long upload is not left to one core)."""
-        arguments = [
-            (str(item.path), item.source, str(self.embedder.path), self.chunk_settings.chunk_tokens,
-             self.chunk_settings.chunk_overlap, self.embedder.max_tokens, self.collection)
-            for item in pending
-        ]
+        """Parse results in input order. Files are parsed in `parse_workers` worker processes, each file within the
+        time and memory budget of one (ingest/sandbox.py), so a runaway file fails alone and holds up the files
+        behind it no longer than that; with several workers, the pages of a PDF longer than PAGES_PER_TASK are read
+        across them (one long upload is not left to one core), each range of them within that budget."""
+        limits = Limits.from_settings(self.settings)
+        chunker = (str(self.embedder.path), self.chunk_settings.chunk_tokens, self.chunk_settings.chunk_overlap,
+                   self.embedder.max_tokens)
+        arguments = [(str(item.path), item.source, *chunker, self.collection) for item in pending]
         workers = self.settings.parse_workers
 
         def split(item: _Pending) -> bool:
-            return item.path.suffix.lower() == ".pdf" and page_count(item.path) > PAGES_PER_TASK
+            return workers > 1 and item.path.suffix.lower() == ".pdf" and page_count(item.path) > PAGES_PER_TASK
 
-        if workers <= 1 or (len(pending) == 1 and not split(pending[0])):
-            for item, args in zip(pending, arguments):
-                yield item, parse_file(*args)
-            return
-        # spawn, not fork: this process may already hold torch's thread pools, which do not survive a fork. The
-        # thread that reads long PDFs starts workers too (pool.map), and Linux kills a worker when the thread that
-        # started it ends (PR_SET_PDEATHSIG, _die_with_parent): so that thread ends last, after every worker.
-        with ThreadPoolExecutor(1, "long-pdf") as long_pdfs, ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
-                initargs=(os.getpid(),)) as pool:
+        # The pool closes first (on leaving early too: its busy workers are killed), so no thread waits on a parse.
+        with ThreadPoolExecutor(1, "long-pdf") as long_pdfs, ThreadPoolExecutor(workers, "parse") as parses, \
+                ParsePool(workers, self.settings.parse_timeout_s, self.settings.parse_memory_mb,
+                          warm_up=(warm_chunker, chunker)) as pool:
             def submit(entry: tuple[_Pending, tuple]) -> Future:
                 item, args = entry
                 if split(item):  # pages read by the workers; page furniture, elements and chunks found here
-                    return long_pdfs.submit(parse_file, *args, map_pages=pool.map, pages_per_task=PAGES_PER_TASK)
-                return pool.submit(parse_file, *args)
+                    return long_pdfs.submit(parse_file, *args, map_pages=pool.map, pages_per_task=PAGES_PER_TASK,
+                                            limits=limits)
+                return parses.submit(parse_budgeted, pool, args, limits=limits)
 
             yield from zip(pending, in_order(submit, zip(pending, arguments), workers * PARSE_AHEAD_PER_WORKER))
 
@@ -377,7 +447,7 @@ class IngestJob:
             chunks = parsed.chunks
             record = DocumentRecord(doc_id_for(item.source, self.collection), item.source, item.content_hash,
                                     item.size, item.mtime_ns, self.chunking_key, len(chunks), now, self.collection,
-                                    parsed.warnings)
+                                    parsed.warnings, item.name)
             store.add_document(record, chunks, vectors[offset:offset + len(chunks)])
             offset += len(chunks)
             report.chunks_added += len(chunks)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag import offline  # noqa: F401  (telemetry off before unstructured is imported)
+from ingest.limits import LimitError, Limits, check_chars, check_file, check_text_size, flatten_deep_html
 from ingest.pdf import PdfError, names_organisation, parse_pdf
 from rag.models import package_dir
 
@@ -52,6 +53,23 @@ def _use_packaged_spacy_model() -> None:
     tokenize._SPACY_MODEL_NAME = str(model_dir)
 
 
+def warm_up() -> None:
+    """Import the parsers and load what they load on first use (spaCy's model, NLTK's data: seconds), so that a
+    parse worker's first file is not charged for it (ingest/preload.py)."""
+    _use_packaged_spacy_model()
+    from unstructured.partition.docx import partition_docx  # noqa: F401
+    from unstructured.partition.html import partition_html
+    from unstructured.partition.md import partition_md
+    from unstructured.partition.pptx import partition_pptx  # noqa: F401
+    from unstructured.partition.text import partition_text
+    from unstructured.partition.xlsx import partition_xlsx  # noqa: F401
+
+    sample = "# Warm up\n\nA sentence to read. Another one follows it.\n"
+    partition_md(text=sample)
+    partition_text(text=sample)
+    partition_html(text="<html><body><h1>Warm up</h1><p>A sentence to read.</p></body></html>")
+
+
 def decode_text(data: bytes) -> tuple[str, str | None]:
     """Text files must be text: reject binary content and undecodable bytes instead of indexing garbage. Returns the
     text and, where it is not UTF-8, the encoding it was read in (a guess, so the uploader is told)."""
@@ -76,11 +94,15 @@ def unsupported_type(path: Path) -> str | None:
     return f"unsupported file type '{suffix or path.name}' (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})"
 
 
-def _partition(path: Path) -> tuple[list, tuple[str, ...]]:
+def _partition(path: Path, limits: Limits | None) -> tuple[list, tuple[str, ...]]:
     """unstructured's elements of a file, and warnings about how it was read."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
+        if limits:
+            check_text_size(path.stat().st_size, limits)
         text, encoding = decode_text(path.read_bytes())
+        if limits:
+            check_chars(len(text), limits)
         warnings = (f"not UTF-8: read as {encoding} (a guess; check accented letters and symbols)",) if encoding else ()
         if suffix in {".md", ".markdown"}:
             from unstructured.partition.md import partition_md
@@ -92,6 +114,10 @@ def _partition(path: Path) -> tuple[list, tuple[str, ...]]:
     if suffix in {".html", ".htm"}:
         from unstructured.partition.html import partition_html
 
+        if limits:  # the parser drops what nests deeper than it goes: flatten the document to a depth it reads
+            html, warning = flatten_deep_html(decode_text(path.read_bytes())[0], limits)
+            if warning:
+                return partition_html(text=html), (warning,)
         return partition_html(filename=str(path)), ()
     if suffix == ".docx":
         from unstructured.partition.docx import partition_docx
@@ -133,8 +159,10 @@ def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> Lo
     return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author, tuple(warnings))
 
 
-def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None) -> LoadedDocument:
-    """Parse a file into content elements, each with its page and the heading it sits under.
+def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None,
+         limits: Limits | None = None) -> LoadedDocument:
+    """Parse a file into content elements, each with its page and the heading it sits under; with `limits`, a file
+    over one fails (LoadError naming the limit), before it is parsed where that can be judged (ingest/limits.py).
 
     PDFs are read with pypdfium2 (ingest/pdf.py; its pages by `map_pages`, see `parse_pdf`), and by unstructured
     where that fails other than by a reason of the file's own (a password, corruption, no text layer); every other
@@ -148,18 +176,30 @@ def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None
         raise LoadError("not a regular file")
     if path.stat().st_size == 0:
         raise LoadError("empty file")
+    try:
+        if limits:
+            check_file(path, limits)
+        document = _load(path, map_pages, pages_per_task, limits)
+        if limits:
+            check_chars(sum(len(element.text) for element in document.elements), limits)
+    except LimitError as error:
+        raise LoadError(str(error)) from None
+    return document
+
+
+def _load(path: Path, map_pages: Callable, pages_per_task: int | None, limits: Limits | None) -> LoadedDocument:
     failed_first = ""
     if path.suffix.lower() == ".pdf":
         try:
             return _load_pdf(path, map_pages, pages_per_task)
-        except LoadError:
+        except (LoadError, MemoryError):
             raise
         except Exception as error:  # ingest.pdf's fault on an unusual file: unstructured's slower reading beats none
             failed_first = _describe(error)
     try:
         _use_packaged_spacy_model()
-        raw_elements, warnings = _partition(path)
-    except LoadError:
+        raw_elements, warnings = _partition(path, limits)
+    except (LoadError, LimitError, MemoryError):  # MemoryError: the parse worker's budget (ingest/sandbox.py)
         raise
     except Exception as error:  # a parser's failure on one file must not stop the job
         message = _describe(error)

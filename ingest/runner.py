@@ -28,7 +28,7 @@ from rag.config import Settings
 from rag.errors import ConflictError
 from rag.store import IndexBusyError, open_job_log
 from rag.store.embedded import crash_point
-from rag.store.jobs import FileOutcome, Job, JobLog, LeaseLostError, utc_now
+from rag.store.jobs import FINISHED, FileOutcome, Job, JobLog, LeaseLostError, utc_now
 
 logger = logging.getLogger("rag.ingest")
 INCOMING = ".incoming"
@@ -81,9 +81,11 @@ class JobRunner:
             shutil.rmtree(incoming, ignore_errors=True)
             raise
 
-    def start_path(self, root: Path, include=(), exclude=(), prune: bool | None = None) -> Job:
+    def start_path(self, root: Path, include=(), exclude=(), prune: bool | None = None,
+                   follow_links: bool = False) -> Job:
         """Record a `rag ingest` run, or take over an interrupted one with the same arguments."""
-        spec = {"root": str(Path(root).resolve()), "include": list(include), "exclude": list(exclude), "prune": prune}
+        spec = {"root": str(Path(root).resolve()), "include": list(include), "exclude": list(exclude), "prune": prune,
+                "follow_links": follow_links}
         collection = self.settings.collection
         for job in self.log.unfinished(kind="path"):
             if job.spec == spec and job.collection == collection:
@@ -92,14 +94,23 @@ class JobRunner:
 
     def recover(self) -> list[Job]:
         """Uploads to run again (queued, or interrupted by a dead process); interrupted `rag ingest` runs are
-        closed as failed (their user re-runs the command, which finishes the work)."""
+        closed as failed (their user re-runs the command, which finishes the work), and so are uploads whose runs
+        ended with their process RAG_JOB_MAX_ATTEMPTS times (something in them takes the process down: resumed
+        at every start, such a job would hold up the queue behind it for ever)."""
         resumable = []
         for job in self.log.unfinished():
-            if job.kind == "upload":
+            if job.kind == "upload" and job.attempts < self.settings.job_max_attempts:
                 resumable.append(job)
                 continue
             job.status, job.finished_at = "failed", utc_now()
-            job.error = "interrupted: the `rag ingest` process ended before finishing; run it again to complete"
+            if job.kind == "upload":
+                job.error = (f"gave up after {job.attempts} attempts: the process running this job ended before it "
+                             f"finished each time (RAG_JOB_MAX_ATTEMPTS is {self.settings.job_max_attempts})")
+                for outcome in job.files:
+                    if outcome.status == "pending":
+                        outcome.status, outcome.error = "failed", "the job failed before this file was ingested"
+            else:
+                job.error = "interrupted: the `rag ingest` process ended before finishing; run it again to complete"
             self.log.save(job)
         self.remove_unrecorded_uploads()
         return resumable
@@ -113,7 +124,7 @@ class JobRunner:
         for folder in incoming.iterdir():
             job = self.log.get(folder.name)
             if (job is None and time.time() - folder.stat().st_mtime >= min_age_s) or \
-                    (job is not None and job.status in ("succeeded", "failed")):
+                    (job is not None and job.status in FINISHED):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def get(self, job_id: str, collection: str | None = None) -> Job | None:
@@ -147,7 +158,8 @@ class JobRunner:
         except BaseException as error:
             self._failed(job, error)
             raise
-        job.snapshot, job.index, job.status, job.error = report.snapshot, report.index_counts, "succeeded", None
+        job.snapshot, job.index = report.snapshot, report.index_counts
+        job.status, job.error = _outcome(job, report)
         self._finish(job)
         return report
 
@@ -157,7 +169,8 @@ class JobRunner:
             return self._run_upload(job, settings, on_file, on_plan)
         spec = job.spec
         return self._when_writable(lambda: IngestJob(settings, self.embedder).run(
-            Path(spec["root"]), spec["include"], spec["exclude"], spec["prune"], on_file=on_file, on_plan=on_plan))
+            Path(spec["root"]), spec["include"], spec["exclude"], spec["prune"], on_file=on_file, on_plan=on_plan,
+            follow_links=spec.get("follow_links", False)))
 
     def _failed(self, job: Job, error: BaseException) -> None:
         if self.log.shared and job.kind == "upload" and not isinstance(error, Exception):
@@ -222,9 +235,13 @@ class JobRunner:
         def record(result: FileResult) -> None:
             outcome = by_source.get(result.source)
             if outcome is not None:
+                if result.status == "duplicate":  # its bytes are indexed already: the area keeps one copy
+                    (target / outcome.filename).unlink(missing_ok=True)
                 outcome.status, outcome.chunks, outcome.error = result.status, result.chunks, result.error
                 outcome.warnings = list(result.warnings)
-                outcome.doc_id = doc_id_for(result.source, job.collection) if result.status != "failed" else None
+                # a duplicate's bytes are in the document it duplicates: the one its uploader can find and open
+                outcome.doc_id = result.duplicate_of or (
+                    doc_id_for(result.source, job.collection) if result.status != "failed" else None)
                 self.log.save(job)
             on_file(result)
 
@@ -246,6 +263,17 @@ class JobRunner:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
+
+
+def _outcome(job: Job, report: IngestReport) -> tuple[str, str | None]:
+    """A run that went to its end: `succeeded`, or `partial` when some files failed (each with its reason, in the
+    job's files or the report) while the others were ingested."""
+    failed = {result.source for result in report.failed} | {f.source for f in job.files if f.status == "failed"}
+    if not failed:
+        return "succeeded", None
+    total = len(job.files) or sum(1 for result in report.files if result.status != "removed")
+    others = "; the others were ingested" if total > len(failed) else ""
+    return "partial", f"{len(failed)} of {total} files failed{others}"
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -82,8 +82,33 @@ class Settings(BaseSettings):
 
     # Ingestion
     parse_workers: int = Field(
-        1, ge=1, le=64, description="Processes parsing documents beside the embedding (1: parse in-process; on 2 "
-        "cores with bf16 embedding, 2 measured slower end to end). Raise it on machines with more cores.")
+        1, ge=1, le=64, description="Processes parsing documents beside the embedding (each file within the "
+        "budget below; on 2 cores with bf16 embedding, 2 measured slower end to end than 1). Raise it on machines "
+        "with more cores.")
+
+    # Hostile or runaway files: limits checked before a file is parsed (ingest/limits.py) and the budget of the
+    # worker process that parses it (ingest/sandbox.py). A file over one fails with a reason naming the setting.
+    max_file_mb: float = Field(200.0, gt=0, description="Largest file ingested, in MB.")
+    max_expanded_mb: float = Field(
+        512.0, gt=0, description="Most MB a zip container (docx, pptx, xlsx, odt, epub) may inflate to, read from "
+        "its central directory before anything is inflated (a zip bomb is refused).")
+    max_zip_members: int = Field(10_000, ge=1, description="Most files inside one zip container.")
+    max_sheet_rows: int = Field(100_000, ge=1, description="Most rows in one spreadsheet sheet.")
+    max_sheet_cells: int = Field(2_000_000, ge=1, description="Most cells in one spreadsheet sheet.")
+    max_pdf_pages: int = Field(2_000, ge=1, description="Most pages in one PDF.")
+    max_document_chars: int = Field(20_000_000, ge=1, description="Most characters of text in one document.")
+    max_nesting_depth: int = Field(
+        200, ge=8, le=250, description="HTML nested deeper than this is flattened to it, with a warning (the HTML "
+        "parser below drops what lies deeper than 255 levels).")
+    parse_timeout_s: float = Field(
+        300.0, gt=0, description="Longest a parse worker may spend on one file (a long PDF: on each range of its "
+        "pages); the file then fails and the worker is replaced.")
+    parse_memory_mb: int = Field(
+        2048, ge=64, description="Memory a parse worker may take for one file, on top of what it holds when it "
+        "starts (an address-space limit); past it the file fails and the worker is replaced.")
+    keep_duplicates: bool = Field(
+        False, description="Index a file whose bytes equal a document's already in the collection (under another "
+        "name) as a document of its own; by default it is reported as a duplicate of that one and not indexed again.")
     job_retention_days: float = Field(
         7.0, gt=0, description="Finished ingestion jobs older than this are forgotten (GET /v1/jobs/{id} then 404s).")
 

@@ -117,7 +117,7 @@ def wait_job(client, job_id: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
+        if job["status"] in ("succeeded", "partial", "failed"):
             return job
         assert time.monotonic() < deadline, job
         time.sleep(0.1)
@@ -132,10 +132,11 @@ def test_healthz_needs_no_key(client):
     assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
-def test_readyz_reports_models_and_snapshot(client):
+def test_readyz_says_ready_to_anyone_and_the_details_to_an_admin(client):
     body = client.get("/readyz", headers={"Authorization": ""}).json()
-    assert body["status"] == "ready"
-    assert body["checks"]["models_loaded"] and body["checks"]["index_open"] and body["checks"]["snapshot"]
+    assert body == {"status": "ready", "reason": None, "checks": {}}
+    checks = client.get("/readyz").json()["checks"]  # an environment key: an admin of every collection
+    assert checks["models_loaded"] and checks["index_open"] and checks["snapshot"]
 
 
 def test_readyz_is_503_without_an_index(tmp_path, embedder, generator):
@@ -154,7 +155,8 @@ def test_readyz_is_503_without_an_index(tmp_path, embedder, generator):
             time.sleep(0.05)
         response = client.get("/readyz")
         assert response.status_code == 503 and "Retry-After" in response.headers
-        assert "No index" in response.json()["checks"]["error"]
+        assert response.json()["reason"] == "No index yet: ingest or upload documents."
+        assert "No index" in response.json()["checks"]["error"]  # the operator's detail (auth is off)
         search = client.post("/v1/search", json={"query": "timeouts"})
         assert search.status_code == 503 and search.json()["error"]["code"] == "index_unavailable"
 
@@ -404,7 +406,7 @@ def test_upload_ingests_in_background_then_delete(fresh_client):
                                                               "application/pdf"))])
     assert response.status_code == 202
     accepted = response.json()
-    assert accepted["files"] == ["Quokka_notes.md", "signed.pdf"]
+    assert accepted["files"] == ["etc_Quokka_notes-1aa15644.md", "signed.pdf"]  # the client's path kept, and changed
     job = wait_job(client, accepted["job_id"])
     assert job["status"] == "succeeded" and job["progress"] == {"files_total": 2, "files_done": 2}
     assert [f["status"] for f in job["files"]] == ["new", "new"] and job["snapshot"]
@@ -412,13 +414,14 @@ def test_upload_ingests_in_background_then_delete(fresh_client):
     assert [len(f["warnings"]) for f in job["files"]] == [0, 1] and job["files"][1]["chunks"] > 0
     assert job["files"][1]["warnings"][0].endswith("not indexed: page 2, 4")
     uploads = client.app.state.ingest.runner.collection_dir("default").resolve()
-    assert all(Path(f["source"]).parent == uploads for f in job["files"])  # sanitised: inside the upload area
+    # sanitised: inside the upload area, and shown by that name (never the server's path)
+    assert all((uploads / f["filename"]).is_file() and f["source"] == f["filename"] for f in job["files"])
 
     hit = client.post("/v1/search", json={"query": "quokka-mode marsupial", "k": 1}).json()["results"][0]
-    assert hit["source"].endswith("Quokka_notes.md")
+    assert hit["source"].endswith("etc_Quokka_notes-1aa15644.md")
     listed = {Path(d["source"]).name: d for d in client.get("/v1/documents").json()["documents"]}
     assert len(listed) == 5 and listed["signed.pdf"]["warnings"] == job["files"][1]["warnings"]
-    assert listed["Quokka_notes.md"]["warnings"] == []
+    assert listed["etc_Quokka_notes-1aa15644.md"]["warnings"] == []
 
     doc_id = job["files"][0]["doc_id"]
     deleted = client.delete(f"/v1/documents/{doc_id}")
@@ -437,11 +440,28 @@ def test_reupload_replaces_the_document(fresh_client):
     assert len(client.get("/v1/documents").json()["documents"]) == 4
 
 
+def test_the_same_bytes_under_another_name_are_a_duplicate_not_a_second_document(fresh_client, api_index):
+    client = fresh_client()
+    note = b"# Ferry\n\nThe ferry to the island leaves at nine and returns at five.\n"
+    first = wait_job(client, client.post("/v1/documents", files={"files": ("ferry.md", note)}).json()["job_id"])
+    chunks = client.get("/v1/documents").json()["counts"]["chunks"]
+    again = wait_job(client, client.post("/v1/documents", files={"files": ("ferry-copy.md", note)}).json()["job_id"])
+    (outcome,) = again["files"]
+    assert again["status"] == "succeeded" and outcome["status"] == "duplicate" and outcome["chunks"] == 0
+    assert outcome["duplicate_of"] == first["files"][0]["doc_id"] and "ferry.md" in outcome["error"]
+    listed = client.get("/v1/documents").json()
+    assert listed["counts"]["chunks"] == chunks and "ferry-copy.md" not in {d["source"] for d in listed["documents"]}
+    assert not (api_index / "uploads" / "default" / "ferry-copy.md").exists()  # one copy kept on disk
+    # A changed file under a known name still replaces it.
+    changed = client.post("/v1/documents", files={"files": ("ferry.md", note + b"\nOn Sundays it does not run.\n")})
+    assert wait_job(client, changed.json()["job_id"])["files"][0]["status"] == "changed"
+
+
 def test_failed_file_is_reported_per_file(fresh_client):
     client = fresh_client()
     response = client.post("/v1/documents", files={"files": ("broken.pdf", b"%PDF-1.4 not really a pdf")})
     job = wait_job(client, response.json()["job_id"])
-    assert job["status"] == "succeeded"
+    assert job["status"] == "partial" and job["error"] == "1 of 1 files failed"
     assert job["files"][0]["status"] == "failed" and job["files"][0]["error"]
 
 
@@ -487,11 +507,12 @@ def test_unknown_job_and_document_are_404(client):
 def test_sanitize_filename():
     from api.jobs import sanitize_filename
 
-    assert sanitize_filename("../../etc/passwd") == "passwd"
-    assert sanitize_filename("..\\..\\win.ini") == "win.ini"
-    assert sanitize_filename(".hidden.md") == "hidden.md"
-    assert sanitize_filename("[a]*?.md") == "a_.md"
-    assert sanitize_filename("") == "upload"
+    assert sanitize_filename("../../etc/passwd") == "etc_passwd-3754d6cb"
+    assert sanitize_filename("..\\..\\win.ini") == "win-c779783d.ini"
+    assert sanitize_filename(".hidden.md") == "hidden-1f38d3ab.md"
+    assert sanitize_filename("[a]*?.md") == "a_-2d855da5.md"
+    assert sanitize_filename("") == "upload-e3b0c442"
+    assert sanitize_filename("notes.md") == "notes.md"  # a safe name is kept as it is: uploading it again replaces it
     assert len(sanitize_filename("x" * 500 + ".md")) <= 128
 
 
@@ -525,3 +546,28 @@ def test_unexpected_error_is_500_without_trace(fresh_client, monkeypatch):
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error" and response.json()["error"]["request_id"]
     assert "secret" not in response.text and "Traceback" not in response.text
+
+
+def test_no_response_shows_a_path_of_the_server(fresh_client, api_index):
+    """Users see documents by name; the index's folder, the corpus's and the uploads area stay on the server."""
+    client = fresh_client()
+    internal = (str(api_index.parent), str(CORPUS), str(api_index / "uploads"))
+    job = client.post("/v1/documents", files={"files": ("ferry-notes.md", b"# Notes\n\nThe ferry leaves at nine.\n")})
+    done = wait_job(client, job.json()["job_id"])
+    assert done["status"] == "succeeded", done
+    hits = client.post("/v1/search", json={"query": "ferry leaves at nine", "k": 3}).json()["results"]
+    assert hits[0]["source"] == "ferry-notes.md"
+    assert {hit["source"] for hit in hits[1:]} <= {Path(name).name for name in HTTPX_FILES}
+    asked = {"question": "How do I set a timeout on a client?", "max_new_tokens": 8, "path": "rag"}
+    responses = [job, client.get(f"/v1/jobs/{done['id']}"), client.get("/v1/documents"),
+                 client.post("/v1/search", json={"query": "timeouts"}), client.post("/v1/ask", json=asked),
+                 client.post("/v1/ask", json={**asked, "stream": True}),
+                 client.post("/v1/chat/completions", json={"model": "rag", "max_tokens": 8, "messages": [
+                     {"role": "user", "content": asked["question"]}]}),
+                 client.get(f"/v1/chunks/{hits[0]['chunk_id']}"), client.get("/readyz", headers={"Authorization": ""}),
+                 client.get("/v1/models"), client.get("/"),
+                 client.delete(f"/v1/documents/{hits[0]['doc_id']}")]
+    for response in responses:
+        assert response.status_code < 300, (response.request.url, response.text)
+        assert not [path for path in internal if path in response.text], (response.request.url, response.text)
+    assert {document["source"] for document in responses[2].json()["documents"]} >= {"ferry-notes.md", "timeouts.md"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rag.store import Store
+from rag.types import ALL_COLLECTIONS
 from tests.conftest import CORPUS
 
 
@@ -49,7 +50,9 @@ def _assert_no_orphaned_workers(index: Path) -> None:
     """Parse workers must die with the killed ingest instead of lingering with ~0.5 GB each."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        orphans = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout
+        # parse workers and the forkserver they are forked from (ingest/sandbox.py)
+        orphans = subprocess.run(["pgrep", "-f", r"multiprocessing\.(spawn|forkserver)"], capture_output=True,
+                                 text=True).stdout
         mine = [pid for pid in orphans.split() if int(pid) != os.getpid() and _parent(int(pid)) == 1]
         if not mine:
             return
@@ -71,7 +74,7 @@ def test_sigkill_mid_ingest_leaves_the_previous_snapshot_loadable(tmp_path, dela
     shutil.copytree(CORPUS / "httpx", source)
     seed = _rag("ingest", str(source / "advanced"), "--index", str(index), "--json")
     assert seed.wait(timeout=120) == 0, seed.communicate()
-    before = Store.open(index).counts()
+    before = Store.open(index).counts(collection=ALL_COLLECTIONS)
 
     (source / "ntsb").mkdir()
     for pdf in sorted((CORPUS / "ntsb").glob("*.pdf"))[:2]:
@@ -84,7 +87,7 @@ def test_sigkill_mid_ingest_leaves_the_previous_snapshot_loadable(tmp_path, dela
     _assert_no_orphaned_workers(index)
 
     store = Store.open(index)  # loadable, consistent, and either the old snapshot or a complete new one
-    counts = store.counts()
+    counts = store.counts(collection=ALL_COLLECTIONS)
     assert counts["chunks"] == counts["vectors"]
     assert counts == before or process.returncode == 0
 
@@ -92,7 +95,7 @@ def test_sigkill_mid_ingest_leaves_the_previous_snapshot_loadable(tmp_path, dela
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr.decode()
     report = json.loads(stdout)
-    after = Store.open(index).counts()
+    after = Store.open(index).counts(collection=ALL_COLLECTIONS)
     assert after["documents"] == len(list(source.rglob("*.md"))) + len(list(source.rglob("*.pdf")))
     assert after == report["index"]
     # the killed writer's leftovers are cleaned up: every segment file is registered, no temp file remains

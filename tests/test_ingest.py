@@ -9,6 +9,7 @@ import pytest
 
 from ingest.job import IngestJob
 from rag.store import IndexMismatchError, IndexNotFoundError, Store
+from rag.types import ALL_COLLECTIONS
 from tests.conftest import CORPUS
 from tests.pdfs import report_with_scanned_pages, scan_without_text
 
@@ -27,14 +28,14 @@ def test_ingest_writes_a_complete_snapshot(docs_dir, settings, embedder):
     report = IngestJob(settings, embedder).run(docs_dir)
     assert report.status_counts["new"] == 6 and not report.failed
     store = Store.open(settings.index_dir, embedder.name, embedder.dimension)
-    counts = store.counts()
+    counts = store.counts(collection=ALL_COLLECTIONS)
     assert counts["documents"] == 6 and counts["chunks"] == counts["vectors"] > 20
     manifest = store.manifest
     assert manifest.embedding_model == embedder.name and manifest.dimension == 384
     assert manifest.chunking["chunk_tokens"] == settings.chunk_tokens and manifest.created_at
-    pdf_chunks = [c for c in store.iter_chunks() if c.source.endswith("ntsb-report.pdf")]
+    pdf_chunks = [c for c in store.iter_chunks(collection=ALL_COLLECTIONS) if c.source.endswith("ntsb-report.pdf")]
     assert pdf_chunks and all(c.page for c in pdf_chunks)
-    assert any(c.heading for c in store.iter_chunks() if c.source.endswith("quickstart.md"))
+    assert any(c.heading for c in store.iter_chunks(collection=ALL_COLLECTIONS) if c.source.endswith("quickstart.md"))
     assert (settings.index_dir / "store.sqlite").exists() and list((settings.index_dir / "segments").glob("*.faiss"))
     assert not list(settings.index_dir.rglob("*.pkl")) and not list(settings.index_dir.rglob("*.pickle"))
 
@@ -45,7 +46,7 @@ def test_three_runs_leave_identical_counts_and_no_duplicates(docs_dir, settings,
     assert reports[1].status_counts["unchanged"] == reports[2].status_counts["unchanged"] == 6
     assert reports[1].snapshot is None and reports[2].snapshot is None  # nothing changed, nothing rewritten
     store = Store.open(settings.index_dir)
-    assert store.counts() == reports[0].index_counts
+    assert store.counts(collection=ALL_COLLECTIONS) == reports[0].index_counts
     assert _duplicates(store) == 0
 
 
@@ -77,14 +78,15 @@ def test_changed_file_replaces_its_chunks_and_deleted_file_is_pruned(docs_dir, s
     (docs_dir / "notes.txt").write_text("The release train now leaves every Friday at noon.\n")
     (docs_dir / "blog.html").unlink()
     report = job.run(docs_dir)
-    assert report.status_counts == {"new": 0, "changed": 1, "unchanged": 4, "removed": 1, "skipped": 0, "failed": 0}
+    assert report.status_counts == {"new": 0, "changed": 1, "unchanged": 4, "duplicate": 0, "removed": 1, "skipped": 0,
+                                    "failed": 0}
     store = Store.open(settings.index_dir)
-    texts = [c.text for c in store.iter_chunks() if c.source.endswith("notes.txt")]
+    texts = [c.text for c in store.iter_chunks(collection=ALL_COLLECTIONS) if c.source.endswith("notes.txt")]
     assert texts == ["The release train now leaves every Friday at noon."]
-    assert not [c for c in store.iter_chunks() if c.source.endswith("blog.html")]
-    assert store.counts()["documents"] == before["documents"] - 1
-    assert store.counts()["chunks"] == store.counts()["vectors"]
-    hit, _ = store.search(embedder.encode_query("when does the release train leave?"), 1)[0]
+    assert not [c for c in store.iter_chunks(collection=ALL_COLLECTIONS) if c.source.endswith("blog.html")]
+    assert store.counts(collection=ALL_COLLECTIONS)["documents"] == before["documents"] - 1
+    assert store.counts(collection=ALL_COLLECTIONS)["chunks"] == store.counts(collection=ALL_COLLECTIONS)["vectors"]
+    hit, _ = store.search(embedder.encode_query("when does the release train leave?"), 1, collection=ALL_COLLECTIONS)[0]
     assert "Friday" in hit.text
 
 
@@ -94,7 +96,24 @@ def test_no_prune_keeps_documents_of_deleted_files(docs_dir, settings, embedder)
     (docs_dir / "notes.txt").unlink()
     report = job.run(docs_dir, prune=False)
     assert report.status_counts["removed"] == 0
-    assert Store.open(settings.index_dir).counts()["documents"] == 6
+    assert Store.open(settings.index_dir).counts(collection=ALL_COLLECTIONS)["documents"] == 6
+
+
+def test_a_copy_of_a_file_is_reported_as_its_duplicate_unless_asked_to_keep_both(docs_dir, settings, embedder):
+    (docs_dir / "copies").mkdir()
+    shutil.copy(docs_dir / "timeouts.md", docs_dir / "copies" / "timeouts-again.md")
+    report = IngestJob(settings, embedder).run(docs_dir)
+    (duplicate,) = [result for result in report.files if result.status == "duplicate"]
+    names = {record.name: record for record in Store.open(settings.index_dir).documents(collection="default").values()}
+    copies = {"timeouts.md", "copies/timeouts-again.md"}
+    (indexed,) = copies & set(names)  # the first one found; the other is its duplicate
+    assert duplicate.source.endswith((copies - {indexed}).pop()) and duplicate.chunks == 0
+    assert duplicate.duplicate_of == names[indexed].doc_id and f"'{indexed}'" in duplicate.error
+    assert report.status_counts["duplicate"] == 1 and not report.failed
+
+    kept = IngestJob(settings.with_overrides(keep_duplicates=True), embedder).run(docs_dir)
+    assert [result.status for result in kept.files if result.source == duplicate.source] == ["new"]
+    assert copies <= {record.name for record in Store.open(settings.index_dir).documents(collection="default").values()}
 
 
 def test_include_and_exclude_globs(docs_dir, settings, embedder):
@@ -117,7 +136,7 @@ def test_bad_inputs_are_reported_and_everything_else_ingests(docs_dir, settings,
     # A file of an unsupported type is listed as skipped, with the reason, and is not a failure.
     assert [(Path(r.source).name, "unsupported file type" in r.error) for r in report.skipped] == [("table.numbers", True)]
     assert report.status_counts["new"] == 6 and report.status_counts["skipped"] == 1
-    assert Store.open(settings.index_dir).counts()["documents"] == 6
+    assert Store.open(settings.index_dir).counts(collection=ALL_COLLECTIONS)["documents"] == 6
 
 
 def test_what_an_ingested_file_could_not_give_the_index_is_reported_with_it(tmp_path, settings, embedder, caplog):
@@ -137,7 +156,7 @@ def test_what_an_ingested_file_could_not_give_the_index_is_reported_with_it(tmp_
     again = IngestJob(settings, embedder).run(folder)
     assert again.status_counts["unchanged"] == 2 and not again.warned
     store = Store.open(settings.index_dir)
-    assert {Path(r.source).name: r.warnings for r in store.documents().values()} == {
+    assert {Path(r.source).name: r.warnings for r in store.documents(collection=ALL_COLLECTIONS).values()} == {
         "signed.pdf": signed.warnings, "quickstart.md": ()}
     store.close()
 
@@ -153,8 +172,8 @@ def test_documents_built_by_an_older_chunker_are_rechunked_without_duplicates(do
     assert report.stale == 6 and report.status_counts["changed"] == 6
     assert "6 documents were built by an older parser" in caplog.text
     store = Store.open(settings.index_dir)
-    assert store.counts()["documents"] == 6 and _duplicates(store) == 0
-    assert store.counts()["chunks"] == report.chunks_added  # the old chunks are gone, only the new ones remain
+    assert store.counts(collection=ALL_COLLECTIONS)["documents"] == 6 and _duplicates(store) == 0
+    assert store.counts(collection=ALL_COLLECTIONS)["chunks"] == report.chunks_added  # the old chunks are gone, only the new ones remain
     assert IngestJob(settings, embedder).run(docs_dir).stale == 0  # and the next run finds nothing stale
 
 
@@ -164,7 +183,7 @@ def test_a_file_that_turns_corrupt_keeps_its_previous_version(docs_dir, settings
     (docs_dir / "ntsb-report.pdf").write_bytes(b"%PDF-1.4 truncated")
     report = job.run(docs_dir)
     assert "previous version kept" in report.failed[0].error
-    assert any(c.source.endswith("ntsb-report.pdf") for c in Store.open(settings.index_dir).iter_chunks())
+    assert any(c.source.endswith("ntsb-report.pdf") for c in Store.open(settings.index_dir).iter_chunks(collection=ALL_COLLECTIONS))
 
 
 def test_index_built_with_another_model_is_a_clear_error(docs_dir, settings, embedder):
@@ -193,7 +212,7 @@ def test_ingestion_uses_no_network(docs_dir, settings, embedder, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: guarded_connect(None, address))
-    report = IngestJob(settings, embedder).run(docs_dir)  # parse_workers=1: parsing runs in this process
+    report = IngestJob(settings, embedder).run(docs_dir)  # this process's part: the parse workers are others
     assert not report.failed and attempts == []
 
 
@@ -202,7 +221,7 @@ def test_parallel_parsing_gives_the_same_index(docs_dir, settings, embedder, tmp
     parallel_settings = settings.with_overrides(index_dir=tmp_path / "parallel", parse_workers=2)
     parallel = IngestJob(parallel_settings, embedder).run(docs_dir).index_counts
     assert parallel == serial
-    texts = lambda index: sorted(c.text for c in Store.open(index).iter_chunks())  # noqa: E731
+    texts = lambda index: sorted(c.text for c in Store.open(index).iter_chunks(collection=ALL_COLLECTIONS))  # noqa: E731
     assert texts(settings.index_dir) == texts(parallel_settings.index_dir)
 
 
@@ -213,15 +232,15 @@ def test_a_long_pdfs_pages_read_across_workers_give_the_same_chunks(tmp_path, se
     folder = tmp_path / "long"
     folder.mkdir()
     (folder / "annual.pdf").write_bytes(long_report(pages=2 * job.PAGES_PER_TASK + 5))
+    serial = IngestJob(settings, embedder).run(folder)  # one worker: the PDF whole, in it
     split = []
     parse_file = job.parse_file
     monkeypatch.setattr(job, "parse_file", lambda *args, **kwargs: split.append(kwargs) or parse_file(*args, **kwargs))
-    serial = IngestJob(settings, embedder).run(folder)
     parallel_settings = settings.with_overrides(index_dir=tmp_path / "parallel", parse_workers=2)
     parallel = IngestJob(parallel_settings, embedder).run(folder)
-    assert [kwargs.get("pages_per_task") for kwargs in split] == [None, job.PAGES_PER_TASK]  # 3 ranges in 2 workers
+    assert [kwargs.get("pages_per_task") for kwargs in split] == [job.PAGES_PER_TASK]  # 3 ranges in 2 workers
     assert not serial.failed and parallel.index_counts == serial.index_counts
-    chunks = lambda index: sorted((c.ordinal, c.page, c.heading, c.text) for c in Store.open(index).iter_chunks())  # noqa: E731
+    chunks = lambda index: sorted((c.ordinal, c.page, c.heading, c.text) for c in Store.open(index).iter_chunks(collection=ALL_COLLECTIONS))  # noqa: E731
     assert chunks(parallel_settings.index_dir) == chunks(settings.index_dir)
     headings = {page: heading for _, page, heading, _ in chunks(settings.index_dir)}
     assert headings[2 * job.PAGES_PER_TASK + 5] == f"Segment {2 * job.PAGES_PER_TASK + 4} results"  # in the last range
@@ -263,7 +282,7 @@ def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, 
     with pytest.raises(OSError, match="disk full"):
         job.run(docs_dir)
     monkeypatch.undo()
-    assert Store.open(settings.index_dir).counts() == before
+    assert Store.open(settings.index_dir).counts(collection=ALL_COLLECTIONS) == before
     assert job.run(docs_dir).status_counts["new"] == 1  # the next run completes the work
 
 

@@ -13,7 +13,7 @@ from rag.cli.app import (EXIT_FILES_FAILED, EXIT_OK, CollectionOption, IndexOpti
                          display, errors, print_mapping, settings_from)
 from rag.config import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS, DEFAULT_EMBEDDING_BATCH_SIZE, DEFAULT_SEARCH_RESULTS,
                         MAX_CHUNKS)
-from rag.types import RetrieverKind
+from rag.types import ALL_COLLECTIONS, RetrieverKind
 
 
 @app.command()
@@ -24,6 +24,7 @@ def ingest(
     include: Annotated[list[str], typer.Option("--include", "-i", help="Glob of files to take, e.g. '*.md' (repeatable).")] = [],
     exclude: Annotated[list[str], typer.Option("--exclude", "-x", help="Glob of files to skip (repeatable).")] = [],
     prune: Annotated[Optional[bool], typer.Option("--prune/--no-prune", help="Remove indexed files that are gone from PATH (default: on for a folder).")] = None,
+    follow_links: Annotated[bool, typer.Option("--follow-links", help="Follow symbolic links that lead out of PATH (default: list them as skipped).")] = False,
     chunk_tokens: Annotated[Optional[int], typer.Option(help=f"Chunk size in embedding tokens (env: RAG_CHUNK_TOKENS; default {DEFAULT_CHUNK_TOKENS}).")] = None,
     chunk_overlap: Annotated[Optional[int], typer.Option(help=f"Overlap between chunks in tokens (env: RAG_CHUNK_OVERLAP; default {DEFAULT_CHUNK_OVERLAP}).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Parser processes (env: RAG_PARSE_WORKERS; default 1).")] = None,
@@ -34,8 +35,8 @@ def ingest(
 ) -> None:
     """Parse, chunk and embed documents into the index. Incremental: unchanged files are skipped.
 
-    Exit code 0: all files ingested (files of unsupported types are listed as skipped); 1: some files failed
-    (listed, the rest ingested); 2: bad usage;
+    Exit code 0: all files ingested (files of unsupported types, and links out of PATH, are listed as skipped);
+    1: some files failed (listed with the reason, e.g. a limit of RAG_MAX_*; the rest ingested); 2: bad usage;
     3: the index cannot be used (another embedding model, locked by another writer, ...).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -52,7 +53,7 @@ def ingest(
         # A durable job, like an upload's: a run killed midway is taken over by the next identical command.
         runner = JobRunner(settings)
         report = runner.run(
-            runner.start_path(path, include, exclude, prune),
+            runner.start_path(path, include, exclude, prune, follow_links),
             on_plan=lambda count: progress.update(task, description="Ingesting", total=count, completed=0),
             on_file=lambda result: result.status in ("new", "changed", "failed") and progress.advance(task),
         )
@@ -85,8 +86,12 @@ def _print_ingest_report(report, index_dir: Path) -> None:
         console.print(f"{report.stale} documents were built by an older parser or with other chunk settings; "
                       "re-ingested them.")
     for title, results, column, cell in (
-            ("Files skipped (not a supported type)", report.skipped, "reason", lambda result: result.error),
+            ("Files skipped (not a supported type, or a link out of the folder)", report.skipped, "reason",
+             lambda result: result.error),
             ("Files that failed (everything else was ingested)", report.failed, "reason", lambda result: result.error),
+            ("Duplicates (the same bytes as a document indexed already; not indexed again)",
+             [result for result in report.files if result.status == "duplicate"], "same content as",
+             lambda result: result.error),
             ("Files ingested with warnings (what the index could not take from them)", report.warned, "warning",
              lambda result: "\n".join(result.warnings))):
         if results:
@@ -134,7 +139,7 @@ def search(
         table.add_column(column, overflow="fold")
     for hit in hits:
         chunk = hit.chunk
-        where = display(chunk.source) + (f"\np. {chunk.page}" if chunk.page else "")
+        where = chunk.name + (f"\np. {chunk.page}" if chunk.page else "")
         if chunk.heading:
             where += f"\n§ {chunk.heading}"
         snippet = chunk.text if len(chunk.text) <= 300 else chunk.text[:300] + "…"
@@ -144,12 +149,15 @@ def search(
 
 @app.command()
 def info(index: IndexOption = None, as_json: JsonOption = False) -> None:
-    """Print the index manifest and its counts (documents, chunks, vectors)."""
+    """Print the index manifest, its counts (documents, chunks, vectors) and the limits ingestion holds files to."""
+    from ingest.limits import shown
     from rag.store import open_store
 
     settings = settings_from(index_dir=index)
     store = open_store(settings)
-    data = {**store.manifest.to_dict(), "counts": store.counts(), "collections": store.collections(),
+    data = {**store.manifest.to_dict(), "counts": store.counts(collection=ALL_COLLECTIONS),
+            "collections": store.collections(),
             "path": str(settings.index_dir) if not settings.store_url else "postgresql",
-            "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value}
+            "adapter": str(settings.adapter) if settings.adapter else None, "default_path": settings.default_path.value,
+            "ingest_limits": shown(settings)}
     print_mapping(data, f"Index {settings.index_dir}", as_json)

@@ -24,7 +24,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,               -- 'upload' (API) or 'path' (rag ingest)
-    status TEXT NOT NULL,             -- queued | running | succeeded | failed
+    status TEXT NOT NULL,             -- queued | running | succeeded | partial | failed
     spec TEXT NOT NULL,               -- JSON: what to ingest
     owner TEXT,                       -- 'pid:create_time' of the process running it
     created_at TEXT NOT NULL,
@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS job_files (
 ADDED_COLUMNS = {"jobs": {"collection": f"TEXT NOT NULL DEFAULT '{DEFAULT_COLLECTION}'",
                           "attempts": "INTEGER NOT NULL DEFAULT 0"},
                  "job_files": {"warnings": "TEXT NOT NULL DEFAULT '[]'"}}  # JSON list
-FINISHED = ("succeeded", "failed")
+# partial: the run went to its end, and some of its files failed (each says why) while the others were ingested.
+FINISHED = ("succeeded", "partial", "failed")
+_FINISHED_SQL = ", ".join(f"'{status}'" for status in FINISHED)
 
 
 class LeaseLostError(ConflictError):
@@ -96,7 +98,7 @@ class Job:
     files: list[FileOutcome]
     kind: str = "upload"
     spec: dict = field(default_factory=dict)
-    status: str = "queued"  # queued | running | succeeded | failed (failed: the job as a whole; see files too)
+    status: str = "queued"  # queued | running, then one of FINISHED (failed: the job as a whole; see files too)
     created_at: str = field(default_factory=utc_now)
     started_at: str | None = None
     finished_at: str | None = None
@@ -110,6 +112,9 @@ class Job:
     def to_dict(self) -> dict:
         data = asdict(self)
         del data["owner"], data["spec"]
+        for outcome in data["files"]:  # as users see it (DocumentRecord.name), not where the server keeps it
+            outcome["source"] = outcome["filename"]
+            outcome["duplicate_of"] = outcome["doc_id"] if outcome["status"] == "duplicate" else None
         done = sum(1 for f in self.files if f.status != "pending")
         data["progress"] = {"files_total": len(self.files), "files_done": done}
         return data
@@ -196,8 +201,8 @@ class JobLog:
         cutoff = (datetime.now(timezone.utc) - max_age).isoformat(timespec="seconds")
         with self._lock:
             with write_transaction(self.db):
-                ids = [row[0] for row in self.db.execute(
-                    "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed') AND finished_at < ?", (cutoff,))]
+                finished = f"SELECT id FROM jobs WHERE status IN ({_FINISHED_SQL}) AND finished_at < ?"
+                ids = [row[0] for row in self.db.execute(finished, (cutoff,))]
                 self.db.executemany("DELETE FROM job_files WHERE job_id = ?", [(id_,) for id_ in ids])
                 self.db.executemany("DELETE FROM jobs WHERE id = ?", [(id_,) for id_ in ids])
         return len(ids)

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from psycopg.types.json import Jsonb
 
 from rag.config import Settings
-from rag.store.jobs import FileOutcome, Job, LeaseLostError
+from rag.store.jobs import FINISHED, FileOutcome, Job, LeaseLostError
 from rag.store.pg_schema import Database
 
 JOB_COLUMNS = ("id, kind, collection, status, spec, owner, attempts, created_at, started_at, finished_at, snapshot, "
@@ -105,7 +105,7 @@ class PostgresJobLog:
                 "index_counts = %s, spec = %s, lease_until = CASE WHEN %s THEN NULL ELSE lease_until END "
                 "WHERE id = %s AND owner IS NOT DISTINCT FROM %s",
                 (job.status, job.started_at, job.finished_at, job.snapshot, job.error, Jsonb(job.index),
-                 Jsonb(job.spec), job.status in ("succeeded", "failed"), job.id, job.owner)).rowcount
+                 Jsonb(job.spec), job.status in FINISHED, job.id, job.owner)).rowcount
             if not updated:
                 raise LeaseLostError(f"Ingestion job {job.id} was taken over by another worker.")
             with db.cursor() as cursor:
@@ -154,8 +154,8 @@ class PostgresJobLog:
     def prune(self, max_age: timedelta) -> int:
         """Forget finished jobs older than `max_age`; returns how many."""
         with self.database.connection() as db:
-            return db.execute("DELETE FROM jobs WHERE status IN ('succeeded', 'failed') "
-                              "AND finished_at < now() - %s", (max_age,)).rowcount
+            return db.execute("DELETE FROM jobs WHERE status = ANY(%s) AND finished_at < now() - %s",
+                              (list(FINISHED), max_age)).rowcount
 
     def close(self) -> None:
         self.database.close()
