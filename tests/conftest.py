@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,25 @@ def wait_until_ready(base_url: str, seconds: float) -> None:
 # 8 significant bits (2^-8 relative). int8 quantises each batch's activations with one scale per tensor, so a
 # vector depends on its batch-mates: measured up to 0.005 on an AMD EPYC with AVX512 and 0.020 on one with AVX2 only.
 COSINE_TOLERANCE = {"fp32": 1e-4, "onnx": 1e-4, "bf16": 2 * 2**-8, "onnx-int8": 0.04}
+
+
+@contextmanager
+def serving(app, port: int | None = None, ready_s: float = 120) -> Iterator[str]:
+    """`app` on a real uvicorn server in a thread on a loopback port (a free one unless given), yielding its URL
+    once ready; stopped (port closed) on exit."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port or free_port(), log_config=None,
+                                       access_log=False))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{uv.config.port}"
+    try:
+        wait_until_ready(base, ready_s)
+        yield base
+    finally:
+        uv.should_exit = True
+        thread.join(30)
 
 
 @pytest.fixture(scope="session")

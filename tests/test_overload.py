@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from api.limiter import Busy, GenerationLimiter
-from tests.conftest import free_port, wait_until_ready
+from tests.conftest import serving
 from tests.test_api import AUTH, api_base_index, build_app  # noqa: F401  (fixture re-exported)
 from tests.test_api_server import read_sse
 
@@ -113,23 +113,10 @@ def slow_generator(generator):
     return slow
 
 
-@contextmanager
-def serving(index: Path, embedder, generator, **api_options) -> Iterator[str]:
-    """The app over a copy of `index` under uvicorn on a free loopback port, in a thread; yields its base URL."""
-    import uvicorn
-
+def serving_over(index: Path, embedder, generator, **api_options):
+    """The app over `index` (one generation at a time, up to 4 waiting) on a real server; `with` yields its URL."""
     app = build_app(index, embedder, generator, max_concurrent_generations=1, max_queue=4, **api_options)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base, 60)
-        yield base
-    finally:
-        uv.should_exit = True
-        thread.join(30)
+    return serving(app, ready_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +124,7 @@ def server(api_base_index, embedder, slow_generator, tmp_path_factory) -> Iterat
     """A server that lets requests wait long (PATIENT_S)."""
     index = tmp_path_factory.mktemp("overload") / "index"
     shutil.copytree(api_base_index, index, symlinks=True)
-    with serving(index, embedder, slow_generator, queue_timeout_s=PATIENT_S) as base:
+    with serving_over(index, embedder, slow_generator, queue_timeout_s=PATIENT_S) as base:
         yield base
 
 
@@ -145,7 +132,7 @@ def server(api_base_index, embedder, slow_generator, tmp_path_factory) -> Iterat
 def impatient_server(api_base_index, embedder, slow_generator, tmp_path) -> Iterator[str]:  # noqa: F811
     """A server of its own (no generation timed yet) that lets requests wait IMPATIENT_S at most."""
     shutil.copytree(api_base_index, tmp_path / "index", symlinks=True)
-    with serving(tmp_path / "index", embedder, slow_generator, queue_timeout_s=IMPATIENT_S) as base:
+    with serving_over(tmp_path / "index", embedder, slow_generator, queue_timeout_s=IMPATIENT_S) as base:
         yield base
 
 

@@ -12,15 +12,13 @@ import io
 import json
 import os
 import shutil
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path, PurePath
 
 import httpx
 import pytest
 
-from tests.conftest import CORPUS, ROOT, free_port, wait_until_ready
+from tests.conftest import CORPUS, ROOT, free_port, serving
 from tests.pdfs import report_with_scanned_pages
 from tests.test_api import KEY, api_base_index  # noqa: F401  (session fixture re-exported)
 
@@ -52,23 +50,6 @@ def web_app(index: Path, embedder, generator):
     settings = Settings(index_dir=index, parse_workers=1, results_dir=ROOT / "results")
     return create_app(settings, Pipeline(settings, generator=generator),
                       api_settings=ApiSettings(api_keys=KEY, index_poll_s=0), ingest_embedder=embedder)
-
-
-@contextmanager
-def serving(app, port: int) -> Iterator[str]:
-    """`app` on a real uvicorn server in a thread, yielding its URL once ready; stopped (port closed) on exit."""
-    import uvicorn
-
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base, 120)
-        yield base
-    finally:
-        uv.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
