@@ -8,7 +8,7 @@ of whole documents, as `rag ingest` forms them (`ingest.job.embed_window`), two 
 both see the same machine: "one input", each chunk's context line and text together (`Chunk.indexed_text`: what
 was embedded before), and "apart", `Embedder.encode_chunks` (a long document's text and context embedded apart,
 each distinct string once, table rules left out). Retrieval quality of the two is bench/documents.py's (runs 10
-and 11 in the README).
+and 11 in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def export(model_dir: Path, cache_dir: Path, quantised: bool) -> Path:
         # Weights only, per output channel, MatMul only: cosine 0.992 (min 0.985) to fp32 on filing passages;
         # per-tensor scales, or quantised embeddings/attention, dropped it to 0.93-0.95.
         # ORT logs its advice to pre-process the graph first as a WARNING at every first use; this recipe is
-        # measured as it is, without that step (bench/int8.py, README).
+        # measured as it is, without that step (bench/int8.py, docs/benchmarks.md).
         advice = _DropMessage("Please consider to run pre-processing")
         logging.getLogger().addFilter(advice)
         try:
