@@ -20,7 +20,8 @@ from rag.types import LONG_DOCUMENT_CHUNKS, Chunk
 EMBEDDING_PRECISIONS = (*PRECISIONS, *ONNX_PRECISIONS)
 # The CPU flag under which `auto` embeds in bf16: AMX tiles make it the fastest path (FinanceBench embedding on 2 Xeon
 # cores: bf16 144 s, int8 163 s); with AVX512-BF16 alone int8 is faster (2 EPYC cores: 162-169 s against 181-208 s
-# in four runs, before the int8 graph lost its NaN guards and became ~1.5x faster). docs/benchmarks.md, bench/documents.py.
+# in four runs, before the int8 graph lost its NaN guards and became ~1.5x faster). docs/benchmarks.md,
+# bench/documents.py.
 AMX_BF16 = "amx_bf16"
 # A long document's chunk vector is its text's plus this share of its context's (`Embedder.encode_chunks`). On the
 # FinanceBench filings (one bf16 index's vectors recombined; hybrid doc hit@1 / hit@5 / page hit@5) 0.3 gave 0.854 /
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 def weights_of(precision: str) -> str:
     """The weights a precision's vectors are computed with: 'int8' (the quantised ONNX graph), or 'fp32' (torch fp32,
     bf16 autocast over fp32 weights and ONNX fp32 give the same vectors, within cosine 0.9999). Vectors of the two
-    differ enough to cost retrieval when passages and queries mix them (docs/benchmarks.md: hybrid doc hit@1 0.771 vs 0.729)."""
+    differ enough to cost retrieval when passages and queries mix them (docs/benchmarks.md: hybrid doc hit@1 0.771
+    vs 0.729)."""
     return "int8" if precision == "onnx-int8" else "fp32"
 
 
@@ -114,8 +116,8 @@ class Embedder:
     def precision(self) -> str:
         """fp32 or bf16 (torch), onnx or onnx-int8 (ONNX Runtime, CPU). 'auto' takes the fastest: bf16 on CUDA and
         on CPUs with AMX; onnx-int8 on other CPUs, those with AVX512-BF16 only (AMD Zen 4) included (FinanceBench
-        filings, hybrid retrieval the same: docs/benchmarks.md). An index whose vectors are int8 (`follow`) gets onnx-int8 on
-        every device; one whose vectors are fp32, never."""
+        filings, hybrid retrieval the same: docs/benchmarks.md). An index whose vectors are int8 (`follow`) gets
+        onnx-int8 on every device; one whose vectors are fp32, never."""
         if self._precision in ONNX_PRECISIONS:
             return self._precision
         if self._precision == "auto" and self._index_weights == "int8":
