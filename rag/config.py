@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     openai_timeout: float = Field(120.0, gt=0)
     openai_max_retries: int = Field(2, ge=0)
     context_window: int | None = Field(None, description="Override the decoder's context length in tokens.")
+    decoder_threads: int | None = Field(
+        None, ge=1, description="Torch threads of the in-process decoder; unset: before each answer, the cores other "
+        "processes leave free (at least 1), since threads that wait on a busy core make answers several times slower.")
     adapter_dir: Path | None = Field(None, description="LoRA adapter folder for the fine-tuned paths.")
     packaged_adapter: bool = Field(
         True, description="Apply the shipped LoRA adapter (trained on XQuAD's training articles, rag/data/adapter) "

@@ -64,5 +64,5 @@ def _build_generator(settings: Settings, adapter_dir: str | Path | None) -> Gene
                                cache_dir=settings.decoder_cache_dir)
     if settings.backend == "transformers":
         return TransformersGenerator(settings.decoder_model, settings.device, adapter_dir, settings.context_window,
-                                     settings.decoder_cache_dir)
+                                     settings.decoder_cache_dir, settings.decoder_threads)
     raise UserError(f"unknown backend '{settings.backend}'; allowed: transformers, openai")

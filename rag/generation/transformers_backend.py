@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Generator as PyGenerator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,112 @@ from rag.generation.base import (
 from rag.models import load_causal_lm, model_imports, resolve_decoder
 
 logger = logging.getLogger("rag.generation")
+
+
+# -- how many torch threads one generation uses
+# torch's intra-op threads spin-wait for each other at every op. When another process holds a core, a thread of ours
+# gets descheduled and its peers spin until it runs again: on 2 cores with a one-core hog beside it, SmolLM2-135M
+# answered at 0.23 req/s with 1 thread but 0.03 req/s (~30 s an answer) with torch's default 2 (issue #32).
+# So before each generation we count the cores the other processes kept busy since the last look (/proc/stat less
+# our own CPU time, as a share of the machine, scaled to the cores we may run on) and use the cores left, at least 1
+# and at most torch's default. RAG_DECODER_THREADS=N (Settings.decoder_threads) forces N; unset is this rule.
+# bench/decoder_threads.py, 2 cores (avx2), other test suites keeping ~1.9 cores busy throughout (load 5-6), p50
+# seconds per 32-token answer over 8 alternating rounds (2026-12-07):
+#   threads   as it was   + one-core hog
+#   1          4.9         11.1
+#   2         16.4         29.2     (torch's default: 3x slower even without the hog)
+#   auto       5.1         10.2     (picked 1 every time)
+# A thread count a busy machine cannot give at once is what hurts, so free cores, not total cores, size the pool.
+_RESAMPLE_AFTER_S = 5.0  # an older reading averages over idle time: take a fresh one
+_SAMPLE_S = 0.1
+
+
+def _cpus_allowed() -> int:
+    """The cores this process may run on: its CPU affinity, lowered to a cgroup v2 CPU quota (a container's
+    `--cpus`) where there is one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def _read_cpu_times() -> tuple[float, float, float] | None:
+    """(busy jiffies of the whole machine, all its jiffies, this process's jiffies); None without /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    mine = os.times()
+    return float(total - idle), float(total), (mine.user + mine.system) * os.sysconf("SC_CLK_TCK")
+
+
+def pick_decoder_threads(setting: int | None, cpus: int, others_busy: float | None,
+                         default: int | None = None) -> int:
+    """Threads for one generation. `setting`: a number forces it (an explicit setting always wins); None: the cores
+    among `cpus` that other processes leave free (`others_busy`: cores they keep busy, None if unknown), at least 1
+    and at most `default` (torch's own choice, normally `cpus`)."""
+    if setting is not None:
+        if setting < 1:
+            raise UserError(f"RAG_DECODER_THREADS must be at least 1, not {setting}")
+        return setting
+    ceiling = max(1, min(cpus, default or cpus))
+    if others_busy is None:
+        return ceiling
+    return max(1, min(ceiling, cpus - int(others_busy + 0.5)))  # half a core busy or more counts as one
+
+
+class DecoderThreads:
+    """Chooses the torch thread count before each generation (see `pick_decoder_threads`). `read_cpu_times` is
+    injectable for tests: returns (machine busy, machine total, own) in jiffies, or None."""
+
+    def __init__(self, setting: int | None = None, cpus: int | None = None,
+                 read_cpu_times: Callable[[], tuple[float, float, float] | None] = _read_cpu_times,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.setting = setting
+        pick_decoder_threads(self.setting, 1, None)  # a bad setting fails at load, not at the first answer
+        self.cpus = cpus or _cpus_allowed()
+        self._read, self._clock, self._sleep = read_cpu_times, clock, sleep
+        self._last: tuple[float, tuple[float, float, float]] | None = None
+        self.others_busy: float | None = None  # the last reading and choice, for logs and benchmarks
+        self.last: int | None = None
+
+    def _others_busy(self) -> float | None:
+        now, reading = self._clock(), self._read()
+        if reading is None:
+            return None
+        if self._last is None or now - self._last[0] > _RESAMPLE_AFTER_S:
+            self._sleep(_SAMPLE_S)
+            self._last = (now, reading)
+            now, reading = self._clock(), self._read()
+            if reading is None:
+                return None
+        (_, (busy0, total0, mine0)), (busy1, total1, mine1) = self._last, reading
+        self._last = (now, reading)
+        if total1 <= total0:
+            return self.others_busy
+        others_share = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (total1 - total0)  # of all the machine's CPUs
+        return others_share * self.cpus  # /proc/stat may count a whole host: take its share of our cores
+
+    def pick(self, default: int | None = None) -> int:
+        """Threads for the generation about to run."""
+        if self.setting is not None:
+            self.last = pick_decoder_threads(self.setting, self.cpus, None, default)
+        else:
+            self.others_busy = self._others_busy()
+            self.last = pick_decoder_threads(None, self.cpus, self.others_busy, default)
+        return self.last
 
 
 class _TextWatch:
@@ -72,7 +180,8 @@ class TransformersGenerator:
 configured (the .gguf's file name), whatever folder a cached copy was loaded from.
 
     One generation runs at a time per model (a lock): torch already uses every core for one sequence, and the
-    fast tokenizer is not safe to share between threads.
+    fast tokenizer is not safe to share between threads. On the CPU each call uses as many torch threads as other
+    processes leave cores free (`DecoderThreads`); `threads` (Settings.decoder_threads) forces a number.
 
     >>> generator = TransformersGenerator()  # doctest: +SKIP
     >>> hello = [{"role": "user", "content": "Say hi"}]  # doctest: +SKIP
@@ -80,7 +189,7 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
     """
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", adapter_dir: str | Path | None = None,
-                 context_window: int | None = None, cache_dir: Path | None = None):
+                 context_window: int | None = None, cache_dir: Path | None = None, threads: int | None = None):
         folder, gguf_file = resolve_decoder(model)  # ModelNotFoundError before any slow import or load
         adapter = checked_adapter(adapter_dir, model)  # refused before spending seconds on loading
         # With caching on (`cache_dir`), a .gguf loads from its dequantised copy and a decoder with an adapter from
@@ -89,16 +198,19 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
         name = gguf_file or folder.name
         if adapter is not None and cache_dir is not None and source is not None and Path(source).is_dir():
             source, name, adapter = merged_copy(Path(source), adapter, cache_dir), f"{name}+{adapter.name}", None
+        self._threads = DecoderThreads(threads)  # a bad count fails before the slow load
         loaded, tokenizer, resolved = load_causal_lm(source, device)
         self._setup(loaded, tokenizer, resolved, name, adapter, context_window)
 
     @classmethod
     def from_loaded(cls, model: Any, tokenizer: Any, device: str, name: str, adapter_dir: str | Path | None = None,
-                    base: str | Path | None = None, context_window: int | None = None) -> TransformersGenerator:
+                    base: str | Path | None = None, context_window: int | None = None,
+                    threads: int | None = None) -> TransformersGenerator:
         """Wraps a model already in memory (say, right after `rag finetune`) instead of loading it again: GGUF
         loading costs seconds. `base` is what the model was loaded from (None: the packaged decoder); an adapter
         is checked against it. The model is used as given, so pass a copy if the caller keeps using it."""
         generator = cls.__new__(cls)
+        generator._threads = DecoderThreads(threads)
         generator._setup(model, tokenizer, device, name, checked_adapter(adapter_dir, base), context_window)
         return generator
 
@@ -117,6 +229,28 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
         self._eos_ids.add(self.tokenizer.eos_token_id)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
+        self._default_threads: int | None = None  # torch's own thread count, read at the first call
+
+    @contextmanager
+    def _sized_threads(self) -> Iterator[int]:
+        """Under the lock: torch uses the threads `DecoderThreads` picks for this call (a process-wide setting, set
+        in the thread that runs the model) and gets its previous count back afterwards. cuda: left alone."""
+        import torch
+
+        if self.device != "cpu":
+            yield torch.get_num_threads()
+            return
+        previous = torch.get_num_threads()
+        if self._default_threads is None:
+            self._default_threads = previous
+        threads = self._threads.pick(self._default_threads)
+        if threads != previous:
+            torch.set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            if threads != previous:
+                torch.set_num_threads(previous)
 
     # -- public API
     def generate(self, messages: list[dict], params: GenerationParams) -> Generation:
@@ -140,7 +274,7 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
 
         check_options(options)
         scores: dict[str, float] = {}
-        with self._lock, torch.inference_mode():
+        with self._lock, self._sized_threads(), torch.inference_mode():
             prompt = self._encode(messages)["input_ids"][0].tolist()
             encoded = {option: self._option_ids(option) for option in options}
             self._check_room(len(prompt), max(len(ids) for ids in encoded.values()))
@@ -159,7 +293,7 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
         import torch
 
         check_int("k", k, 1, 1000)
-        with self._lock, torch.inference_mode():
+        with self._lock, self._sized_threads(), torch.inference_mode():
             best = self._logprobs(self._encode(messages)["input_ids"][0].tolist(), 1)[0].topk(k)
             pairs = zip(best.values.tolist(), best.indices.tolist(), strict=True)
             return [(self.tokenizer.decode([index]), value) for value, index in pairs]
@@ -211,7 +345,7 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
         """One `model.generate` call; `generate()` and `stream()` both come here, so their texts agree."""
         import torch
 
-        with self._lock, torch.inference_mode():
+        with self._lock, self._sized_threads(), torch.inference_mode():
             inputs = self._encode(messages)
             tokens_in = int(inputs["input_ids"].shape[1])
             self._check_room(tokens_in, params.max_new_tokens)
