@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.errors import ApiError
+from api.errors import VALIDATION_ERROR, ApiError
 from api.service import Service
 from api.threads import run_blocking
 from rag.generation import GenerationParams, adapter_for
@@ -41,7 +41,8 @@ def generation_params(service: Service, max_new_tokens: int, temperature: float 
     """A request's generation options, within this server's RAG_MAX_NEW_TOKENS_LIMIT."""
     limit = service.api_settings.max_new_tokens_limit
     if max_new_tokens > limit:
-        raise ApiError(422, "validation_error", f"max_new_tokens: at most {limit} on this server, got {max_new_tokens}.")
+        raise ApiError(422, VALIDATION_ERROR,
+                       f"max_new_tokens: at most {limit} on this server, got {max_new_tokens}.")
     return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=list(stop))
 

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from api.config import ApiSettings
 from api.errors import ApiError
 from rag.keys import ApiKeyRecord, KeyStore, digest
-from rag.types import ALL_COLLECTIONS, Role, check_collection
+from rag.types import ALL_COLLECTIONS, MAX_COLLECTION_NAME, Role, check_collection
 
 logger = logging.getLogger("rag.api")
 MAX_CACHED_KEYS = 10_000  # presented keys remembered; unknown keys sprayed at the server must not grow it unbounded
@@ -211,7 +211,8 @@ def scope(needs: Role):
     """A dependency: the checked collection of a request that names it in the query (`?collection=`)."""
 
     def collection_of(request: Request,
-                      collection: Annotated[str | None, Query(max_length=64, description=COLLECTION_HELP)] = None
+                      collection: Annotated[str | None, Query(max_length=MAX_COLLECTION_NAME,
+                                                              description=COLLECTION_HELP)] = None
                       ) -> str:
         return authorize(request, collection, needs)
 

@@ -15,6 +15,14 @@ from rag.generation.base import MAX_NEW_TOKENS
 MAX_QUESTION_CHARS = 2000  # every route that takes a question or query (/v1/ask, /v1/search, chat completions)
 MAX_ANSWER_CHARS = 8000  # an earlier answer sent back as conversation history
 MAX_HISTORY_TURNS = 32  # the prompt keeps only the most recent turns that fit its token budget anyway
+MAX_SOURCE_PATTERN_CHARS = 500  # a `source` glob that limits retrieval (/v1/ask, /v1/search, chat completions)
+
+# Generation parameters a request may send, where the API is tighter than the library's bounds (rag.generation.base:
+# MAX_TOP_K, MAX_SEED, MAX_STOP_SEQUENCES, MAX_STOP_CHARS): a 32-bit seed, and OpenAI's 4 stop sequences.
+REQUEST_MAX_TOP_K = 1000
+REQUEST_MAX_SEED = 2**32 - 1
+REQUEST_MAX_STOP_SEQUENCES = 4
+REQUEST_MAX_STOP_CHARS = 64
 
 
 class ApiSettings(BaseSettings):

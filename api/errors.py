@@ -18,9 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limiter import Busy
 from api.observability import current_request_id
-from rag.errors import RagError
+from rag.errors import RagError, UserError
 
 logger = logging.getLogger("rag.api")
+
+# The one code of a 422 for invalid input, whether the schema, a route or the library (UserError) refused it.
+VALIDATION_ERROR = UserError.code
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
@@ -81,14 +84,14 @@ def install_error_handlers(app: FastAPI) -> None:
         details = [{"loc": _location(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
                    for item in error.errors()]
         message = "; ".join(f"{d['loc']}: {d['msg']}" for d in details) or "Invalid request."
-        return error_response(request, 422, "validation_error", message, details=details)
+        return error_response(request, 422, VALIDATION_ERROR, message, details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "bad_request"}
         message = error.detail if isinstance(error.detail, str) else "Request failed."
         if error.status_code == 400:  # FastAPI could not decode the body: invalid input like any other, so 422
-            return error_response(request, 422, "invalid_body",
+            return error_response(request, 422, VALIDATION_ERROR,
                                   f"{message}: send UTF-8 JSON (or multipart for uploads) matching the schema.")
         if error.status_code == 413:  # a body without Content-Length that grew past the limit
             message = "The request body is larger than the limit (uploads: RAG_MAX_UPLOAD_MB)."

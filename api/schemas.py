@@ -8,11 +8,20 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.auth import COLLECTION_HELP
-from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
+from api.config import (
+    MAX_ANSWER_CHARS,
+    MAX_HISTORY_TURNS,
+    MAX_QUESTION_CHARS,
+    MAX_SOURCE_PATTERN_CHARS,
+    REQUEST_MAX_SEED,
+    REQUEST_MAX_STOP_CHARS,
+    REQUEST_MAX_STOP_SEQUENCES,
+    REQUEST_MAX_TOP_K,
+)
 from rag.config import DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
-from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS
+from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, MAX_TEMPERATURE
 from rag.keys import MAX_NAME
-from rag.types import ALL_COLLECTIONS, AnswerPath, RetrieverKind, Role
+from rag.types import ALL_COLLECTIONS, MAX_COLLECTION_NAME, AnswerPath, RetrieverKind, Role
 
 
 def _names(choice: type[Enum]) -> Any:
@@ -23,9 +32,10 @@ def _names(choice: type[Enum]) -> Any:
 PathName = _names(AnswerPath)
 RetrieverName = _names(RetrieverKind)
 RoleName = _names(Role)
-StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
+StopSequence = Annotated[str, Field(min_length=1, max_length=REQUEST_MAX_STOP_CHARS)]
 # Checked (and defaulted) against the key by api.auth.authorize, with the library's rule for names.
-CollectionName = Annotated[str | None, Field(min_length=1, max_length=64, description=COLLECTION_HELP)]
+CollectionName = Annotated[str | None, Field(min_length=1, max_length=MAX_COLLECTION_NAME,
+                                             description=COLLECTION_HELP)]
 
 
 def _not_blank(value: str) -> str:
@@ -42,11 +52,12 @@ class GenerationOptions(Strict):
     # The server's own bound (RAG_MAX_NEW_TOKENS_LIMIT, read at run time) is checked by api.answering.
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS,
                                 description="Most tokens to generate (at most RAG_MAX_NEW_TOKENS_LIMIT).")
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy (deterministic).")
-    top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k likeliest tokens.")
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, description="0 = greedy (deterministic).")
+    top_k: int | None = Field(None, ge=1, le=REQUEST_MAX_TOP_K, description="Sample from the k likeliest tokens.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random seed for sampling.")
-    stop: list[StopSequence] = Field(default_factory=list, max_length=4, description="Stop sequences.")
+    seed: int | None = Field(None, ge=0, le=REQUEST_MAX_SEED, description="Random seed for sampling.")
+    stop: list[StopSequence] = Field(default_factory=list, max_length=REQUEST_MAX_STOP_SEQUENCES,
+                                     description="Stop sequences.")
 
 
 class TurnIn(Strict):
@@ -62,7 +73,7 @@ class AskRequest(GenerationOptions):
                                   description="Earlier turns of the conversation, oldest first, for a follow-up.")
     k: int | None = Field(None, ge=1, le=MAX_CHUNKS, description="Chunks in the prompt (default: RAG_ANSWER_CHUNKS).")
     retriever: RetrieverName = RetrieverKind.HYBRID.value
-    source: str | None = Field(None, min_length=1, max_length=500,
+    source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE_PATTERN_CHARS,
                                description="Only retrieve from sources matching this glob, e.g. '*.pdf'.")
     extract: bool = Field(True, description="Align the answer to the best-matching span of its sources.")
     stream: bool = Field(False, description="Server-Sent Events: `token` events, then one `answer` event.")
@@ -104,7 +115,7 @@ class SearchRequest(Strict):
     query: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
     k: int = Field(DEFAULT_SEARCH_RESULTS, ge=1, le=MAX_CHUNKS)
     retriever: RetrieverName = RetrieverKind.HYBRID.value
-    source: str | None = Field(None, min_length=1, max_length=500)
+    source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE_PATTERN_CHARS)
     collection: CollectionName = None
 
     _query = field_validator("query")(_not_blank)
@@ -222,14 +233,14 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=0, le=REQUEST_MAX_SEED)
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=REQUEST_MAX_STOP_SEQUENCES)] | None = None
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     # Extensions (send with the openai client as extra_body={...})
     k: int | None = Field(None, ge=1, le=MAX_CHUNKS)
     retriever: RetrieverName = RetrieverKind.HYBRID.value
-    source: str | None = Field(None, min_length=1, max_length=500)
-    top_k: int | None = Field(None, ge=1, le=1000)
+    source: str | None = Field(None, min_length=1, max_length=MAX_SOURCE_PATTERN_CHARS)
+    top_k: int | None = Field(None, ge=1, le=REQUEST_MAX_TOP_K)
     collection: CollectionName = None
 
 
@@ -254,7 +265,7 @@ class Health(BaseModel):
 # ---------------------------------------------------------------- API keys (admin keys only)
 class KeyCreate(Strict):
     name: str = Field("", max_length=MAX_NAME, description="A label for people (who or what uses the key).")
-    collection: str | None = Field(None, min_length=1, max_length=64,
+    collection: str | None = Field(None, min_length=1, max_length=MAX_COLLECTION_NAME,
                                    description=f"{COLLECTION_HELP} '{ALL_COLLECTIONS}': every collection.")
     role: RoleName = Field(Role.READ.value, description="read: search and ask; write: also upload and delete; "
                            "admin: also manage keys.")

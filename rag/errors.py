@@ -23,7 +23,7 @@ class RagError(Exception):
 class UserError(RagError, ValueError):
     """The request or the settings are invalid (a ValueError, so validators and callers may catch it as one)."""
 
-    code = "invalid_request"
+    code = "validation_error"  # also the API's code for a request its schemas refuse (api/errors.py)
     exit_code = 2
     http_status = 422
 

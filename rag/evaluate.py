@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rag.config import DEFAULT_SEARCH_RESULTS
 from rag.datasets import Dataset, QAItem, is_gold, read_dataset
 from rag.errors import UserError
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS
@@ -23,7 +24,7 @@ from rag.metrics import balanced_accuracy, best_exact_match, best_f1, normalize_
 from rag.models import TRAINING_RECORD, decoder_identity, sha256_files
 from rag.pipeline import CITATION, AnswerPath, Pipeline, quote_source, quoted
 from rag.span import grounded_share as groundedness
-from rag.types import DEFAULT_COLLECTION
+from rag.types import DEFAULT_COLLECTION, RetrieverKind
 
 RETRIEVAL_KS = (1, 3, 5, 10)
 GROUNDED_SHARE = 0.8  # an answer is grounded when this share of its content words occurs in its context
@@ -36,8 +37,8 @@ class EvalConfig:
     out_dir: Path
     limit: int | None = None
     seed: int = 0
-    k: int = 5
-    retriever: str = "hybrid"
+    k: int = DEFAULT_SEARCH_RESULTS
+    retriever: str = RetrieverKind.HYBRID.value
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     bootstrap: int = 1000

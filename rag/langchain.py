@@ -9,6 +9,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
 from rag.config import DEFAULT_SEARCH_RESULTS
+from rag.types import RetrieverKind
 
 
 class LangChainRetriever(BaseRetriever):
@@ -18,7 +19,7 @@ class LangChainRetriever(BaseRetriever):
     retriever: Any
     collection: str
     k: int = DEFAULT_SEARCH_RESULTS
-    kind: str = "hybrid"
+    kind: str = RetrieverKind.HYBRID.value
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
         return [

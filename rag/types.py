@@ -33,19 +33,21 @@ MARKDOWN_TABLE_RULE = re.compile(r"^(?=.*\|)(?=.*---)[|:\- \t]+$\n?", re.M)
 LONG_DOCUMENT_CHUNKS = 8
 
 DEFAULT_COLLECTION = "default"
-_COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+MAX_COLLECTION_NAME = 64  # characters in a collection name (the API's fields and the library's check)
+_COLLECTION_NAME = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_COLLECTION_NAME - 1}}}")
 
 
 def check_collection(name: str) -> str:
-    """A collection name: 1-64 lower-case letters, digits, '_' or '-', starting with a letter or digit.
+    """A collection name: 1-MAX_COLLECTION_NAME (64) lower-case letters, digits, '_' or '-', starting with a letter
+    or digit.
 
     >>> check_collection("finance-2024")
     'finance-2024'
     """
     if not isinstance(name, str) or not _COLLECTION_NAME.fullmatch(name):
         shown = name[:70] if isinstance(name, str) else type(name).__name__
-        raise UserError(f"Invalid collection name '{shown}': use 1-64 lower-case letters, digits, '_' or '-', "
-                        "starting with a letter or digit.")
+        raise UserError(f"Invalid collection name '{shown}': use 1-{MAX_COLLECTION_NAME} lower-case letters, digits, "
+                        "'_' or '-', starting with a letter or digit.")
     return name
 
 

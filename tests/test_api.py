@@ -283,7 +283,7 @@ def test_ask_validation_is_422_with_the_reason(client, change, reason):
 
 def test_malformed_json_is_422(client):
     response = client.post("/v1/ask", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 422 and response.json()["error"]["code"] == "validation_error"
 
 
 def test_max_new_tokens_is_bounded_by_the_server_limit_not_the_schema(client, fresh_client):

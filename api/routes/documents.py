@@ -25,7 +25,7 @@ from api.jobs import IngestQueue, sanitize_filename, supported
 from api.schemas import DeletedDocument, DocumentList, DocumentOut, JobAccepted, JobOut
 from ingest.load import SUPPORTED_SUFFIXES
 from rag.index import listed
-from rag.types import Role
+from rag.types import MAX_COLLECTION_NAME, Role
 
 router = APIRouter(tags=["documents"])
 COPY_BLOCK = 1 << 20
@@ -41,7 +41,8 @@ def _queue(request: Request) -> IngestQueue:
                         415: {"description": "A file type that cannot be ingested."}})
 async def upload(request: Request, service: ServiceDep,
                  files: Annotated[list[UploadFile], File(description="One or more documents.")],
-                 collection: Annotated[str | None, Form(max_length=64, description=COLLECTION_HELP)] = None
+                 collection: Annotated[str | None, Form(max_length=MAX_COLLECTION_NAME,
+                                                        description=COLLECTION_HELP)] = None
                  ) -> JobAccepted:
     collection = authorize(request, collection, Role.WRITE)
     settings = service.api_settings

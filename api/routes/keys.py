@@ -15,11 +15,12 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import COLLECTION_HELP, Authenticator, Principal, authorize
 from api.errors import ApiError
 from api.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
-from rag.types import ALL_COLLECTIONS, Role
+from rag.types import ALL_COLLECTIONS, MAX_COLLECTION_NAME, Role
 
 router = APIRouter(tags=["keys"])
-ScopeQuery = Annotated[str | None, Query(max_length=64, description=f"{COLLECTION_HELP} '{ALL_COLLECTIONS}': keys "
-                                         "of every collection; default for an all-collections admin: every key.")]
+ScopeQuery = Annotated[str | None, Query(max_length=MAX_COLLECTION_NAME, description=f"{COLLECTION_HELP} "
+                                         f"'{ALL_COLLECTIONS}': keys of every collection; default for an "
+                                         "all-collections admin: every key.")]
 
 
 def _scope(request: Request, asked: str | None, every_by_default: bool) -> str | None:

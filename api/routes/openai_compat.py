@@ -24,7 +24,7 @@ from api.answering import EventStreamResponse, answer, generation_params, open_s
 from api.auth import authorize
 from api.config import MAX_QUESTION_CHARS
 from api.deps import ServiceDep
-from api.errors import ApiError
+from api.errors import VALIDATION_ERROR, ApiError
 from api.observability import current_request_id
 from api.schemas import ChatCompletionRequest, ModelCard, ModelList
 from rag.conversation import Turn
@@ -74,9 +74,9 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
     question = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
     history = conversation_turns(body.messages)
     if not question.strip():
-        raise ApiError(422, "validation_error", "messages: needs a user message with text (the question).")
+        raise ApiError(422, VALIDATION_ERROR, "messages: needs a user message with text (the question).")
     if len(question) > MAX_QUESTION_CHARS:
-        raise ApiError(422, "validation_error",
+        raise ApiError(422, VALIDATION_ERROR,
                        f"messages: the question (last user message) is over {MAX_QUESTION_CHARS} characters.")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = generation_params(service, body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_NEW_TOKENS,

@@ -16,7 +16,10 @@ from rag.errors import UnavailableError, UserError
 DEFAULT_CONTEXT_WINDOW = 8192  # when neither the settings nor the model say otherwise (SmolLM2's own value)
 DEFAULT_MAX_NEW_TOKENS = 64  # every interface's default (CLI, API, eval): answers here are short
 MAX_NEW_TOKENS = 32768  # the library's bound; a server lowers its own with RAG_MAX_NEW_TOKENS_LIMIT
+# The library's bounds of GenerationParams (every interface: CLI, API, eval). The HTTP API takes tighter ones for
+# some (api.config: REQUEST_MAX_TOP_K, REQUEST_MAX_SEED, REQUEST_MAX_STOP_SEQUENCES, REQUEST_MAX_STOP_CHARS).
 MAX_TEMPERATURE = 5.0
+MAX_TOP_K = 1_000_000
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 200
 MAX_SEED = 2**63 - 1
@@ -54,7 +57,7 @@ class GenerationParams:
         check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
         _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         if self.top_k is not None:
-            check_int("top_k", self.top_k, 1, 1_000_000)
+            check_int("top_k", self.top_k, 1, MAX_TOP_K)
         if self.top_p is not None:
             _check_float("top_p", self.top_p, 0.0, 1.0)
             if self.top_p == 0.0:
