@@ -39,6 +39,7 @@ class Service:
         self.models_loaded = False
         self.load_error: str | None = None
         self.index_error: str | None = None
+        self.index_unavailable = False  # the index could not be opened because its database did not answer
         self.store_error: str | None = None  # the store's database stopped answering (set and cleared by refreshes)
         self._query_embedder: BatchingQueryEmbedder | None = None
         self.index: Index | None = None  # set once by open_index, then refreshed in place
@@ -93,7 +94,8 @@ class Service:
         if self.store_error:
             return "The index's database is not answering."
         if self._retriever is None:
-            return "No index yet: ingest or upload documents."
+            return ("The index's database is not answering." if self.index_unavailable
+                    else "No index yet: ingest or upload documents.")
         return None
 
     # ------------------------------------------------------------------ the open snapshot
@@ -117,7 +119,7 @@ class Service:
             try:
                 index = Index.open(self.settings, self._query_embedder.name)
             except (IndexNotFoundError, UnavailableError) as error:  # the watcher tries again
-                self.index_error = str(error)
+                self.index_error, self.index_unavailable = str(error), isinstance(error, UnavailableError)
                 return False
             index.refresh()  # load the vectors now, not on the first query
             self.index = index

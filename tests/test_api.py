@@ -541,7 +541,7 @@ def test_unexpected_error_is_500_without_trace(fresh_client, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(client.app.state.service.pipeline, "answer", explode)
+    monkeypatch.setattr(client.app.state.service.pipeline, "stream", explode)  # every ask is generated as a stream
     response = quiet.post("/v1/ask", json=ASK)
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error" and response.json()["error"]["request_id"]

@@ -391,7 +391,9 @@ def test_the_dequantised_copy_decodes_exactly_like_the_gguf(generator, decoder_c
     assert cached.model_name == generator.model_name == default_decoder_path().name
     params = GenerationParams(max_new_tokens=12)
     assert cached.generate(QUESTION, params).text == generator.generate(QUESTION, params).text
-    assert cached.option_logprobs(YES_NO, ["Yes", "No"]) == pytest.approx(generator.option_logprobs(YES_NO, ["Yes", "No"]))
+    # fp32 sums in another order when the two calls get another thread count (sized to the free cores each time)
+    assert cached.option_logprobs(YES_NO, ["Yes", "No"]) == pytest.approx(generator.option_logprobs(YES_NO, ["Yes", "No"]),
+                                                                          abs=1e-4)
 
 
 @pytest.mark.slow
