@@ -48,7 +48,7 @@ def _wait_for_writer(index: Path, process: subprocess.Popen, timeout: float = 60
 
 def _assert_no_orphaned_workers(index: Path) -> None:
     """Parse workers must die with the killed ingest instead of lingering with ~0.5 GB each."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # they exit on their parent's death (PR_SET_PDEATHSIG); a loaded machine is slow
     while time.monotonic() < deadline:
         # parse workers and the forkserver they are forked from (ingest/sandbox.py)
         orphans = subprocess.run(["pgrep", "-f", r"multiprocessing\.(spawn|forkserver)"], capture_output=True,

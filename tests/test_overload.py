@@ -214,7 +214,7 @@ def test_metrics_show_the_queue_depth_and_wait(impatient_server):
     assert refused == [503]
     assert metric(base, "rag_generations_waiting") == 0
     assert metric(base, "rag_generation_queue_wait_seconds_count") == 2  # the one served at once, the one refused
-    assert metric(base, "rag_generation_queue_wait_seconds_sum") >= IMPATIENT_S
+    assert metric(base, "rag_generation_queue_wait_seconds_sum") >= IMPATIENT_S - 0.05  # a timer may fire a tick early
 
 
 @pytest.mark.slow
