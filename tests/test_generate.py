@@ -142,8 +142,8 @@ def test_load_generator_loads_once_per_model_adapter_and_device(monkeypatch, tmp
         assert load_generator(settings, adapter_dir=tmp_path) is load_generator(settings, adapter_dir=str(tmp_path))
         load_generator(Settings(device="auto"))
         cache = settings.decoder_cache_dir
-        assert built == [(None, "cpu", None, None, cache), (None, "cpu", tmp_path, None, cache),
-                         (None, "auto", None, None, cache)]
+        assert built == [(None, "cpu", None, None, cache, None), (None, "cpu", tmp_path, None, cache, None),
+                         (None, "auto", None, None, cache, None)]  # threads: None, sized at each answer
         remote = load_generator(Settings(backend="openai", openai_model="served", context_window=4096,
                                          cache_dir=tmp_path / "cache"),
                                 adapter_dir=tmp_path / "my-adapter")

@@ -48,7 +48,7 @@ def _cache_key(settings: Settings, adapter_dir: str | Path | None) -> tuple:
                 settings.openai_timeout, settings.openai_max_retries, _canonical(settings.decoder_model),
                 settings.context_window)
     return ("transformers", _canonical(settings.decoder_model), _canonical(adapter_dir), settings.device,
-            settings.context_window)
+            settings.context_window, settings.decoder_threads)
 
 
 def _served_model(settings: Settings, adapter_dir: str | Path | None) -> str:
