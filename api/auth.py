@@ -3,9 +3,9 @@
 Two kinds of key. Keys from `RAG_API_KEYS` (comma-separated) and/or `RAG_API_KEYS_FILE` (one per line, `#`
 comments) are admin keys on every collection; `RAG_REVOKED_API_KEYS` lists keys refused with 403. They are compared
 as SHA-256 digests with `hmac.compare_digest` against every configured key, so the time taken does not reveal how
-much of a key matched or which key it was. Keys made by `rag keys create` / POST /v1/keys (rag/keys.py) are scoped
-to one collection (or all) with a role; they are found by the SHA-256 digest of the presented key in the key store
-(the lookup compares digests, whose timing says nothing usable about a 256-bit random secret) and cached for
+much of a key matched or which key it was. Keys made by `rag keys create` / POST /v1/keys (rag/store/keys.py) are
+scoped to one collection (or all) with a role; they are found by the SHA-256 digest of the presented key in the key
+store (the lookup compares digests, whose timing says nothing usable about a 256-bit random secret) and cached for
 RAG_KEY_CACHE_S seconds, so a revocation made by another process takes effect within that time.
 
 Auth is on when any key of either kind exists; with none, /v1 is open as an admin on every collection (a warning
@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.config import ApiSettings
 from api.errors import ApiError
-from rag.keys import ApiKeyRecord, KeyStore, digest
+from rag.store.keys import ApiKeyRecord, KeyStore, digest
 from rag.types import ALL_COLLECTIONS, MAX_COLLECTION_NAME, Role, check_collection
 
 logger = logging.getLogger("rag.api")

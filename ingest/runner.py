@@ -27,8 +27,8 @@ from ingest.job import FileResult, IngestJob, IngestReport, doc_id_for
 from rag.config import Settings
 from rag.errors import ConflictError
 from rag.store import IndexBusyError, open_job_log
-from rag.store.embedded import crash_point
-from rag.store.jobs import FINISHED, FileOutcome, Job, JobLog, LeaseLostError, utc_now
+from rag.store.shared import crash_point, utc_now
+from rag.store.jobs import FINISHED, FileOutcome, Job, JobLog, LeaseLostError
 
 logger = logging.getLogger("rag.ingest")
 INCOMING = ".incoming"

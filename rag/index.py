@@ -12,11 +12,15 @@ document of another collection is "not found", exactly like one that does not ex
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from rag.config import Settings
 from rag.errors import NotFoundError
 from rag.store import CompactionInfo, DocumentRecord, begin_store, open_store
-from rag.types import ALL_COLLECTIONS
+from rag.types import ALL_COLLECTIONS, Chunk
+
+if TYPE_CHECKING:  # imported when used: `rag documents list` need not load numpy's retrieval stack
+    from rag.retrieve import Retriever
 
 
 # A document as `rag documents list --json` and GET /v1/documents show it: the record without what only ingestion
@@ -35,16 +39,31 @@ class DocumentNotFoundError(NotFoundError):
     code = "document_not_found"
 
 
+class ChunkNotFoundError(NotFoundError):
+    """No chunk with this id in the collection (a later ingestion may have replaced it)."""
+
+    code = "chunk_not_found"
+
+
 class Index:
     def __init__(self, settings: Settings, store):
         self.settings = settings
         self.store = store
 
+    def retriever(self, embedder) -> "Retriever":
+        """The retriever over this index: the one place a store is joined to its query encoder (the API passes
+        its batching encoder, everything else the settings' `Embedder`) and to the reranker the settings ask for."""
+        from rag.rerank import Reranker
+        from rag.retrieve import Retriever
+
+        reranker = Reranker.from_settings(self.settings) if self.settings.rerank else None
+        return Retriever(self.store, embedder, reranker=reranker, rerank_candidates=self.settings.rerank_candidates)
+
     @classmethod
     def open(cls, settings: Settings, embedding_model: str | None = None, dimension: int | None = None) -> "Index":
         """Open the configured index (an embedded one of the older snapshot format is converted in place first)."""
         if not settings.store_url:
-            from rag.store.embedded import convert_snapshot_format
+            from rag.store.snapshot_format import convert_snapshot_format
 
             convert_snapshot_format(settings.index_dir)
         return cls(settings, open_store(settings, embedding_model, dimension))
@@ -56,12 +75,22 @@ class Index:
     def documents(self, collection: str) -> list[DocumentRecord]:
         return sorted(self.store.documents(collection=collection).values(), key=lambda record: record.source)
 
+    def counts(self, collection: str) -> dict[str, int]:
+        return self.store.counts(collection=collection)
+
     def document(self, doc_id: str, collection: str) -> DocumentRecord:
         record = self.store.document(doc_id, collection=collection)
         if record is None:
             raise DocumentNotFoundError(f"No document '{doc_id[:64]}' in the index." if collection == ALL_COLLECTIONS
                                         else f"No document '{doc_id[:64]}' in collection '{collection}'.")
         return record
+
+    def chunk(self, chunk_id: int, collection: str) -> Chunk:
+        found = self.store.get([chunk_id], collection=collection)  # another collection's chunk: none
+        if not found:
+            raise ChunkNotFoundError(f"No chunk {chunk_id} in the current index (a later ingestion may have "
+                                     "replaced it: ask again).")
+        return found[0]
 
     def delete(self, doc_id: str, collection: str) -> DocumentRecord:
         """Remove one document of the collection (its rows at once, its vectors as tombstones until compaction)."""

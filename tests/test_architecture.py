@@ -10,7 +10,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("rag", "ingest", "api")
+PACKAGES = ("rag", "ingest", "api", "cli")
+# What each package may import of the others: `rag` is the library; `ingest` is built on it; `api` and `cli` are the
+# shells over both (the `rag` command also starts the server and the worker).
+ALLOWED_IMPORTS = {"rag": set(), "ingest": {"rag"}, "api": {"rag", "ingest"}, "cli": {"rag", "ingest", "api"}}
 
 
 def _modules() -> dict[str, Path]:
@@ -91,6 +94,32 @@ def test_no_import_cycles_between_project_modules():
     assert {"rag.pipeline", "rag.generation.factory", "api.app", "ingest.job"} <= set(graph)  # the walk sees them
     assert "rag.generation.base" in graph["rag.generation.transformers_backend"]  # and their imports
     assert find_cycles(graph) == []
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph folded onto the top-level packages (a package's imports of itself left out)."""
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        package = module.partition(".")[0]
+        packages.setdefault(package, set()).update(target.partition(".")[0] for target in targets)
+        packages[package].discard(package)
+    return packages
+
+
+def test_package_graph_folds_modules_onto_packages():
+    graph = {"rag.a": {"rag.b"}, "rag.b": set(), "api.x": {"rag.a", "api.y"}, "api.y": {"ingest.z"}, "ingest.z": set()}
+    assert package_graph(graph) == {"rag": set(), "api": {"rag", "ingest"}, "ingest": set()}
+    assert find_cycles(package_graph({"rag.a": {"api.x"}, "api.x": {"rag.b"}, "rag.b": set()})) == [["api", "rag"]]
+
+
+def test_packages_import_only_in_their_direction():
+    """rag imports none of the others; ingest only rag; api rag and ingest; cli any of them; no package cycle."""
+    packages = package_graph(import_graph())
+    assert set(packages) == set(PACKAGES)
+    wrong = {package: sorted(targets - ALLOWED_IMPORTS[package]) for package, targets in packages.items()
+             if targets - ALLOWED_IMPORTS[package]}
+    assert wrong == {}, f"imports against the package directions: {wrong}"
+    assert find_cycles(packages) == []
 
 
 def test_finetuning_does_not_import_the_answer_pipeline():

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from api.schemas import AnswerOut, SearchHit
-from rag.cli import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
+from cli import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
 
 runner = CliRunner()
 

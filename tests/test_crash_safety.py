@@ -18,7 +18,7 @@ from tests.conftest import CORPUS
 
 
 def _rag(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rag.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "RAG_PARSE_WORKERS": "2"}, **kwargs)
 
 

@@ -23,7 +23,7 @@ def test_cli_exits_3_with_the_reason_and_no_password(tmp_path):
     url = unreachable_url()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAG_STORE_URL": url, "RAG_DB_TIMEOUT_S": "2"}
     for command in (["search", "timeouts"], ["documents", "list"], ["index", "stats"]):
-        result = subprocess.run([sys.executable, "-m", "rag.cli", *command], env=env, cwd=tmp_path,
+        result = subprocess.run([sys.executable, "-m", "cli", *command], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=300)
         output = result.stdout + result.stderr
         assert result.returncode == 3, output

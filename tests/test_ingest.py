@@ -273,12 +273,12 @@ def test_store_failure_before_the_switch_leaves_the_previous_snapshot(docs_dir, 
     job = IngestJob(settings, embedder)
     before = job.run(docs_dir).index_counts
     shutil.copy(CORPUS / "httpx" / "api.md", docs_dir / "api.md")
-    import rag.store.embedded
+    import rag.store.segments
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rag.store.embedded.os, "replace", crash)  # the new vector segment cannot be put in place
+    monkeypatch.setattr(rag.store.segments.os, "replace", crash)  # the new vector segment cannot be put in place
     with pytest.raises(OSError, match="disk full"):
         job.run(docs_dir)
     monkeypatch.undo()

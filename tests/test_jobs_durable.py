@@ -28,7 +28,7 @@ def _start_server(index: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAG_API_KEYS": "", "RAG_INDEX_POLL_S": "0.5",
            "RAG_PARSE_WORKERS": "1"}
     env.pop("RAG_API_KEYS_FILE", None)
-    process = subprocess.Popen([sys.executable, "-m", "rag.cli", "serve", "--index", str(index), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--index", str(index), "--port", str(port)],
                                env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while True:
@@ -96,7 +96,7 @@ def test_cli_ingest_is_a_recorded_job(tmp_path):
     docs, index = tmp_path / "docs", tmp_path / "index"
     docs.mkdir()
     (docs / "note.txt").write_text("The wallaby flag turns on verbose logging.\n")
-    result = subprocess.run([sys.executable, "-m", "rag.cli", "ingest", str(docs), "--index", str(index), "--json"],
+    result = subprocess.run([sys.executable, "-m", "cli", "ingest", str(docs), "--index", str(index), "--json"],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr

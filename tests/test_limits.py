@@ -354,7 +354,7 @@ def test_rag_ingest_lists_links_and_limits_and_rag_info_shows_the_limits(tmp_pat
 
     from typer.testing import CliRunner
 
-    from rag.cli import EXIT_FILES_FAILED, EXIT_OK, app
+    from cli import EXIT_FILES_FAILED, EXIT_OK, app
 
     (tmp_path / "secret.md").write_text("# Secret\n\nThe vault code is eleven.\n")
     folder = _folder(tmp_path)

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import pytest
 
-import rag.store.embedded
+import rag.store.segments
 from rag.store import DocumentRecord, IndexMismatchError, Store, compact
 from rag.types import ALL_COLLECTIONS
 from tests import store_writer as w
@@ -129,14 +129,14 @@ def test_a_commit_during_compaction_is_kept(tmp_path, monkeypatch):
     inside those segments, and a new document) survives the swap."""
     index = tmp_path / "index"
     w.seed(index)
-    real_crash_point = rag.store.embedded.crash_point
+    real_crash_point = rag.store.segments.crash_point
 
     def commit_meanwhile(name: str) -> None:
         if name == "compact-segment-written":
             w.write(index, adds=[40], deletes=[0])  # takes the writer lock: compaction does not hold it
         real_crash_point(name)
 
-    monkeypatch.setattr(rag.store.embedded, "crash_point", commit_meanwhile)
+    monkeypatch.setattr(rag.store.segments, "crash_point", commit_meanwhile)
     info = compact(index)
     assert info.tombstones_dropped == 3  # the ones known when it started; doc 0's stay, now for the new segment
     expected = (SEEDED - {0}) | {40}
@@ -245,7 +245,7 @@ def test_durable_job_log(tmp_path):
 def test_cli_documents_and_index_commands(tmp_path):
     from typer.testing import CliRunner
 
-    from rag.cli import app
+    from cli import app
 
     index = tmp_path / "index"
     w.seed(index)

@@ -16,7 +16,7 @@ import pytest
 
 from rag.retrieve import HYBRID_CANDIDATES, Retriever, reciprocal_rank_fusion
 from rag.store import DocumentRecord, Store, compact
-from rag.store.embedded import ANN_THRESHOLD
+from rag.store.segments import ANN_THRESHOLD
 from rag.types import ALL_COLLECTIONS, DEFAULT_COLLECTION, Chunk
 
 MODEL, DIMENSION, CHUNKING = "synthetic", 32, {"chunk_tokens": 10}

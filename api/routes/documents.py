@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -89,10 +88,9 @@ async def job_status(job_id: str, request: Request, collection: ReadScope) -> di
 
 @router.get("/documents", response_model=DocumentList, summary="The documents of a collection")
 async def list_documents(service: ServiceDep, collection: ReadScope) -> DocumentList:
-    service.retriever  # noqa: B018  (503 when there is no index at all)
-    index = service.index
+    index = service.current_index  # 503 when there is no index at all
     records = await run_in_threadpool(index.documents, collection)
-    counts = await run_in_threadpool(partial(index.store.counts, collection=collection))
+    counts = await run_in_threadpool(index.counts, collection)
     return DocumentList(
         collection=collection,
         documents=[DocumentOut(**listed(record)) for record in records],
@@ -103,7 +101,7 @@ async def list_documents(service: ServiceDep, collection: ReadScope) -> Document
                responses={404: {"description": "No document with this id."}})
 async def delete_document(doc_id: str, request: Request, service: ServiceDep,
                           collection: WriteScope) -> DeletedDocument:
-    service.retriever  # noqa: B018  (503 when there is no index at all)
+    service.current_index  # noqa: B018  (503 when there is no index at all)
     # Errors map once (api/errors.py): IndexBusyError (`rag ingest` holds the writer lock) is a 409 "index_busy",
     # DocumentNotFoundError (none in this collection) a 404 "document_not_found".
     record = await asyncio.wrap_future(_queue(request).delete(doc_id, collection))

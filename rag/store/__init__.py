@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from rag.store.base import (DEFAULT_COLLECTION, CommitInfo, CompactionInfo, DocumentRecord, IndexBusyError,
                             IndexMismatchError, IndexNotFoundError, Manifest, StoreError, check_collection)
-from rag.store.embedded import EmbeddedStore, compact
+from rag.store.embedded import EmbeddedStore
+from rag.store.segments import compact
 
 if TYPE_CHECKING:
     from rag.config import Settings
@@ -66,8 +67,10 @@ def open_job_log(settings: Settings):
 def open_key_store(settings: Settings):
     """Where API keys (their digests, collections and roles) are kept: beside the index."""
     if settings.store_url:
-        return _postgres().PostgresKeyStore.from_settings(settings)
-    from rag.keys import EmbeddedKeyStore
+        from rag.store.pg_keys import PostgresKeyStore  # psycopg only when configured
+
+        return PostgresKeyStore.from_settings(settings)
+    from rag.store.keys import EmbeddedKeyStore
 
     return EmbeddedKeyStore(settings.index_dir)
 

@@ -1,7 +1,8 @@
 """The embedded store: SQLite (rows, full-text index, segment list, tombstones) + immutable FAISS segment files.
 
-Kept over 400 lines on purpose: commit, compaction and migration share one crash-safety argument (below), which
-is easier to check in one file.
+The store class is here; its database in `rag.store.sqlite_schema`, its segment files and compaction in
+`rag.store.segments`, the conversion of the older snapshot format in `rag.store.snapshot_format`. The crash-safety
+argument below covers all of them.
 
 Layout of an index directory::
 
@@ -23,324 +24,29 @@ keeps tombstones recorded meanwhile. Ids are never reused, so a tombstone can on
 
 from __future__ import annotations
 
-import fcntl
 import json
-import math
-import os
-import shutil
-import signal
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import astuple, dataclass
-from datetime import datetime, timezone
-from pathlib import Path, PurePath
+from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexBusyError, IndexMismatchError,
-                            IndexNotFoundError, Manifest, PendingChanges, StoreError)
-from rag.store.terms import indexed_terms, match_query, rarest_within, terms
+from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
+                            Manifest, PendingChanges, StoreError)
+from rag.store.segments import (SEGMENTS, build_segment_index, compact, index_type, new_segment_name, read_segment,
+                                remove_orphan_segments, search_parameters, write_segment)
+from rag.store.shared import (CHUNK_COLUMNS, DOCUMENT_COLUMNS, LEXICAL_POSTINGS_BUDGET, crash_point, generation_name,
+                              source_matches, utc_now)
+from rag.store.snapshot_format import migrate_snapshot_format
+from rag.store.sqlite_schema import (DB_FILE, FORMAT_VERSION, INSERT_CHUNK, INSERT_DOCUMENT, LOCK_FILE,
+                                     check_compatible, collection_condition, connect, document_from_row, document_row,
+                                     ensure_schema, outdated, row_to_chunk, take_lock, upgrade, write_transaction)
+from rag.store.terms import match_query, rarest_within, terms
 from rag.types import ALL_COLLECTIONS, Chunk, collection_filter
-
-FORMAT_VERSION = 2
-DB_FILE = "store.sqlite"
-SEGMENTS = "segments"
-LOCK_FILE = ".lock"
-COMPACT_LOCK_FILE = ".compact.lock"
-# A segment at least this large gets an approximate (IVF) index. Exact search costs 0.6 ms at 10k vectors,
-# 3.1 ms at 50k and 7.5 ms at 100k (384 dims, 2 cores), ~150 ms at 1M. HNSW was the first choice, but building it
-# took 160-210 s for 50k vectors on these 2 (shared) cores, so an IVF of √n lists, trained on a sample, is built
-# instead; bench/scale.py measures its recall@10 against exact search.
-ANN_THRESHOLD = 50_000
-IVF_TRAINING_PER_LIST = 50  # k-means training points per list (faiss asks for ≥ 39)
-# Lists searched per query: an eighth of them, at least 64. bench/scale.py (recall@10 against exact search):
-# 100k vectors, 316 lists: 64 → 0.971; 1M vectors, 1000 lists: 64 → 0.931, 128 → 0.988 (+5 ms).
-# A search through an id selector (a collection, a source filter, tombstones) that lets through a share s of the
-# stored vectors probes 1/s times as many lists, at most all (`search_parameters`): it then meets as many eligible
-# vectors as a search without one, at about its cost (a vector outside the selector costs a bit test, no distance).
-# With the usual probes, recall@10 fell as the scope narrowed (100k vectors, 316 lists, 64 probes: 0.96 at a 50%
-# scope, 0.92 at 10%, 0.80 at 1%, 0.57 at 0.1%) while the answer almost never held fewer than k hits, so searching
-# again on a short answer would not have helped; widened: 0.998 at 50%, and at 20% or less all lists, i.e. an exact
-# search of the scope's own vectors (1.6 ms at 1%). s is the whole index's share, not the segment's: a segment
-# holding less of the scope probes too few lists, but then it also holds few of the scope's best hits.
-IVF_MIN_PROBES = 64
-IVF_PROBE_SHARE = 1 / 8
-# FTS5 spends ~3 µs ranking each matching row, so a query's cost grows with the postings of its terms. A query
-# ranks with its rarest terms (highest IDF) whose postings together stay within this budget, and drops the commoner
-# ones (as Elasticsearch's cutoff_frequency does): bounded latency at any index size. Small indexes (XQuAD's 300
-# chunks) never reach the budget, so they rank with every term.
-LEXICAL_POSTINGS_BUDGET = 5_000  # ~15-25 ms a query on these shared 2 cores (bench/scale.py)
-BUSY_TIMEOUT_MS = 30_000
-WAL_SIZE_LIMIT = 64 * 2**20
-
-DOCUMENTS_TABLE = """(
-    doc_id TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    content_hash TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    chunking TEXT NOT NULL,
-    chunk_count INTEGER NOT NULL,
-    ingested_at TEXT NOT NULL,
-    collection TEXT NOT NULL DEFAULT 'default',
-    UNIQUE (collection, source)
-)"""
-# Columns added after a release, to new databases and to older ones alike, when a writer or reader opens them.
-ADDED_COLUMNS = {"documents": {"warnings": "TEXT NOT NULL DEFAULT '[]'",  # JSON list (DocumentRecord.warnings)
-                               "name": "TEXT NOT NULL DEFAULT ''"},  # '' in older indexes: shown by file name
-                 "chunks": {"name": "TEXT NOT NULL DEFAULT ''"}}  # its document's name, so a read needs no join
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS documents {DOCUMENTS_TABLE};
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY,
-    doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
-    ordinal INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    source TEXT NOT NULL,
-    page INTEGER,
-    heading TEXT,
-    element_type TEXT,
-    tokens INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    context TEXT NOT NULL DEFAULT '',
-    collection TEXT NOT NULL DEFAULT 'default',  -- its document's, so a collection's chunk ids need no join
-    UNIQUE (doc_id, ordinal)
-);
--- Contentless: the text is stored once (in chunks); FTS5 keeps only postings of the chunk's analysed terms
--- (rag.store.terms, registered as the SQL function rag_terms), in its own incrementally merged b-tree segments.
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
-    terms, content='', tokenize="unicode61 remove_diacritics 0 tokenchars '_'");
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts_terms USING fts5vocab(chunks_fts, row);  -- document frequencies
-CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts(rowid, terms) VALUES (new.id, rag_terms(new.context, new.text));
-END;
-CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts(chunks_fts, rowid, terms) VALUES ('delete', old.id, rag_terms(old.context, old.text));
-    INSERT OR IGNORE INTO tombstones(chunk_id) VALUES (old.id);
-END;
-CREATE TABLE IF NOT EXISTS segments (
-    name TEXT PRIMARY KEY,
-    index_type TEXT NOT NULL,
-    vectors INTEGER NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tombstones (chunk_id INTEGER PRIMARY KEY);
-"""
-CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context, name"
-INSERT_CHUNK = ("INSERT INTO chunks (id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash,"
-                " context, collection, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-DOCUMENT_COLUMNS = ", ".join(DocumentRecord.__dataclass_fields__)
-INSERT_DOCUMENT = f"INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES ({', '.join('?' * len(DocumentRecord.__dataclass_fields__))})"
-
-
-def crash_point(name: str) -> None:
-    """Tests only: `RAG_TEST_CRASH_AT=<name>` kills the process here, as a power cut or kill -9 would."""
-    if os.environ.get("RAG_TEST_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def connect(index_dir: Path, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, full fsync on commit."""
-    db = sqlite3.connect(index_dir / DB_FILE, isolation_level=None, check_same_thread=False)
-    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")
-    db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # a bulk commit's WAL shrinks back after checkpoint
-    db.execute("PRAGMA foreign_keys = ON")
-    register_functions(db)
-    if readonly:
-        db.execute("PRAGMA query_only = ON")
-    return db
-
-
-def register_functions(db: sqlite3.Connection) -> None:
-    """The SQL functions the schema's triggers call (every connection that writes chunk rows needs them)."""
-    db.create_function("rag_terms", 2, indexed_terms, deterministic=True)
-
-
-def ensure_schema(db: sqlite3.Connection) -> None:
-    db.executescript(SCHEMA)
-    upgrade(db)
-    db.execute("CREATE INDEX IF NOT EXISTS chunks_collection ON chunks(collection)")
-
-
-def upgrade(db: sqlite3.Connection) -> None:
-    """Bring an index built by an earlier version to this schema (a no-op when it is there)."""
-    add_collections(db)
-    add_columns(db, ADDED_COLUMNS)
-
-
-def outdated(db: sqlite3.Connection) -> bool:
-    """Whether `upgrade` has something to do (checked without the write lock that it takes)."""
-    return not _has_column(db, "documents", "collection") or any(
-        not _has_column(db, table, column) for table, columns in ADDED_COLUMNS.items() for column in columns)
-
-
-def add_columns(db: sqlite3.Connection, added: dict[str, dict[str, str]]) -> None:
-    """Add the columns (by table: name → definition) a table lacks; SQLite adds a column without rewriting rows."""
-    for table, columns in added.items():
-        for column, definition in columns.items():
-            if not _has_column(db, table, column):
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-
-
-@contextmanager
-def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE (the write lock at once, waiting busy_timeout for another writer) ... COMMIT; rolled back
-    on any exception, so a change is applied whole or not at all."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
-def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
-    return column in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-
-
-def add_collections(db: sqlite3.Connection) -> None:
-    """Give an index built before collections its `collection` columns (everything joins 'default').
-
-    `documents.source` was UNIQUE on its own, so that table is rebuilt (SQLite cannot alter a constraint): the
-    documented procedure, with foreign keys off so that dropping the old table does not cascade to the chunks.
-    One transaction: a kill leaves the old schema or the new one."""
-    if _has_column(db, "documents", "collection"):
-        return
-    db.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction, so before BEGIN
-    try:
-        with write_transaction(db):
-            if not _has_column(db, "documents", "collection"):  # another process may have done it meanwhile
-                db.execute(f"CREATE TABLE documents_upgraded {DOCUMENTS_TABLE}")
-                old = {row[1] for row in db.execute("PRAGMA table_info(documents)")}
-                columns = ", ".join(name for name in DocumentRecord.__dataclass_fields__ if name in old)
-                db.execute(f"INSERT INTO documents_upgraded ({columns}) SELECT {columns} FROM documents")
-                db.execute("DROP TABLE documents")
-                db.execute("ALTER TABLE documents_upgraded RENAME TO documents")
-                if not _has_column(db, "chunks", "collection"):
-                    db.execute("ALTER TABLE chunks ADD COLUMN collection TEXT NOT NULL DEFAULT 'default'")
-    finally:
-        db.execute("PRAGMA foreign_keys = ON")
-
-
-def _document(row: tuple) -> DocumentRecord:
-    *rest, warnings, name = row  # warnings as JSON text
-    return DocumentRecord(*rest, tuple(json.loads(warnings)), name)
-
-
-def _document_row(record: DocumentRecord) -> tuple:
-    *rest, warnings, name = astuple(record)
-    return (*rest, json.dumps(warnings), name)
-
-
-def _row_to_chunk(row: tuple) -> Chunk:
-    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context, name = row
-    return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context,
-                 name or PurePath(source).name)
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _lock(path: Path, what: str) -> object:
-    handle = open(path, "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise IndexBusyError(f"Another process is {what} the index at '{path.parent}'; try again when it ends.")
-    return handle
-
-
-def build_segment_index(vectors: np.ndarray, ids: np.ndarray, dimension: int) -> faiss.Index:
-    """Exact inner-product search for a small segment; an inverted-file index for one large enough to make exact
-    search slow. Both wrapped in IDMap2 (ids = chunk ids) so segments read and merge alike."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if len(ids) >= ANN_THRESHOLD:
-        lists = max(1, int(np.sqrt(len(ids))))
-        inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, lists, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(len(vectors), min(len(vectors), lists * IVF_TRAINING_PER_LIST),
-                                                 replace=False)
-        inner.train(vectors[np.sort(sample)])
-        inner.set_direct_map_type(faiss.DirectMap.Array)  # so compaction can read the vectors back
-        inner.nprobe = probes(lists)
-    else:
-        inner = faiss.IndexFlatIP(dimension)
-    index = faiss.IndexIDMap2(inner)
-    if len(ids):
-        index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
-    return index
-
-
-def index_type(index: faiss.Index) -> str:
-    inner = faiss.downcast_index(index.index)
-    return f"IDMap2,IVF{inner.nlist},Flat" if isinstance(inner, faiss.IndexIVF) else "IDMap2,Flat"
-
-
-def segment_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, ids) held by a segment."""
-    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    return faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal), ids
-
-
-def write_segment(index_dir: Path, name: str, index: faiss.Index) -> Path:
-    """Write a segment file so that it exists either whole or (as a temp name) not at all."""
-    folder = index_dir / SEGMENTS
-    folder.mkdir(exist_ok=True)
-    final, temp = folder / f"{name}.faiss", folder / f"{name}.faiss.tmp"
-    faiss.write_index(index, str(temp))
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, final)
-    _fsync_dir(folder)
-    return final
-
-
-def read_segment(index_dir: Path, name: str) -> faiss.Index:
-    index = faiss.read_index(str(index_dir / SEGMENTS / f"{name}.faiss"))
-    inner = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = probes(inner.nlist)
-    return index
-
-
-def probes(lists: int) -> int:
-    return min(lists, max(IVF_MIN_PROBES, int(lists * IVF_PROBE_SHARE)))
-
-
-def search_parameters(index: faiss.Index, selector: faiss.IDSelector | None,
-                      share: float) -> faiss.SearchParameters | None:
-    """How to search a segment through `selector`, which lets through `share` (0 < share ≤ 1) of the stored
-    vectors. An IVF index takes only its own parameter type (and with it probes one list unless told): the
-    segment's probes, widened by 1 / share (see IVF_PROBE_SHARE)."""
-    if selector is None:
-        return None
-    inner = faiss.downcast_index(index.index)
-    if not isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParameters(sel=selector)
-    return faiss.SearchParametersIVF(sel=selector, nprobe=min(inner.nlist, math.ceil(inner.nprobe / share)))
-
-
-def new_segment_name(kind: str = "s") -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{kind}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)
@@ -355,7 +61,6 @@ class _Vectors:
     @property
     def ntotal(self) -> int:
         return sum(index.ntotal for index in self.segments.values()) - len(self.tombstones)
-
 
 class EmbeddedStore:
     """An index directory: read it with `EmbeddedStore.open`, change it with `begin` ... `commit`.
@@ -411,7 +116,7 @@ class EmbeddedStore:
         """The writer (creating the index if needed). Only one at a time; changes are buffered until `commit`."""
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
-        lock_handle = _lock(index_dir / LOCK_FILE, "writing to")
+        lock_handle = take_lock(index_dir / LOCK_FILE, "writing to")
         try:
             migrate_snapshot_format(index_dir)
             store = cls(index_dir, lock_handle, embedding_model, dimension, chunking)
@@ -613,29 +318,26 @@ class EmbeddedStore:
         """The chunks with these ids, in the order given; ids not in the index (or not in `collection`) are left
         out."""
         ids = list(ids)
-        scope, scope_args = _collection_condition(collection)
+        scope, scope_args = collection_condition(collection)
         by_id = {}
         for start in range(0, len(ids), 500):
             batch = ids[start:start + 500]
             rows = self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE id IN ({','.join('?' * len(batch))})"
                                    f"{scope}", (*batch, *scope_args))
-            by_id.update((row[0], _row_to_chunk(row)) for row in rows)
+            by_id.update((row[0], row_to_chunk(row)) for row in rows)
         return [by_id[id_] for id_ in ids if id_ in by_id]
 
     def iter_chunks(self, *, collection: str) -> Iterator[Chunk]:
-        scope, scope_args = _collection_condition(collection, first=True)
+        scope, scope_args = collection_condition(collection, first=True)
         for row in self.db.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks{scope} ORDER BY id", scope_args):
-            yield _row_to_chunk(row)
+            yield row_to_chunk(row)
 
     def ids_with_source(self, pattern: str, *, collection: str) -> np.ndarray:
         """Ids of the chunks whose source path matches a glob (or ends with it below some folder)."""
-        import fnmatch
-
-        suffix = f"*/{pattern.lstrip('/')}"
-        scope, scope_args = _collection_condition(collection, first=True)
+        scope, scope_args = collection_condition(collection, first=True)
         doc_ids = [doc_id for doc_id, source in self.db.execute(f"SELECT doc_id, source FROM documents{scope}",
                                                                  scope_args)
-                   if fnmatch.fnmatch(source, pattern) or fnmatch.fnmatch(source, suffix)]
+                   if source_matches(source, pattern)]
         ids: list[int] = []
         for start in range(0, len(doc_ids), 500):
             batch = doc_ids[start:start + 500]
@@ -645,15 +347,15 @@ class EmbeddedStore:
 
     def documents(self, *, collection: str) -> dict[str, DocumentRecord]:
         """Documents by doc_id."""
-        scope, scope_args = _collection_condition(collection, first=True)
+        scope, scope_args = collection_condition(collection, first=True)
         rows = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents{scope}", scope_args)
-        return {row[0]: _document(row) for row in rows}
+        return {row[0]: document_from_row(row) for row in rows}
 
     def document(self, doc_id: str, *, collection: str) -> DocumentRecord | None:
-        scope, scope_args = _collection_condition(collection)
+        scope, scope_args = collection_condition(collection)
         row = self.db.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?{scope}",
                               (doc_id, *scope_args)).fetchone()
-        return _document(row) if row else None
+        return document_from_row(row) if row else None
 
     def collections(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT collection, COUNT(*) FROM documents GROUP BY collection "
@@ -725,21 +427,22 @@ class EmbeddedStore:
                 deleted += db.execute(f"DELETE FROM chunks WHERE doc_id IN ({marks})", batch).rowcount
                 db.execute(f"DELETE FROM documents WHERE doc_id IN ({marks})", batch)
             added_docs = {record.doc_id: record for record, _, _ in self._pending.adds.values()}
-            db.executemany(INSERT_DOCUMENT, (_document_row(record) for record in added_docs.values()))
+            db.executemany(INSERT_DOCUMENT, (document_row(record) for record in added_docs.values()))
             db.executemany(INSERT_CHUNK, (
                 (int(id_), record.doc_id, chunk.ordinal, chunk.text, chunk.source, chunk.page, chunk.heading,
-                 chunk.element_type, chunk.tokens, chunk.hash, chunk.context, record.collection, record.name)
+                 chunk.element_type, chunk.tokens, chunk.hash, chunk.context, record.collection, record.name,
+                 chunk.page_end)
                 for id_, (record, chunk) in zip(ids, new_chunks)))
             db.executemany("UPDATE documents SET size = ?, mtime_ns = ? WHERE doc_id = ?",
                            ((size, mtime, doc_id) for doc_id, (size, mtime) in self._pending.touches.items()))
             if segment:
-                db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (*segment, _now()))
+                db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (*segment, utc_now()))
             generation = self.generation + 1
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
                 ("embedding_model", model), ("dimension", str(dimension)),
                 ("chunking", json.dumps(chunking, sort_keys=True)), ("format_version", str(FORMAT_VERSION)),
                 ("next_chunk_id", str(next_id + len(new_chunks))), ("generation", str(generation)),
-                ("committed_at", _now())])
+                ("committed_at", utc_now())])
             crash_point("commit-before-transaction-end")
         crash_point("commit-after-transaction-end")
         self._pending = PendingChanges()
@@ -767,193 +470,3 @@ class EmbeddedStore:
         self._local = threading.local()
         self._vectors = None
 
-
-def _collection_condition(collection: str, first: bool = False) -> tuple[str, tuple]:
-    """The SQL condition (and its argument) that scopes a query to one collection; nothing for every collection."""
-    collection = collection_filter(collection)
-    if collection is None:
-        return "", ()
-    return (" WHERE" if first else " AND") + " collection = ?", (collection,)
-
-
-def generation_name(generation: int) -> str:
-    return f"g{generation:06d}"
-
-
-def check_compatible(meta: dict[str, str], index_dir: Path, embedding_model: str | None,
-                     dimension: int | None) -> None:
-    version = int(meta.get("format_version", FORMAT_VERSION))
-    if version != FORMAT_VERSION:
-        raise IndexMismatchError(f"Index at '{index_dir}' has format version {version}; this program reads "
-                                 f"version {FORMAT_VERSION}. Re-ingest into a new --index directory.")
-    model, dims = meta["embedding_model"], int(meta["dimension"])
-    if (embedding_model and embedding_model != model) or (dimension and dimension != dims):
-        raise IndexMismatchError(
-            f"Index at '{index_dir}' was built with embedding model '{model}' ({dims} dims), but the configured "
-            f"model is '{embedding_model}' ({dimension} dims). Its vectors are not comparable: configure the same "
-            "model, or ingest into a new --index directory.")
-
-
-def remove_orphan_segments(index_dir: Path, db: sqlite3.Connection) -> None:
-    """Segment files no commit registered (a writer or compactor killed before its transaction). Writer lock held;
-    skipped while a compaction runs, since its new segment is unregistered until its swap."""
-    folder = index_dir / SEGMENTS
-    if not folder.exists():
-        return
-    try:
-        compact_lock = _lock(index_dir / COMPACT_LOCK_FILE, "compacting")
-    except IndexBusyError:
-        return
-    try:
-        registered = {row[0] for row in db.execute("SELECT name FROM segments")}
-        for path in folder.iterdir():
-            if path.name.endswith(".tmp") or path.name.removesuffix(".faiss") not in registered:
-                path.unlink(missing_ok=True)
-    finally:
-        compact_lock.close()
-
-
-def compact(index_dir: str | Path, full: bool = True, max_segments: int = 8,
-            tombstone_ratio: float = 0.2) -> CompactionInfo | None:
-    """Merge segments into one, dropping tombstoned vectors; None when the policy finds nothing to do.
-
-    `full` merges every segment (and retrains the IVF of a large result). Otherwise: all segments when tombstones exceed
-    `tombstone_ratio` of the stored vectors, else the small segments (all but the largest) once there are more
-    than `max_segments`. A result of ANN_THRESHOLD vectors or more gets an IVF index (retrained on its vectors). Readers and a concurrent writer are never blocked: the new segment is built from the
-    inputs as they were when it started and swapped in by one short transaction.
-    """
-    index_dir = Path(index_dir)
-    started = time.perf_counter()
-    lock = _lock(index_dir / COMPACT_LOCK_FILE, "compacting")
-    db = connect(index_dir)
-    try:
-        db.execute("BEGIN")
-        try:
-            segments = db.execute("SELECT name, vectors FROM segments ORDER BY vectors DESC, name").fetchall()
-            tombstones = np.fromiter((row[0] for row in db.execute("SELECT chunk_id FROM tombstones")), np.int64)
-            dimension = int(db.execute("SELECT value FROM meta WHERE key = 'dimension'").fetchone()[0])
-        finally:
-            db.execute("COMMIT")
-        stored = sum(vectors for _, vectors in segments)
-        if full or (stored and len(tombstones) > tombstone_ratio * stored):
-            inputs = [name for name, _ in segments]
-        elif len(segments) > max_segments:
-            inputs = [name for name, _ in segments[1:]]
-        else:
-            return None
-        if not inputs or (len(inputs) == 1 and not len(tombstones) and not full):
-            return None
-        parts, id_parts, dropped_parts = [], [], []
-        for name in inputs:
-            vectors, ids = segment_contents(read_segment(index_dir, name))
-            keep = ~np.isin(ids, tombstones)
-            parts.append(vectors[keep])
-            id_parts.append(ids[keep])
-            dropped_parts.append(ids[~keep])
-        vectors = np.concatenate(parts) if parts else np.zeros((0, dimension), np.float32)
-        ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
-        dropped = np.concatenate(dropped_parts)
-        merged = build_segment_index(vectors, ids, dimension)
-        name = new_segment_name("c")
-        if merged.ntotal:
-            write_segment(index_dir, name, merged)
-        crash_point("compact-segment-written")
-
-        with write_transaction(db):  # waits (busy_timeout) for a commit in flight, never for a whole ingest
-            db.executemany("DELETE FROM segments WHERE name = ?", [(n,) for n in inputs])
-            if merged.ntotal:
-                db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (name, index_type(merged), int(merged.ntotal),
-                                                                       _now()))
-            db.executemany("DELETE FROM tombstones WHERE chunk_id = ?", ((int(id_),) for id_ in dropped))
-            generation = int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]) + 1
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
-            crash_point("compact-before-transaction-end")
-        crash_point("compact-after-transaction-end")
-        for old in inputs:  # readers hold loaded segments in memory; one mid-refresh re-reads the list
-            (index_dir / SEGMENTS / f"{old}.faiss").unlink(missing_ok=True)
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # best effort: readers in a transaction keep the WAL
-        return CompactionInfo(generation, len(segments), len(segments) - len(inputs) + (1 if merged.ntotal else 0),
-                              int(merged.ntotal), int(len(dropped)), index_type(merged),
-                              time.perf_counter() - started)
-    finally:
-        db.close()
-        lock.close()
-
-
-# ------------------------------------------------------------------------------ converting the snapshot format
-# An index of the snapshot format (CURRENT symlink + snapshots/, before segments) is converted in place, under the
-# writer lock. The new database is built under a temporary name with its one segment, fsynced and renamed into
-# place; only then are CURRENT and snapshots/ removed. A kill at any point leaves either the old format (converted
-# again next time; the half-built files are removed) or the new one (the leftovers are removed).
-OLD_POINTER, OLD_SNAPSHOTS = "CURRENT", "snapshots"
-OLD_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash"
-
-
-def convert_snapshot_format(index_dir: Path) -> bool:
-    """Convert an old-format index at `index_dir` under the writer lock (for readers: `Index.open`)."""
-    index_dir = Path(index_dir)
-    if not (index_dir / OLD_POINTER).is_symlink() or (index_dir / DB_FILE).exists():
-        return False
-    lock = _lock(index_dir / LOCK_FILE, "writing to")
-    try:
-        return migrate_snapshot_format(index_dir)
-    finally:
-        lock.close()
-
-
-def migrate_snapshot_format(index_dir: Path) -> bool:
-    """Convert an old-format index; True when one was converted."""
-    pointer = index_dir / OLD_POINTER
-    if (index_dir / DB_FILE).exists():
-        _remove_old_format(index_dir)  # a conversion killed after its rename
-        return False
-    if not pointer.is_symlink():
-        return False
-    snapshot = (index_dir / os.readlink(pointer)).resolve()
-    manifest = json.loads((snapshot / "manifest.json").read_text())
-    temp = index_dir / f"{DB_FILE}.migrating"
-    temp.unlink(missing_ok=True)
-    db = sqlite3.connect(temp, isolation_level=None)
-    register_functions(db)
-    try:
-        ensure_schema(db)
-        old = sqlite3.connect(f"file:{snapshot / 'chunks.sqlite'}?mode=ro", uri=True)
-        has_context = "context" in {row[1] for row in old.execute("PRAGMA table_info(chunks)")}
-        db.execute("BEGIN")
-        db.executemany(INSERT_DOCUMENT,
-                       old.execute("SELECT doc_id, source, content_hash, size, mtime_ns, chunking, chunk_count, "
-                                   "ingested_at, 'default', '[]', '' FROM documents"))
-        columns = OLD_COLUMNS + (", context" if has_context else ", ''") + ", 'default', ''"
-        db.executemany(INSERT_CHUNK, old.execute(f"SELECT {columns} FROM chunks ORDER BY id"))
-        next_id = (db.execute("SELECT MAX(id) FROM chunks").fetchone()[0] or 0) + 1
-        old.close()
-        vectors, ids = segment_contents(faiss.read_index(str(snapshot / "index.faiss")))
-        index = build_segment_index(vectors, ids, int(manifest["dimension"]))
-        meta = {"embedding_model": manifest["embedding_model"], "dimension": str(manifest["dimension"]),
-                "chunking": json.dumps(manifest["chunking"], sort_keys=True), "format_version": str(FORMAT_VERSION),
-                "next_chunk_id": str(next_id), "generation": "1", "committed_at": _now()}
-        db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-        if index.ntotal:
-            name = new_segment_name("m")
-            write_segment(index_dir, name, index)
-            db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (name, index_type(index), int(index.ntotal), _now()))
-        db.execute("COMMIT")
-    finally:
-        db.close()
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-    crash_point("migrate-before-rename")
-    os.replace(temp, index_dir / DB_FILE)
-    _fsync_dir(index_dir)
-    _remove_old_format(index_dir)
-    return True
-
-
-def _remove_old_format(index_dir: Path) -> None:
-    (index_dir / f"{DB_FILE}.migrating").unlink(missing_ok=True)
-    pointer = index_dir / OLD_POINTER
-    if pointer.is_symlink():
-        pointer.unlink()
-    shutil.rmtree(index_dir / OLD_SNAPSHOTS, ignore_errors=True)
-    for leftover in index_dir.glob(f".{OLD_POINTER}.*"):
-        leftover.unlink(missing_ok=True)

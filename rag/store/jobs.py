@@ -18,7 +18,8 @@ import psutil
 
 from rag.errors import ConflictError
 from rag.store.base import DEFAULT_COLLECTION
-from rag.store.embedded import add_columns, connect, write_transaction
+from rag.store.shared import utc_now
+from rag.store.sqlite_schema import add_columns, connect, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -60,10 +61,6 @@ class LeaseLostError(ConflictError):
     """Another worker took the job over (this one's lease expired): this one must stop working on it."""
 
     code = "lease_lost"
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def this_process() -> str:

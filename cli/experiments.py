@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rag.cli.app import CollectionOption, IndexOption, JsonOption, app, console, errors, settings_from
+from cli.app import CollectionOption, IndexOption, JsonOption, app, console, errors, settings_from
 from rag.config import MAX_CHUNKS
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, MAX_TEMPERATURE
 from rag.types import RetrieverKind
@@ -45,7 +45,7 @@ def evaluate(
     settings = settings_from(index_dir=index or (out / "index" if ingest_contexts else None), adapter_dir=adapter,
                              collection=collection)
     config = EvalConfig(dataset, [p.strip() for p in paths.split(",") if p.strip()], out, limit, seed,
-                        k or settings.answer_chunks, retriever, max_new_tokens, temperature,
+                        k or settings.prompt_chunks, retriever, max_new_tokens, temperature,
                         collection=settings.collection)
     if ingest_contexts:
         from ingest.job import IngestJob

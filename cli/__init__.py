@@ -9,7 +9,7 @@
     worker.py       rag worker
 """
 
-from rag.cli import answer, experiments, index, keys, maintenance, worker  # noqa: F401  (each registers its commands)
-from rag.cli.app import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
+from cli import answer, experiments, index, keys, maintenance, worker  # noqa: F401  (each registers its commands)
+from cli.app import EXIT_FILES_FAILED, EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
 
 __all__ = ["EXIT_FILES_FAILED", "EXIT_INDEX_ERROR", "EXIT_OK", "EXIT_USAGE", "app"]

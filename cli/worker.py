@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rag.cli.app import app, settings_from
+from cli.app import app, settings_from
 
 
 @app.command()

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rag.cli.app import (CollectionOption, IndexOption, JsonOption, app, console, print_mapping,
+from cli.app import (CollectionOption, IndexOption, JsonOption, app, console, print_mapping,
                          settings_from)
 
 documents_app = typer.Typer(help="List and delete the documents in the index.", no_args_is_help=True)

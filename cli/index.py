@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from rag.cli.app import (EXIT_FILES_FAILED, EXIT_OK, CollectionOption, IndexOption, JsonOption, app, console,
+from cli.app import (EXIT_FILES_FAILED, EXIT_OK, CollectionOption, IndexOption, JsonOption, app, console,
                          display, errors, print_mapping, settings_from)
 from rag.config import (DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS, DEFAULT_EMBEDDING_BATCH_SIZE, DEFAULT_SEARCH_RESULTS,
                         MAX_CHUNKS)

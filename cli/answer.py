@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rag.cli.app import CollectionOption, IndexOption, JsonOption, app, console, errors, settings_from
+from cli.app import CollectionOption, IndexOption, JsonOption, app, console, errors, settings_from
 from rag.config import MAX_CHUNKS, Settings
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, MAX_TEMPERATURE
 from rag.types import AnswerPath, RetrieverKind
@@ -18,11 +18,20 @@ def _print_answer(answer, title: str | None = None) -> None:
     from rich.panel import Panel
 
     lines = [answer.text, ""]
+    if answer.supported is False:
+        lines[1:1] = ["(not found in the sources: shown as the decoder wrote it, without citations)", ""]
+    if answer.finish_reason == "length":
+        lines[1:1] = ["(cut short: the answer reached its token limit)", ""]
     if answer.see_also:
         lines.append("See also:")
     for citation in answer.citations or answer.see_also:
         where = citation.source + (f", p. {citation.page}" if citation.page else "")
         lines.append(f"[{citation.number}] {where}" + (f" § {citation.heading}" if citation.heading else ""))
+    if answer.evidence and answer.answerable:
+        lines += ["", "Evidence:"]
+        for evidence in answer.evidence:
+            where = evidence.source + (f", p. {evidence.page}" if evidence.page is not None else "")
+            lines.append(f"[{evidence.number}] {where}: {evidence.readable()}")
     timings = answer.timings
     footer = (f"{answer.usage.get('prompt_tokens', 0)} prompt tokens, {answer.usage.get('completion_tokens', 0)} "
               f"generated, retrieve {timings.get('retrieve_ms', 0):.0f} ms, generate {timings.get('generate_ms', 0):.0f} ms")

@@ -7,8 +7,9 @@
 
 A key may use one collection (or every collection: `ALL_COLLECTIONS`) with a role: `read` searches and asks,
 `write` also uploads and deletes documents, `admin` also manages keys. The embedded key store keeps the table
-`api_keys` in the index's own SQLite database; the postgres store has the same table and columns (`KEY_COLUMNS`)
-and builds its records with `new_key` and `record_from_row`, so both stores issue and read keys alike.
+`api_keys` in the index's own SQLite database; the PostgreSQL key store (`rag.store.pg_keys`) has the same table and
+columns (`KEY_COLUMNS`) and builds its records with `new_key` and `record_from_row`, so both issue and read keys
+alike.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from rag.errors import NotFoundError, UserError
-from rag.store.embedded import connect
-from rag.store.jobs import utc_now
+from rag.store.shared import utc_now
+from rag.store.sqlite_schema import connect
 from rag.types import ALL_COLLECTIONS, Role, check_collection
 
 SECRET_PREFIX = "rag_"
