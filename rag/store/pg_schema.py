@@ -7,7 +7,7 @@ database at the old version or the new one. A database whose version is newer th
 newer program, whose tables this one may misread: it is refused.
 
 The embedding column is created untyped (`vector`) and typed (`vector(dim)`) by `initialise` at the first `begin`,
-when the embedding model's dimension is known. pgvector (0.6) builds HNSW only on a column with dimensions; an
+when the embedding model's dimension is known. pgvector builds HNSW only on a column with dimensions; an
 expression index on `embedding::vector(dim)` would work too, but then every query must repeat that exact cast to
 use it, and nothing would stop a vector of another dimension from being stored. Typing the column once (cheap:
 the table is empty then) keeps the queries plain and lets Postgres check every vector's dimension.
@@ -29,6 +29,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from rag.config import Settings
 from rag.errors import UnavailableError, UserError
 from rag.store.base import IndexMismatchError
+
+# Iterative index scans (`hnsw.iterative_scan`), which scoped dense search relies on, arrived in pgvector 0.8.0.
+MIN_PGVECTOR = (0, 8, 0)
+
+# Inner product on normalised vectors (= cosine), the embedded store's metric; pgvector's default build parameters
+# (m 16, ef_construction 64). Created by `initialise`, and again by a bulk load that drops it (rag.store.postgres).
+CREATE_VECTOR_INDEX = "CREATE INDEX chunks_embedding ON chunks USING hnsw (embedding vector_ip_ops)"
 
 # pg_advisory_xact_lock keys (two int4): one namespace for this program, then what is locked.
 LOCK_NAMESPACE = 0x5241_4701  # "RAG" + 1
@@ -140,6 +147,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE documents ADD COLUMN name text NOT NULL DEFAULT '';
     ALTER TABLE chunks ADD COLUMN name text NOT NULL DEFAULT '';
     """,
+    # 6: each chunk's term frequencies by term (BM25's tf), so that scoring a matching row looks up the query's
+    # words instead of unnesting its whole tsvector; filled from the tsvectors of the chunks there.
+    """
+    ALTER TABLE chunks ADD COLUMN term_frequencies jsonb NOT NULL DEFAULT '{}';
+    UPDATE chunks SET term_frequencies = (SELECT COALESCE(jsonb_object_agg(lexeme, cardinality(positions)), '{}')
+                                          FROM unnest(terms));
+    """,
+    # 7: the last page a chunk covers (Chunk.page_end); NULL for one page, and for chunks from before.
+    """
+    ALTER TABLE chunks ADD COLUMN page_end integer;
+    """,
 ]
 
 
@@ -167,6 +185,26 @@ def migrate(conn: psycopg.Connection) -> int:
     return known
 
 
+def require_pgvector(conn: psycopg.Connection) -> str:
+    """The database's pgvector version (migration 1 created the extension); refused when older than MIN_PGVECTOR."""
+    found, available = conn.execute(
+        "SELECT extversion, (SELECT default_version FROM pg_available_extensions WHERE name = 'vector') "
+        "FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if _version(found) < MIN_PGVECTOR:
+        needed = ".".join(map(str, MIN_PGVECTOR))
+        remedy = (f"The server has pgvector {available}: run `ALTER EXTENSION vector UPDATE` in the database"
+                  if available and _version(available) >= MIN_PGVECTOR else
+                  "Install pgvector 0.8 or newer on the server (e.g. the pgvector/pgvector Docker image)")
+        raise UserError(f"The database uses pgvector {found}, but rag needs pgvector {needed} or newer (for "
+                        f"filtered approximate search). {remedy}, then retry.")
+    return found
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'0.8.5' -> (0, 8, 5); a suffix such as '0.9.0-dev' counts by its digits."""
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in text.split(".")[:3])
+
+
 def _check(conn: psycopg.Connection, version: int) -> int:
     if version > len(MIGRATIONS):
         raise IndexMismatchError(
@@ -187,9 +225,7 @@ def initialise(conn: psycopg.Connection, embedding_model: str, dimension: int, c
         if found is not None:
             return found
         conn.execute(f"ALTER TABLE chunks ALTER COLUMN embedding TYPE vector({int(dimension)})")
-        # Inner product on normalised vectors (= cosine), the embedded store's metric; pgvector's default build
-        # parameters (m 16, ef_construction 64).
-        conn.execute("CREATE INDEX chunks_embedding ON chunks USING hnsw (embedding vector_ip_ops)")
+        conn.execute(CREATE_VECTOR_INDEX)
         conn.execute("INSERT INTO meta (embedding_model, dimension, chunking) VALUES (%s, %s, %s)",
                      (embedding_model, dimension, json.dumps(chunking, sort_keys=True)))
     return None
@@ -231,6 +267,7 @@ class Database:
         try:  # one direct connection first: a clear error at once (a pool would retry until its timeout)
             with psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
                 migrate(conn)
+                require_pgvector(conn)
         except psycopg.OperationalError as error:
             raise self.unavailable(error) from None
         # Every connection sends and reads vectors as numpy arrays in pgvector's binary format.

@@ -14,33 +14,48 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import struct
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import astuple, fields
 from pathlib import PurePath
 
 import numpy as np
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg.types.json import Jsonb
 
 from rag.config import Settings
 from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
                             Manifest, PendingChanges, StoreError)
-from rag.store.embedded import LEXICAL_POSTINGS_BUDGET, generation_name
-from rag.store.jobs import utc_now
-from rag.store.pg_schema import DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, Database, initialise, read_meta, schema_version
+from rag.store.pg_schema import (CREATE_VECTOR_INDEX, DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, Database, initialise,
+                                 read_meta, schema_version)
+from rag.store.shared import LEXICAL_POSTINGS_BUDGET, generation_name
 from rag.store.terms import indexed_terms, rarest_within, terms
 from rag.types import ALL_COLLECTIONS, Chunk, collection_filter
 
-CHUNK_COLUMNS = "id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context, name"
+CHUNK_COLUMNS = ("id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context, name,"
+                 " page_end")
 DOCUMENT_COLUMNS = ", ".join(field.name for field in fields(DocumentRecord))
 INSERT_DOCUMENT = (f"INSERT INTO documents ({DOCUMENT_COLUMNS}) "
                    f"VALUES ({', '.join(['%s'] * len(fields(DocumentRecord)))})")
-INSERT_CHUNK = ("INSERT INTO chunks (doc_id, collection, name, ordinal, text, source, page, heading, element_type,"
-                " tokens, hash, context, embedding, terms, term_count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                " %s, %s, %b, %s::tsvector, %s)")
+# New chunks arrive by binary COPY (no per-row statement, no text parsing of vectors on the server).
+COPY_CHUNKS = ("COPY chunks (doc_id, collection, name, ordinal, text, source, page, page_end, heading, element_type,"
+               " tokens, hash, context, embedding, terms, term_frequencies, term_count) FROM STDIN (FORMAT BINARY)")
+COPY_CHUNK_TYPES = ["text", "text", "text", "int4", "text", "text", "int4", "int4", "text", "text", "int4", "text",
+                    "text", "vector", "tsvector", "jsonb", "int4"]
 # HNSW explores ef_search candidates per query (pgvector's default 40, at most 1000); a query for k hits needs at
 # least k of them, and a margin keeps its recall near exact search's.
 MIN_EF_SEARCH, MAX_EF_SEARCH = 100, 1000
+# A commit adding at least this many chunks, and at least as many as the index holds, rebuilds the HNSW index
+# after loading them instead of inserting each into it: CREATE INDEX built 20k 384-dim vectors ~9x faster than
+# 20k inserts (25 s against 230 s on these shared cores). Its lock makes readers and writers wait for the commit.
+BULK_REBUILD_MIN_CHUNKS = 10_000
+BULK_REBUILD_MEMORY = "1GB"  # maintenance_work_mem for the build: the graph of ~500k 384-dim vectors fits in it
+# A scoped query's HNSW scan goes on (pgvector 0.8's iterative scan, relaxed order) until k rows pass its WHERE or
+# it has visited this many tuples: a 1% collection needs ~100 visits per hit. Past it (a scope of under ~0.1% of
+# the table) the few rows found are completed by an exact scan of the scope, which is small then.
+MAX_SCAN_TUPLES = 50_000
 # BM25 as SQLite FTS5's bm25() computes it for the embedded store (its k1 and b, its IDF floor), so that both
 # stores rank alike. Postgres's own ts_rank / ts_rank_cd know no document frequencies: on XQuAD they reached
 # recall@1 0.887 (ts_rank, normalisation 1) and 0.803 (ts_rank_cd, 4) against 0.925 for FTS5's BM25.
@@ -48,6 +63,8 @@ BM25_K1, BM25_B, BM25_MIN_IDF = 1.2, 0.75, 1e-6
 MAX_LEXEME_BYTES = 2046  # Postgres refuses longer lexemes (2 KiB); such "words" are blobs, not text
 MAX_POSITIONS = 256  # positions a tsvector keeps per lexeme: BM25's term frequency saturates long before
 LAST_POSITION = 16383  # a tsvector's largest position
+# The rows holding a word (`w.word`), from the GIN index; a subquery's start, closed by the caller.
+COUNT_POSTINGS = "SELECT count(*) FROM (SELECT FROM chunks WHERE terms @@ quote_literal(w.word)::tsquery"
 
 
 def source_matches(source: str, pattern: str) -> bool:
@@ -55,22 +72,57 @@ def source_matches(source: str, pattern: str) -> bool:
     return fnmatch.fnmatch(source, pattern) or fnmatch.fnmatch(source, f"*/{pattern.lstrip('/')}")
 
 
-def _analysed(chunk: Chunk) -> tuple[str, int]:
-    """The chunk's analysed terms (those FTS5 indexes in the embedded store) as a tsvector literal, each term a
-    lexeme as it is (no parser or dictionary of Postgres in between) with its positions; and how many there are."""
+def _analysed(chunk: Chunk) -> tuple[bytes, Jsonb, int]:
+    """The chunk's analysed terms (those FTS5 indexes in the embedded store) as a tsvector in PostgreSQL's binary
+    form, each term a lexeme as it is (no parser or dictionary of Postgres in between) with its positions; each
+    term's frequency (BM25's tf); and how many there are."""
     words = [word for word in indexed_terms(chunk.context, chunk.text).split()
              if len(word.encode()) <= MAX_LEXEME_BYTES]
-    positions: dict[str, list[str]] = {}
+    frequencies: dict[str, int] = {}
+    for word in words:
+        frequencies[word] = frequencies.get(word, 0) + 1
+    positions: dict[bytes, list[int]] = {}
     for position, word in enumerate(words, 1):
-        positions.setdefault(word, []).append(str(min(position, LAST_POSITION)))
-    # Analysed words hold only word characters: no quote or backslash to escape.
-    return " ".join(f"'{word}':{','.join(places[:MAX_POSITIONS])}" for word, places in positions.items()), len(words)
+        places = positions.setdefault(word.encode(), [])
+        if len(places) < MAX_POSITIONS and (not places or places[-1] < LAST_POSITION):  # increasing, as required
+            places.append(min(position, LAST_POSITION))
+    # tsvectorrecv's input: the lexeme count, then each lexeme NUL-terminated with its position count and positions
+    # (weight bits 0), the lexemes in the server's order (bytewise) so it need not sort them.
+    parts = [struct.pack("!i", len(positions))]
+    for lexeme in sorted(positions):
+        parts += [lexeme, struct.pack(f"!xH{len(positions[lexeme])}H", len(positions[lexeme]), *positions[lexeme])]
+    return b"".join(parts), Jsonb(frequencies), len(words)
+
+
+class _TsVectorDumper(Dumper):
+    """Sends `_analysed`'s bytes as they are where a binary COPY expects a tsvector (looked up by type oid only)."""
+
+    format = Format.BINARY
+    oid = 3614  # tsvector: a built-in type, the same oid in every PostgreSQL
+
+    def dump(self, obj: bytes) -> bytes:
+        return obj
+
+
+def approximate_search_settings(conn, k: int) -> None:
+    """HNSW's search settings for a query of k hits, for the rest of the current transaction."""
+    conn.execute(f"SET LOCAL hnsw.ef_search = {min(MAX_EF_SEARCH, max(MIN_EF_SEARCH, 2 * k))}")
+    conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+    conn.execute(f"SET LOCAL hnsw.max_scan_tuples = {MAX_SCAN_TUPLES}")
+
+
+def dense_query(where: str) -> str:
+    """A dense search's SQL (parameters: the query vector, `where`'s, k); (id, inner product) rows best first.
+    The inner query may take the HNSW index (relaxed order: roughly by distance); MATERIALIZED keeps the outer
+    ORDER BY (`+ 0`: not taken for the inner one's) an exact sort of the hits by their exact distances."""
+    return (f"WITH hits AS MATERIALIZED (SELECT id, embedding <#> %b AS distance FROM chunks {where} "
+            "ORDER BY distance LIMIT %s) SELECT id, -distance FROM hits ORDER BY distance + 0, id")
 
 
 def _chunk(row: tuple) -> Chunk:
-    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context, name = row
+    id_, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, context, name, page_end = row
     return Chunk(doc_id, ordinal, text, source, page, heading, element_type, tokens, hash_, id_, context,
-                 name or PurePath(source).name)
+                 name or PurePath(source).name, page_end)
 
 
 def _document(row: tuple) -> DocumentRecord:
@@ -184,24 +236,20 @@ class PostgresStore:
 
     def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
               collection: str) -> list[tuple[int, float]]:
-        """(chunk id, inner product) best first. Approximate (HNSW) over a collection; exact over `allowed` ids,
-        and whenever HNSW returns fewer than k: pgvector 0.6 filters HNSW's ef_search candidates after the index
-        scan, so a selective WHERE can leave fewer than k of them although the collection holds more."""
+        """(chunk id, inner product) best first, from the HNSW index, scoped or not: an iterative scan returns
+        rows that pass the scope in roughly increasing distance, re-ordered here by their exact distances. The
+        planner may prefer an exact scan for a small scope (its estimate; then the results are exact)."""
         if k <= 0 or (allowed is not None and not len(allowed)):
             return []
         where, params = _where(collection, allowed)
         query = np.asarray(vector, dtype=np.float32).ravel()
         with self._db.connection() as conn, conn.transaction():
-            if allowed is None:
-                conn.execute(f"SET LOCAL hnsw.ef_search = {min(MAX_EF_SEARCH, max(MIN_EF_SEARCH, 2 * k))}")
-                rows = conn.execute(f"SELECT id, -(embedding <#> %b) FROM chunks {where} "
-                                    "ORDER BY embedding <#> %b LIMIT %s", [query, *params, query, k]).fetchall()
-                if len(rows) == k:
-                    return [(int(id_), float(score)) for id_, score in rows]
-            # MATERIALIZED keeps the planner from pushing the ORDER BY into the HNSW index: an exact scan.
-            rows = conn.execute(f"WITH scored AS MATERIALIZED (SELECT id, -(embedding <#> %b) AS score FROM chunks "
-                                f"{where}) SELECT id, score FROM scored ORDER BY score DESC, id LIMIT %s",
-                                [query, *params, k]).fetchall()
+            approximate_search_settings(conn, k)
+            rows = conn.execute(dense_query(where), [query, *params, k]).fetchall()
+            if len(rows) < k:  # the scan stopped at MAX_SCAN_TUPLES, or the scope holds fewer than k rows
+                rows = conn.execute(f"WITH scored AS MATERIALIZED (SELECT id, -(embedding <#> %b) AS score "
+                                    f"FROM chunks {where}) SELECT id, score FROM scored ORDER BY score DESC, id "
+                                    "LIMIT %s", [query, *params, k]).fetchall()
         return [(int(id_), float(score)) for id_, score in rows]
 
     def lexical(self, query: str, k: int, allowed: np.ndarray | None = None, *,
@@ -215,10 +263,11 @@ class PostgresStore:
             return []
         where, params = _where(collection, allowed)
         with self._db.connection() as conn:
-            # Each word's document frequency (a GIN lookup) and the index's totals, in one statement.
+            # Each word's document frequency (a GIN lookup, then a visit of each posting's row) counted up to just
+            # over the budget, past which a word is dropped; and the index's totals; in one statement.
             rows = conn.execute(
-                "SELECT word, (SELECT count(*) FROM chunks WHERE terms @@ quote_literal(word)::tsquery), meta.chunks,"
-                " meta.terms FROM unnest(%s::text[]) AS word, meta", [words]).fetchall()
+                f"SELECT word, ({COUNT_POSTINGS} LIMIT {LEXICAL_POSTINGS_BUDGET + 1}) AS postings), meta.chunks,"
+                " meta.terms FROM unnest(%s::text[]) AS w (word), meta", [words]).fetchall()
             if not rows or not rows[0][2]:
                 return []
             frequency = {word: df for word, df, _, _ in rows}
@@ -226,15 +275,18 @@ class PostgresStore:
             kept = [word for word in rarest_within(words, frequency, LEXICAL_POSTINGS_BUDGET) if frequency[word]]
             if not kept:
                 return []
+            if frequency[kept[0]] > LEXICAL_POSTINGS_BUDGET:  # every word is common: the rarest is kept, counted
+                frequency[kept[0]] = conn.execute(f"SELECT ({COUNT_POSTINGS}) AS postings) FROM "
+                                                  "(SELECT %s::text AS word) AS w", [kept[0]]).fetchone()[0]
             idf = [max(math.log((total - frequency[word] + 0.5) / (frequency[word] + 0.5)), BM25_MIN_IDF)
                    for word in kept]
+            # Each matching row's term frequencies are looked up by word in its jsonb, in one subquery per row
+            # (unnesting its whole tsvector cost ~0.1 ms a row, most of the query's time).
             rows = conn.execute(
-                f"SELECT c.id, sum(w.idf * t.tf * {BM25_K1 + 1} / (t.tf + {BM25_K1} * ({1 - BM25_B} + {BM25_B} * "
-                "c.term_count / %s))) AS score FROM chunks AS c "
-                "CROSS JOIN LATERAL (SELECT lexeme, cardinality(positions) AS tf FROM unnest(c.terms)) AS t "
-                "JOIN unnest(%s::text[], %s::float8[]) AS w (word, idf) ON w.word = t.lexeme "
-                f"{where + ' AND' if where else 'WHERE'} c.terms @@ %s::tsquery "
-                "GROUP BY c.id ORDER BY score DESC, c.id LIMIT %s",
+                f"SELECT c.id, (SELECT sum(w.idf * w.tf * {BM25_K1 + 1} / (w.tf + {BM25_K1} * ({1 - BM25_B} + "
+                f"{BM25_B} * c.term_count / %s))) FROM (SELECT idf, (c.term_frequencies ->> word)::float8 AS tf "
+                "FROM unnest(%s::text[], %s::float8[]) AS w (word, idf)) AS w) AS score FROM chunks AS c "
+                f"{where + ' AND' if where else 'WHERE'} c.terms @@ %s::tsquery ORDER BY score DESC, c.id LIMIT %s",
                 [length, kept, idf, *params, " | ".join(f"'{word}'" for word in kept), k]).fetchall()
         return [(int(id_), float(score)) for id_, score in rows]
 
@@ -362,9 +414,9 @@ class PostgresStore:
         pending = self._pending
         documents = sorted(pending.deletes | pending.touches.keys() | pending.adds.keys())
         deletes = sorted(pending.deletes)
-        chunk_rows = [(record.doc_id, record.collection, record.name, chunk.ordinal, chunk.text, chunk.source, chunk.page,
-                       chunk.heading, chunk.element_type, chunk.tokens, chunk.hash, chunk.context, vector,
-                       *_analysed(chunk))
+        chunk_rows = [(record.doc_id, record.collection, record.name, chunk.ordinal, chunk.text, chunk.source,
+                       chunk.page, chunk.page_end, chunk.heading, chunk.element_type, chunk.tokens, chunk.hash,
+                       chunk.context, vector, *_analysed(chunk))
                       for record, chunks, vectors in pending.adds.values() for chunk, vector in zip(chunks, vectors)]
         with self._db.connection() as conn, conn.transaction():
             # In a fixed order, so two writers sharing documents cannot deadlock.
@@ -375,11 +427,22 @@ class PostgresStore:
                 "WITH gone AS (DELETE FROM chunks WHERE doc_id = ANY(%s) RETURNING term_count) "
                 "SELECT count(*), COALESCE(sum(term_count), 0) FROM gone", (deletes,)).fetchone()
             conn.execute("DELETE FROM documents WHERE doc_id = ANY(%s)", (deletes,))
+            (indexed,) = conn.execute("SELECT chunks FROM meta").fetchone()
+            rebuild = len(chunk_rows) >= max(BULK_REBUILD_MIN_CHUNKS, indexed)
+            if rebuild:
+                conn.execute("DROP INDEX chunks_embedding")
             with conn.cursor() as cursor:
                 cursor.executemany(INSERT_DOCUMENT, [_document_row(record) for record, _, _ in pending.adds.values()])
-                cursor.executemany(INSERT_CHUNK, chunk_rows)
+                cursor.adapters.register_dumper(None, _TsVectorDumper)
+                with cursor.copy(COPY_CHUNKS) as copy:
+                    copy.set_types(COPY_CHUNK_TYPES)
+                    for row in chunk_rows:
+                        copy.write_row(row)
                 cursor.executemany("UPDATE documents SET size = %s, mtime_ns = %s WHERE doc_id = %s",
                                    [(size, mtime, doc_id) for doc_id, (size, mtime) in pending.touches.items()])
+            if rebuild:
+                conn.execute(f"SET LOCAL maintenance_work_mem = '{BULK_REBUILD_MEMORY}'")
+                conn.execute(CREATE_VECTOR_INDEX)
             # Last: the meta row's lock serialises the writers only for the rest of their transactions.
             generation = conn.execute(
                 "UPDATE meta SET generation = generation + 1, committed_at = now(), chunking = %s, "
@@ -399,67 +462,6 @@ class PostgresStore:
     def close(self) -> None:
         """Idempotent: the pool is shared (counted per user) and must be released once."""
         self.abort()
-        if not self._closed:
-            self._closed = True
-            self._db.close()
-
-
-def _keys():
-    """`rag.keys` (records, digests, validation), imported on first use. (It arrives with the collections work; a
-    module-level import is as good once both are merged.)"""
-    import rag.keys
-
-    return rag.keys
-
-
-class PostgresKeyStore:
-    """API keys in the database's `api_keys` table: the `rag.keys.KeyStore` protocol, SQL in, `ApiKeyRecord` out."""
-
-    def __init__(self, database: Database):
-        self._db = database
-        self._closed = False
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "PostgresKeyStore":
-        return cls(Database.from_settings(settings.store_url, settings))
-
-    def create(self, name: str, collection: str, role) -> tuple:
-        keys = _keys()
-        record, secret = keys.new_key(name, collection, role)
-        with self._db.connection() as conn:
-            conn.execute(f"INSERT INTO api_keys ({keys.KEY_COLUMNS}, digest) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                         (record.id, record.name, record.collection, record.role.value, record.created_at, None,
-                          keys.digest(secret)))
-        return record, secret
-
-    def list(self, collection: str | None = None) -> list:
-        keys = _keys()
-        with self._db.connection() as conn:
-            rows = conn.execute(f"SELECT {keys.KEY_COLUMNS} FROM api_keys WHERE %(scope)s::text IS NULL "
-                                "OR collection = %(scope)s ORDER BY position", {"scope": collection}).fetchall()
-        return [keys.record_from_row(row) for row in rows]
-
-    def revoke(self, key_id: str, collection: str | None = None):
-        """Revoke a key (once: a revoked key keeps its first revocation time); outside `collection` it is not
-        found, like an unknown key."""
-        keys = _keys()
-        scope = {"id": key_id, "scope": collection, "now": utc_now()}
-        with self._db.connection() as conn, conn.transaction():
-            conn.execute("UPDATE api_keys SET revoked_at = %(now)s WHERE id = %(id)s AND revoked_at IS NULL "
-                         "AND (%(scope)s::text IS NULL OR collection = %(scope)s)", scope)
-            row = conn.execute(f"SELECT {keys.KEY_COLUMNS} FROM api_keys WHERE id = %(id)s "
-                               "AND (%(scope)s::text IS NULL OR collection = %(scope)s)", scope).fetchone()
-        if row is None:
-            raise keys.KeyNotFoundError(f"No API key '{key_id[:64]}'.")
-        return keys.record_from_row(row)
-
-    def lookup(self, key_digest: str):
-        keys = _keys()
-        with self._db.connection() as conn:
-            row = conn.execute(f"SELECT {keys.KEY_COLUMNS} FROM api_keys WHERE digest = %s", (key_digest,)).fetchone()
-        return keys.record_from_row(row) if row else None
-
-    def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._db.close()
