@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
-    k = settings.answer_chunks
+    k = settings.prompt_chunks
     xquad_path = shared_dataset("xquad-en/xquad.en.json")
     xquad = read_dataset(xquad_path)
     split = split_by_group(xquad.items, **SPLIT)

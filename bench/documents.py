@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_flags, markdown_table, shared_dataset  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
-from ingest.pdf import page_count  # noqa: E402
+from ingest.pdf_text import page_count  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.embed import Embedder  # noqa: E402
 from rag.retrieve import Retriever, RetrieverKind  # noqa: E402
@@ -65,7 +65,7 @@ def run_ours(files: list[Path], questions: list[dict], precision: str, workdir: 
     for path in files:
         (corpus / path.name).symlink_to(path)
     settings = Settings(index_dir=workdir / f"index-{precision}", embedding_precision=precision)
-    report = IngestJob(settings, embedder).run(corpus)
+    report = IngestJob(settings, embedder).run(corpus, follow_links=True)
     retriever = Retriever(Store.open(settings.index_dir, embedder.name), embedder)
     retrieval = {}
     for kind in RetrieverKind:

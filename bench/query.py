@@ -54,7 +54,7 @@ def main() -> None:
         embedder.encode_query(item.question)
         embedded = time.perf_counter()
         # embeds the query again, as an answer does
-        hits = retriever.retrieve(item.question, settings.answer_chunks, collection=settings.collection)
+        hits = retriever.retrieve(item.question, settings.prompt_chunks, collection=settings.collection)
         retrieved = time.perf_counter()
         prompt = builder.build(item.question, hits, PromptMode.RAG)
         built = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
@@ -12,12 +13,15 @@ from ingest.load import Element, LoadedDocument
 from ingest.pdf import PARSER_VERSION
 from rag.config import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_TOKENS
 from rag.errors import UserError
+from rag.statements import statement_of
 from rag.types import Chunk
 
 
 # Recorded per document (with the chunk settings): a document built by another parser or chunker is re-chunked.
 # 3: the context is embedded beside the text, not with it (`Embedder.encode_chunks`), so older vectors are stale.
-CHUNKER_VERSION = f"packed-context-3/{PARSER_VERSION}"
+CHUNKER_VERSION = f"packed-context-4/{PARSER_VERSION}"
+# A chunk holding a table (a Markdown row): the only chunks named as a financial statement in their context.
+TABLE_ROW = re.compile(r"^\| ", re.M)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,35 +91,43 @@ class Chunker:
                 text=text,
                 source=source,
                 page=page,
+                page_end=page_end if page_end != page else None,
                 heading=heading,
                 element_type=element_type,
                 tokens=tokens,
                 hash=text_hash(text),
-                context=facts.context(heading, page),
+                context=facts.context(heading, page, statement_of(heading or "", text) if TABLE_ROW.search(text) else ""),
             )
-            for ordinal, ((text, page, heading, element_type), tokens)
+            for ordinal, ((text, page, page_end, heading, element_type), tokens)
             in enumerate(zip(packed, self.counts([text for text, *_ in packed])))
         ]
 
     def _pack(self, elements: list[Element]):
-        """Yields (text, page, heading, element type): small elements merged into full chunks, large ones split.
+        """Yields (text, first page, last page, heading, element type): small elements merged into full chunks,
+        large ones split.
 
         A chunk is closed early at a new heading (when a quarter full) or page (when half full), so chunks mostly
         stay within one section and one page (what a reader cites). Table pieces each start with the table's header rows.
         """
         parts: list[str] = []
         used, budget = 0, self.settings.chunk_tokens
-        page = heading = kind = None
+        page = last_page = heading = kind = None
 
         def close():
             nonlocal parts, used
             if parts:
-                yield "\n\n".join(parts), page, heading, kind
+                yield "\n\n".join(parts), page, last_page, heading, kind
             parts, used = [], 0
 
         def start(element: Element):
-            nonlocal page, heading, kind
-            page, heading, kind = element.page, element.heading, element.category
+            nonlocal page, last_page, heading, kind
+            page, last_page, heading, kind = element.page, element.page, element.heading, element.category
+
+        def reaches(element: Element):
+            nonlocal last_page
+            end = element.page_end or element.page
+            if end is not None and (last_page is None or end > last_page):
+                last_page = end
 
         for element, size in zip(elements, self.counts([element.text for element in elements])):
             if parts and (used >= budget // 4 and element.heading != heading or used >= budget // 2 and element.page != page):
@@ -128,6 +140,7 @@ class Chunker:
                 start(element)
             if size <= budget - used:
                 parts.append(element.text)
+                reaches(element)
                 used += size + 1
                 if element.category != kind and element.category != "Title":
                     kind = element.category if kind == "Title" else "Mixed"
@@ -139,9 +152,10 @@ class Chunker:
                 yield from close()
             parts, used = [], 0
             start(element)
+            reaches(element)
             pieces = list(self._split(element, budget, lead))
             for piece in pieces[:-1]:
-                yield piece, page, heading, element.category
+                yield piece, page, last_page, heading, element.category
             parts, used = [pieces[-1]], self.count(pieces[-1]) + 1
         yield from close()
 

@@ -46,11 +46,14 @@ class DocumentFacts:
         return " | ".join(dict.fromkeys(" ".join(part.split()) for part in (self.title, self.issuer, self.period)
                                         if part.strip()))
 
-    def context(self, heading: str | None, page: int | None) -> str:
-        """Indexed before each chunk's text and embedded beside it: the document's card, then a line of where in it."""
+    def context(self, heading: str | None, page: int | None, statement: str = "") -> str:
+        """Indexed before each chunk's text and embedded beside it: the document's card, then a line of where in it
+        (section, the financial statement its table is, page)."""
         where = []
         if heading and heading not in (self.title, self.issuer, self.period):
             where.append(" ".join(heading[:CONTEXT_FIELD_CHARS].split()))
+        if statement:
+            where.append(statement)
         if page is not None:
             where.append(page_label(page))
         return f"{self.card}\n{' | '.join(where)}" if self.card else " | ".join(where)

@@ -25,7 +25,7 @@ from typing import TypeVar
 from ingest.chunk import CHUNKER_VERSION, Chunker, ChunkSettings
 from ingest.limits import LimitError, Limits, check_size
 from ingest.load import LoadError, load, unsupported_type
-from ingest.pdf import page_count
+from ingest.pdf_text import page_count
 from ingest.sandbox import BudgetError, ParsePool
 from rag.config import Settings
 from rag.embed import Embedder

@@ -5,25 +5,25 @@ unstructured's "fast" strategy uses (1.7 pages/s on 2 cores), opens owner-passwo
 limits, and gives every character's box, from which lines, columns and font sizes are rebuilt here.
 PyMuPDF would do the same but is AGPL; pdfplumber has table finding but sits on pdfminer (slow).
 
-Layout recovery, per page: characters → segments (runs of glyphs on one baseline without a wide gap) → lines
-(segments that overlap vertically, left to right) → blocks. A run of lines with several gapped cells, most of them
-numeric, is a table; the multi-cell lines right above its first row are its header. Lines repeated at the same
-place on most pages (running headers, page numbers) are page furniture and dropped.
+Layout recovery, per page, from the lines `ingest/pdf_text.py` reads: lines → blocks. A run of lines with several
+gapped cells, most of them numeric, is a table; the multi-cell lines right above its first row are its header, the
+short lines (and a sentence ending "as follows:") above those its caption, also when they end the page before.
+Lines repeated at the same place on most pages (running headers, page numbers) are page furniture and dropped.
 """
 
 from __future__ import annotations
 
-import ctypes
 import re
 import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
-PARSER_VERSION = "pdfium-layout-6"
-NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
+from ingest.ocr import OcrOptions, unavailable
+from ingest.pdf_text import NUMERIC, Line, PageText, PdfError, Segment, open_pdf, read_pages
+
+PARSER_VERSION = "pdfium-layout-7"
 YEAR = re.compile(r"^(fiscal\s+)?(19|20)\d\d$", re.I)
 FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers and page numbers sit
 # A table's caption: the short lines right above it on its page ("CONSOLIDATED BALANCE SHEETS", "(In millions)",
@@ -31,15 +31,15 @@ FURNITURE_BAND = 0.08  # top and bottom share of the page where running headers 
 # the table repeats them with its header rows.
 CAPTION_LINES = 6
 CAPTION_WORDS = 14
+# The sentence that introduces a table ("Gross margin ... were as follows (dollars in millions):") names what it is
+# and its unit: kept with the table, up to this many words.
+LEAD_IN_WORDS = 60
 # Label-only lines a table's rows may have between them: statements nest group labels ("Other comprehensive income
 # (loss), net of taxes:" above "Available-for-sale securities:"), two deep in the filings, three with a margin.
 GROUP_LABELS = 3
 # Headings are set at least this large relative to the body font: in the 30 FinanceBench filings, 29 of the 31
 # emphasised lines under it (0.80-0.89 of the body size) were column labels or signatures, not sections.
 HEADING_MIN_SIZE = 0.9
-# A font whose name says it is bold: many filings' fonts ("Times New Roman,Bold") do not state a weight, which PDFium
-# then reports as 0 or -1.
-BOLD_FONT_NAME = re.compile(rb"bold|black|heavy", re.I)
 # A name ending in a legal form or kind of body ("ACME HOLDINGS INC.", "Foo and Subsidiary Companies").
 ORGANISATION = re.compile(r"\b(inc|incorporated|corporation|corp|company|companies|subsidiaries|co|ltd|limited|plc|llc|"
                           r"l\.?p|n\.?v|s\.?a|ag|se|group|holdings|university|institute|agency|department|board|"
@@ -48,42 +48,6 @@ ORGANISATION_WORDS = 8  # at most, in a line that is just a name ("JOHNSON & JOH
 # A caption line that names its table without being set as a heading: a few capitalised words, no figures
 # ("Consolidated Statements of Earnings" in the body font).
 NAME_LINE = re.compile(r"^[A-Z][\w'’&-]*(?:,?\s+(?:[A-Z][\w'’&-]*|of|and|the|in|for|to|on|or|from))+$")
-# A page with fewer characters of text than this under an image covering at least this share of it is a scanned
-# page (a stamp or page number aside), whose words only OCR would find: reported, as its content is not indexed.
-SCANNED_PAGE_CHARS = 20
-SCANNED_IMAGE_SHARE = 0.5
-
-
-class PdfError(Exception):
-    """The PDF cannot be read; the message says why."""
-
-
-@dataclass(slots=True)
-class Segment:
-    x0: float
-    x1: float
-    bottom: float
-    top: float
-    text: str
-    size: float  # font size of its first glyph
-    bold: bool
-
-
-@dataclass(slots=True)
-class Line:
-    segments: list[Segment]
-    bottom: float
-    top: float
-
-    @property
-    def text(self) -> str:
-        return " ".join(segment.text for segment in self.segments)
-
-    @property
-    def x0(self) -> float:
-        return self.segments[0].x0
-
-
 @dataclass(slots=True)
 class PageElement:
     text: str
@@ -92,12 +56,12 @@ class PageElement:
     header: str = ""  # tables: the caption and Markdown header rows every chunk of the table repeats
     heading: str = ""  # tables: the heading found in the caption, which the table and what follows sit under
     cells: bool = False  # one line of cells set apart ("Fiscal  Fiscal  % Change"): column labels, never a name
+    page_end: int | None = None  # tables: the page its rows are on when its caption ends the page before
 
-
-class PageText(NamedTuple):
-    lines: list[Line]
-    height: float
-    scanned: bool  # a page-sized image and (almost) no text: see SCANNED_PAGE_CHARS
+    @property
+    def caption(self) -> str:
+        """A table's caption lines: its header without the Markdown header rows."""
+        return "\n".join(line for line in self.header.split("\n") if line and not line.startswith("|"))
 
 
 @dataclass(slots=True)
@@ -105,107 +69,10 @@ class ParsedPdf:
     elements: list[PageElement] = field(default_factory=list)
     pages: int = 0
     scanned_pages: list[int] = field(default_factory=list)  # 1-based: images without a text layer, not indexed
+    scanned_reason: str = ""  # why those pages are not indexed (OCR off or missing, nothing recognised, ...)
+    ocr_pages: dict[int, float] = field(default_factory=dict)  # 1-based page read by OCR → its confidence (0-1)
     metadata_title: str = ""
     metadata_author: str = ""
-
-
-def _segments(textpage, raw) -> list[Segment]:
-    count = textpage.count_chars()
-    if count <= 0:
-        return []
-    text = textpage.get_text_range(0, count)
-    if len(text) != count:  # characters outside the BMP: indexes no longer line up, fall back to a char at a time
-        text = "".join(textpage.get_text_range(i, 1)[:1] or " " for i in range(count))
-    left, right, bottom, top = (ctypes.c_double() for _ in range(4))
-    # This loop is most of a PDF's parse time. The raw handle, not the helper object, spares ctypes an _as_parameter_
-    # lookup per call; with no box asked for spaces and no min/max calls, the 30 FinanceBench filings parse in a third
-    # less time (one process, best of 3, two runs: 26.5 → 17.2 s and 24.5 → 15.8 s), every element the same.
-    handle, char_box = textpage.raw, raw.FPDFText_GetCharBox
-    font_name, font_flags = ctypes.create_string_buffer(256), ctypes.c_int()
-    segments: list[Segment] = []
-    current: list[str] = []
-    box = None  # [x0, x1, bottom, top] of the current segment
-    start_index = 0
-    last_right = 0.0
-
-    def close():
-        nonlocal current, box
-        if box and "".join(current).strip():
-            size = raw.FPDFText_GetFontSize(handle, start_index)
-            bold = raw.FPDFText_GetFontWeight(handle, start_index) >= 600 or bool(
-                raw.FPDFText_GetFontInfo(handle, start_index, font_name, len(font_name), ctypes.byref(font_flags))
-                and BOLD_FONT_NAME.search(font_name.value))
-            segments.append(Segment(box[0], box[1], box[2], box[3], " ".join("".join(current).split()), size, bold))
-        current, box = [], None
-
-    for index, char in enumerate(text):
-        if char in "\r\n":
-            close()
-            continue
-        blank = char.isspace()
-        if not blank:  # a space's box is never used (words are told apart by gaps), so it is not asked for
-            char_box(handle, index, left, right, bottom, top)
-            x0, x1, y0, y1 = left.value, right.value, bottom.value, top.value
-        if blank or x1 <= x0:
-            if box is not None:
-                current.append(" ")
-            continue
-        height = y1 - y0 if y1 - y0 > 1.0 else 1.0
-        if box is not None:
-            mid = (y0 + y1) / 2
-            same_line = box[2] - height * 0.3 <= mid <= box[3] + height * 0.3
-            gap = x0 - last_right
-            if not same_line or gap > 0.9 * (height if height > box[3] - box[2] else box[3] - box[2]) \
-                    or gap < -height * 2:
-                close()
-        if box is None:
-            box, start_index = [x0, x1, y0, y1], index
-        else:
-            if x0 < box[0]:
-                box[0] = x0
-            if x1 > box[1]:
-                box[1] = x1
-            if y0 < box[2]:
-                box[2] = y0
-            if y1 > box[3]:
-                box[3] = y1
-        current.append(char)
-        last_right = x1
-    close()
-    return segments
-
-
-def _lines(segments: list[Segment]) -> list[Line]:
-    """Segments that overlap vertically form a line; lines top to bottom, segments left to right."""
-    lines: list[Line] = []
-    for segment in sorted(segments, key=lambda s: (-s.top, s.x0)):
-        height = segment.top - segment.bottom
-        for line in reversed(lines[-3:]):
-            overlap = min(line.top, segment.top) - max(line.bottom, segment.bottom)
-            if overlap > 0.5 * min(height, line.top - line.bottom):
-                line.segments.append(segment)
-                line.bottom, line.top = min(line.bottom, segment.bottom), max(line.top, segment.top)
-                break
-        else:
-            lines.append(Line([segment], segment.bottom, segment.top))
-    for line in lines:
-        line.segments.sort(key=lambda s: s.x0)
-        _merge_currency_cells(line)
-    return lines
-
-
-def _merge_currency_cells(line: Line) -> None:
-    """'$' set apart from its number is one cell, not two."""
-    merged: list[Segment] = []
-    for segment in line.segments:
-        if merged and merged[-1].text in {"$", "€", "£", "("} and NUMERIC.match(segment.text):
-            previous = merged[-1]
-            merged[-1] = Segment(previous.x0, segment.x1, min(previous.bottom, segment.bottom),
-                                 max(previous.top, segment.top), previous.text + segment.text, segment.size,
-                                 segment.bold)
-        else:
-            merged.append(segment)
-    line.segments = merged
 
 
 def _is_table_row(line: Line) -> bool:
@@ -250,8 +117,12 @@ def _table(header_lines: list[Line], rows: list[Line], page: int) -> PageElement
 
 
 def _captioned(table: PageElement, elements: list[PageElement]) -> PageElement:
-    """The table with the short lines right above it (taken off `elements`, this page's so far) as its caption."""
+    """The table with the short lines right above it (taken off `elements`: this page's so far, or the end of the
+    page before for a table that starts a page) as its caption, a sentence introducing it ("... as follows:") too."""
     caption: list[PageElement] = []
+    if (elements and elements[-1].category == "NarrativeText" and elements[-1].text.endswith(":")
+            and len(elements[-1].text.split()) <= LEAD_IN_WORDS):
+        caption.append(elements.pop())
     while (elements and len(caption) < CAPTION_LINES and elements[-1].category != "Table"
            and len(elements[-1].text.split()) <= CAPTION_WORDS
            and (not elements[-1].text.endswith((".", ":", ";")) or len(elements[-1].text.split()) <= 3)):
@@ -259,8 +130,25 @@ def _captioned(table: PageElement, elements: list[PageElement]) -> PageElement:
     if caption:
         lines = "\n".join(element.text for element in caption)
         table.header = f"{lines}\n{table.header}" if table.header else lines
-        table.heading = _caption_heading(caption)
+        table.heading = _caption_heading(caption) or table.heading
     return table
+
+
+def _continued(table: PageElement, before: list[PageElement]) -> None:
+    """A table that starts a page, joined to what ends the page before (`before`, that page's elements): the rest of
+    a table continued overleaf takes that table's caption (and its header rows when it repeats none); otherwise the
+    caption lines ending that page are moved to the table, which then covers both pages."""
+    if before and before[-1].category == "Table":
+        previous = before[-1]
+        if not table.caption:
+            own_rows = table.header
+            table.header = previous.header if not own_rows else "\n".join(filter(None, (previous.caption, own_rows)))
+            table.heading = table.heading or previous.heading
+        return
+    count = len(before)
+    _captioned(table, before)
+    if len(before) < count:
+        table.page_end, table.page = table.page, table.page - 1
 
 
 def names_organisation(text: str) -> bool:
@@ -394,7 +282,7 @@ def _page_elements(lines: list[Line], page: int, body_size: float) -> list[PageE
 def _furniture(pages: list[PageText]) -> set[str]:
     """Line texts (digits masked) found in the top/bottom band of at least half the pages (3 or more)."""
     counts: Counter[str] = Counter()
-    for lines, height, _ in pages:
+    for lines, height, *_ in pages:
         seen = {_mask(line.text) for line in lines
                 if line.top > height * (1 - FURNITURE_BAND) or line.bottom < height * FURNITURE_BAND}
         counts.update(seen)
@@ -406,69 +294,13 @@ def _mask(text: str) -> str:
     return re.sub(r"\d+", "#", text.strip().lower())
 
 
-def _open(path: str):
-    import pypdfium2 as pdfium
-
-    try:
-        return pdfium.PdfDocument(path)
-    except pdfium.PdfiumError as error:
-        if "password" in str(error).lower():
-            raise PdfError("PDF needs a password to open") from None
-        raise PdfError(f"corrupt PDF: {error}") from None
-
-
-def page_count(path: str | Path) -> int:
-    """Pages of a PDF; 0 where it cannot be opened (parsing it then reports why)."""
-    try:
-        document = _open(str(path))
-    except PdfError:
-        return 0
-    try:
-        return len(document)
-    finally:
-        document.close()
-
-
-def _has_page_sized_image(page, raw) -> bool:
-    """An image covering at least half the page: what a scanner makes (not a logo on an otherwise blank page)."""
-    width, height = page.get_size()
-    for image in page.get_objects(filter=[raw.FPDF_PAGEOBJ_IMAGE], max_depth=2):
-        left, bottom, right, top = image.get_bounds()
-        covered = (min(right, width) - max(left, 0)) * (min(top, height) - max(bottom, 0))
-        if covered >= SCANNED_IMAGE_SHARE * width * height:
-            return True
-    return False
-
-
-def read_pages(path: str, start: int, stop: int) -> list[PageText]:
-    """The text of pages [start, stop) (0-based): the costly part of parsing, mapped over page ranges in worker
-    processes for large files (`parse_pdf`'s map_pages)."""
-    import pypdfium2.raw as raw
-
-    document = _open(path)
-    try:
-        pages = []
-        for number in range(start, stop):
-            page = document[number]
-            textpage = page.get_textpage()
-            try:
-                lines = _lines(_segments(textpage, raw))
-                scanned = (sum(len(line.text) for line in lines[:SCANNED_PAGE_CHARS]) < SCANNED_PAGE_CHARS
-                           and _has_page_sized_image(page, raw))
-                pages.append(PageText(lines, page.get_height(), scanned))
-            finally:
-                textpage.close()
-                page.close()
-        return pages
-    finally:
-        document.close()
-
-
-def parse_pdf(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None) -> ParsedPdf:
-    """Elements of a PDF's text layer, page by page (raises PdfError for unreadable files). Pages are read by
-    `map_pages(read_pages, paths, starts, stops)` in ranges of `pages_per_task` (default: all at once), e.g. a
-    process pool's map; furniture and elements need every page, so they are found here."""
-    document = _open(str(path))
+def parse_pdf(path: str | Path, map_pages: Callable = map, pages_per_task: int | None = None,
+              ocr: OcrOptions | None = None) -> ParsedPdf:
+    """Elements of a PDF's text layer, page by page (raises PdfError for unreadable files); scanned pages read by
+    OCR as `ocr` says (None: not at all). Pages are read by `map_pages(read_pages, paths, starts, stops, options)`
+    in ranges of `pages_per_task` (default: all at once), e.g. a process pool's map; furniture and elements need
+    every page, so they are found here."""
+    document = open_pdf(str(path))
     try:
         parsed = ParsedPdf(pages=len(document))
         metadata = document.get_metadata_dict(skip_empty=True)
@@ -481,17 +313,31 @@ def parse_pdf(path: str | Path, map_pages: Callable = map, pages_per_task: int |
     size = pages_per_task or parsed.pages
     starts = range(0, parsed.pages, size)
     stops = [min(start + size, parsed.pages) for start in starts]
-    pages = [page for pages in map_pages(read_pages, [str(path)] * len(starts), starts, stops) for page in pages]
+    pages = [page for pages in map_pages(read_pages, [str(path)] * len(starts), starts, stops, [ocr] * len(starts))
+             for page in pages]
+    reasons = dict.fromkeys(page.ocr.failure or "OCR found no text in them" if page.ocr
+                            else unavailable(ocr) if ocr else "OCR is off"
+                            for page in pages if page.scanned and not page.lines)
+    parsed.scanned_reason = "; ".join(reasons)
     if not any(page.lines for page in pages):
-        raise PdfError(f"PDF has no text layer on its {parsed.pages} page(s) (scanned image? OCR is not available)")
-    parsed.scanned_pages = [number for number, page in enumerate(pages, start=1) if page.scanned]
+        raise PdfError(f"PDF has no text layer on its {parsed.pages} page(s) "
+                       f"(scanned image? {parsed.scanned_reason})")
+    parsed.scanned_pages = [number for number, page in enumerate(pages, start=1) if page.scanned and not page.lines]
+    parsed.ocr_pages = {number: page.ocr.confidence for number, page in enumerate(pages, start=1)
+                        if page.ocr and page.lines}
     furniture = _furniture(pages) if len(pages) >= 3 else set()
-    for number, (lines, height, _) in enumerate(pages, start=1):
+    previous: list[PageElement] = []
+    for number, (lines, height, *_) in enumerate(pages, start=1):
         kept = [line for line in lines if not (
             (line.top > height * (1 - FURNITURE_BAND) or line.bottom < height * FURNITURE_BAND)
             and (_mask(line.text) in furniture or re.fullmatch(r"(page\s*)?\d{1,4}|[ivxl]{1,6}", line.text.strip(), re.I)))]
         # The body font size: the median over characters, so a few large headings do not move it.
         sizes = [line.segments[0].size for line in kept for _ in range(len(line.text))]
         body_size = statistics.median(sizes) if sizes else 10.0
-        parsed.elements.extend(_page_elements(kept, number, body_size))
+        elements = _page_elements(kept, number, body_size)
+        if elements and elements[0].category == "Table":
+            _continued(elements[0], previous)
+        parsed.elements.extend(previous)
+        previous = elements
+    parsed.elements.extend(previous)
     return parsed

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from rag.config import DEFAULT_SEARCH_RESULTS
+from rag.config import DEFAULT_RERANK_CANDIDATES, DEFAULT_SEARCH_RESULTS
 from rag.embed import Embedder
 from rag.store import Store
 from rag.errors import UserError
+from rag.rerank import Reranker
+from rag.statements import statements_asked
 from rag.store.terms import terms
 from rag.types import LONG_DOCUMENT_CHUNKS, Chunk, RetrieverKind, ScoredChunk
 
@@ -23,6 +26,9 @@ RRF_K = 60
 # ranking reorders only what the legs found). FinanceBench, 48 questions (bench/documents.py): document hit@1 0.75 at
 # 30 candidates, 0.79 at 60.
 HYBRID_CANDIDATES = 60
+# How much a page's further chunks add to its score (`by_page`): 1 is a plain noisy-or, 0 the best chunk alone.
+PAGE_SHARE = 1.0
+STATEMENT_VOTE = 1.0  # of a first rank's RRF share (`with_statements`; 0.75 and 1.5 were worse on the tune half)
 # The document ranking counts for long documents only (`LONG_DOCUMENT_CHUNKS`): a candidate at that position or later
 # in its document shows it is one. A short document's passages carry its title themselves, and a second vote for it
 # double-counts the title: on XQuAD (one-paragraph documents titled by their article) ranking every document by its
@@ -97,6 +103,36 @@ def one_per_page_first(ranked: list[tuple[int, float]], chunks: dict[int, Chunk]
     return first + further
 
 
+def with_statements(query: str, fused: list[tuple[int, float]], chunks: dict[int, Chunk]) -> list[tuple[int, float]]:
+    """A vote for the chunks that are the financial statement the question names or asks a line item of ("using the
+    cash flow statement", "capital expenditure"): the chunk's context names the statement its table is
+    (`rag.statements`), worth a first rank in the fusion, so that among the filing's candidates the statement itself
+    comes before passages that merely mention its figures (financebench-dev tune half, page hit@1: 0.24 without
+    the vote, 0.52 with it; bench/evidence.py)."""
+    asked = statements_asked(query)
+    if not asked:
+        return fused
+    vote = STATEMENT_VOTE / (RRF_K + 1)
+    rescored = [(id_, score + vote if id_ in chunks and asked & set(chunks[id_].context_fields) else score)
+                for id_, score in fused]
+    return sorted(rescored, key=lambda pair: (-pair[1], pair[0]))
+
+
+def by_page(scored: list[tuple[int, float]], chunks: dict[int, Chunk]) -> list[tuple[int, float]]:
+    """Reranked chunks ordered by their page's score, then their own: a page scores the probability that any of its
+    chunks answers (noisy-or of the chunks' sigmoid relevance), so a page whose evidence is spread over several
+    chunks (a statement's caption and its rows) can outrank a page with one slightly better chunk. Chunks without a
+    page are a page of their own."""
+    page_of = {id_: (chunks[id_].doc_id, chunks[id_].page) if chunks[id_].page is not None else (id_,)
+               for id_, _ in scored}
+    miss: dict[tuple, float] = {}
+    for id_, score in sorted(scored, key=lambda pair: -pair[1]):
+        page = page_of[id_]
+        share = PAGE_SHARE if page in miss else 1.0  # the page's best chunk counts whole
+        miss[page] = miss.get(page, 1.0) * (1 - share / (1 + math.exp(-score)))
+    return sorted(scored, key=lambda pair: (miss[page_of[pair[0]]], -pair[1], pair[0]))
+
+
 class Retriever:
     """Finds the chunks most relevant to a question.
 
@@ -106,17 +142,22 @@ class Retriever:
     """
 
     def __init__(self, store: Store, embedder: Embedder, kind: RetrieverKind | str = RetrieverKind.HYBRID,
-                 candidates: int = HYBRID_CANDIDATES):
+                 candidates: int = HYBRID_CANDIDATES, reranker: Reranker | None = None,
+                 rerank_candidates: int = DEFAULT_RERANK_CANDIDATES):
         self.store = store
         self.embedder = embedder
         embedder.follow(store.chunking.get("embedding_weights"))  # queries in the passages' weights
         self.kind = RetrieverKind.parse(kind)
         self.candidates = candidates  # per retriever, before fusion
+        self.reranker = reranker  # None: hybrid order is final
+        self.rerank_candidates = rerank_candidates
+        self.rerank_seconds = 0.0  # total spent in the reranker, for benchmarks and metrics
 
     def retrieve(self, query: str, k: int, kind: RetrieverKind | str | None = None,
-                 source: str | None = None, *, collection: str) -> list[ScoredChunk]:
+                 source: str | None = None, *, collection: str, rerank: bool = True) -> list[ScoredChunk]:
         """Top `k` chunks of one collection (every store query is scoped to it; `ALL_COLLECTIONS` only for
-        maintenance code). `source` is a glob on the document path (e.g. '*.pdf' or 'docs/advanced/*')."""
+        maintenance code). `source` is a glob on the document path (e.g. '*.pdf' or 'docs/advanced/*'). Hybrid
+        results are re-scored by the reranker when this retriever has one and `rerank` is not turned off."""
         if not query.strip():
             raise UserError("The query is empty.")
         if k < 1:
@@ -139,7 +180,10 @@ class Retriever:
         if kind is RetrieverKind.HYBRID:
             ranked = reciprocal_rank_fusion({name: [id_ for id_, _ in hits] for name, hits in results.items()})
             chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection=collection)}
-            ranked = one_per_page_first(self._with_documents(query, ranked, chunks), chunks)[:k]
+            ranked = with_statements(query, self._with_documents(query, ranked, chunks), chunks)
+            if rerank and self.reranker is not None:
+                ranked = self._reranked(query, ranked, chunks)
+            ranked = one_per_page_first(ranked, chunks)[:k]
         else:
             ranked = results[kind.value][:k]
             chunks = {chunk.id: chunk for chunk in self.store.get([id_ for id_, _ in ranked], collection=collection)}
@@ -169,6 +213,17 @@ class Retriever:
                                    if id_ in chunks and chunks[id_].doc_id in document_score else 0.0))
                     for id_, score in fused]
         return sorted(rescored, key=lambda pair: (-pair[1], pair[0]))
+
+    def _reranked(self, query: str, fused: list[tuple[int, float]],
+                  chunks: dict[int, Chunk]) -> list[tuple[int, float]]:
+        """The first `rerank_candidates` of the fused order, in the reranker's order (it reads question and passage
+        together), gathered by page; the rest follow in fused order."""
+        head = [(id_, score) for id_, score in fused[:self.rerank_candidates] if id_ in chunks]
+        started = time.perf_counter()
+        scores = self.reranker.scores(query, [chunks[id_].indexed_text for id_, _ in head])
+        self.rerank_seconds += time.perf_counter() - started
+        return by_page([(id_, float(score)) for (id_, _), score in zip(head, scores)], chunks) \
+            + fused[self.rerank_candidates:]
 
     def similarities(self, query: str, hits: list[ScoredChunk], *, collection: str) -> list[float]:
         """Cosine similarity of the query to each hit: the dense leg's score where it found the hit, else embedded

@@ -128,6 +128,8 @@ class Chunk:
     context: str = ""
     # What users and API clients are shown for `source`: its document's `DocumentRecord.name`, filled in by the store.
     name: str = ""
+    # The last page the chunk covers when it runs past a page break (a table continued overleaf); None: `page` only.
+    page_end: int | None = None
 
     @property
     def document_card(self) -> str:
@@ -144,6 +146,11 @@ class Chunk:
     def embedded_text(self) -> str:
         """The passage as the embedder sees it: without Markdown table rules, which say nothing."""
         return MARKDOWN_TABLE_RULE.sub("", self.text).strip() or self.text
+
+    @property
+    def context_fields(self) -> list[str]:
+        """The second line of the context: section, financial statement, page (those it has)."""
+        return self.context.rpartition("\n")[2].split(" | ") if self.context else []
 
     @property
     def embedded_context(self) -> str:
@@ -183,5 +190,6 @@ class ScoredChunk:
         """A search hit as JSON: each hit of `rag search --json` and of POST /v1/search."""
         chunk = self.chunk
         return {"rank": self.rank, "score": round(self.score, 6), "chunk_id": chunk.id, "doc_id": chunk.doc_id,
-                "source": chunk.name, "page": chunk.page, "heading": chunk.heading, "text": chunk.text,
+                "source": chunk.name, "page": chunk.page, "page_end": chunk.page_end, "heading": chunk.heading,
+                "text": chunk.text,
                 "scores": {name: round(score, 6) for name, score in self.scores.items()}}

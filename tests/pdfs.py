@@ -107,6 +107,28 @@ def statement_with_caption(rows: int = 30) -> bytes:
     return make_pdf([cover, statement])
 
 
+def table_overleaf(rows: int = 12) -> bytes:
+    """A table introduced at the foot of one page (a heading and a sentence ending "as follows (dollars in
+    millions):") whose figures start the next page, and continue onto a third page without repeating anything."""
+    intro = [(72, 720, 20, "B:Quarterly Report"), (72, 690, 11, "Initech Inc."),
+             (72, 660, 11, "For the quarterly period ended June 30, 2024"),
+             (72, 600, 10, "Our products are sold through our retail and online stores and through resellers."),
+             (72, 120, 12, "B:Gross Margin"),
+             (72, 100, 10, "Products and services gross margin and gross margin percentage were as follows "
+                           "(dollars in millions):")]
+    figures = [(300, 740, 10, "Three Months Ended"), (300, 725, 10, "June 30, 2024"), (400, 725, 10, "June 30, 2023")]
+    for row in range(rows):
+        y = 700 - 18 * row
+        figures += [(72, y, 10, f"Gross margin line {row}"), (300, y, 10, f"{2000 + row:,}"),
+                    (400, y, 10, f"{1800 + row:,}")]
+    figures += [(72, 700 - 18 * rows, 10, "Total gross margin percentage"), (300, 700 - 18 * rows, 10, "44.3 %"),
+                (400, 700 - 18 * rows, 10, "43.1 %")]
+    more = [(72, 700 - 18 * row, 10, f"Further margin line {row}") for row in range(3)]
+    more = [cell for row, line in enumerate(more)
+            for cell in (line, (300, line[1], 10, f"{50 + row}"), (400, line[1], 10, f"{40 + row}"))]
+    return make_pdf([intro, figures, more])
+
+
 def statements_as_filers_set_them() -> bytes:
     """Two statements captioned as filings often are: the issuer's name set as a heading above the statement's
     title; a title in the body font (after an auditor's report, whose heading must not carry over) above rows

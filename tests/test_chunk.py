@@ -6,7 +6,7 @@ import pytest
 from ingest.chunk import Chunker, ChunkSettings
 from ingest.load import Element, LoadedDocument, load
 from tests.conftest import CORPUS
-from tests.pdfs import report_with_table, statement_with_caption
+from tests.pdfs import report_with_table, statement_with_caption, statements_as_filers_set_them, table_overleaf
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_the_context_is_the_documents_card_then_where_the_chunk_is(chunker, tmp_
     chunks = chunker.chunk(load(path), "doc", str(path))
     cards = {chunk.document_card for chunk in chunks}
     assert cards == {"Annual Report | globex 2023 annual report | Globex Corporation | fiscal year ended December 31, 2023"}
-    assert chunks[-1].context.splitlines()[1] == "CONSOLIDATED BALANCE SHEETS | p. 2"
+    assert chunks[-1].context.splitlines()[1] == "CONSOLIDATED BALANCE SHEETS | balance sheet | p. 2"
 
 
 def test_long_sections_are_split_with_overlap(chunker):
@@ -107,3 +107,30 @@ def test_long_sections_are_split_with_overlap(chunker):
 def test_chunk_size_over_the_model_limit_is_refused(embedder):
     with pytest.raises(ValueError, match="exceeds the embedding model's limit"):
         Chunker(embedder.tokenizer, ChunkSettings(chunk_tokens=400, chunk_overlap=20), embedder.max_tokens)
+
+
+def test_a_table_whose_caption_ends_the_page_before_is_one_unit_with_both_pages(chunker, tmp_path):
+    path = tmp_path / "initech_q2-report.pdf"
+    path.write_bytes(table_overleaf())
+    chunks = chunker.chunk(load(path), "doc", str(path))
+    lead_in = "Products and services gross margin and gross margin percentage were as follows (dollars in millions):"
+    table = [c for c in chunks if "| Gross margin line" in c.text]
+    assert table and all(lead_in in c.text and "June 30, 2024" in c.text for c in table)  # caption, unit, periods
+    assert (table[0].page, table[0].page_end) == (1, 2)
+    assert table[0].heading == "Gross Margin" and "p. 1" in table[0].context
+    assert not any(c.text.strip() == lead_in for c in chunks)  # the caption is never a chunk of its own
+    total = next(c for c in chunks if "| Total gross margin percentage | 44.3 % | 43.1 % |" in c.text)
+    assert lead_in in total.text and "June 30, 2023" in total.text
+    # Rows continued onto the third page without a caption of their own take the table's caption and header.
+    further = next(c for c in chunks if "| Further margin line 0 |" in c.text)
+    assert further.page == 3 and lead_in in further.text and "June 30, 2024" in further.text
+
+
+def test_financial_statements_are_named_in_the_context_of_their_tables(chunker, tmp_path):
+    path = tmp_path / "globex_2023_annual-report.pdf"
+    path.write_bytes(statements_as_filers_set_them())
+    chunks = chunker.chunk(load(path), "doc", str(path))
+    income = next(c for c in chunks if "| Operating income |" in c.text)
+    cash = next(c for c in chunks if "| Depreciation |" in c.text)
+    assert "income statement" in income.context_fields and "cash flow statement" in cash.context_fields
+    assert not any("statement" in field for c in chunks if "|" not in c.text for field in c.context_fields)

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-import rag.store.embedded
+import rag.store.segments
 from ingest.job import IngestJob
-from rag.retrieve import Retriever, RetrieverKind, one_per_page_first, reciprocal_rank_fusion, score_documents
+from rag.retrieve import (Retriever, RetrieverKind, with_statements, by_page, one_per_page_first,
+                          reciprocal_rank_fusion, score_documents)
 from rag.store import Store
 from rag.types import ALL_COLLECTIONS, DEFAULT_COLLECTION, LONG_DOCUMENT_CHUNKS, Chunk
 from tests.conftest import CORPUS, COSINE_TOLERANCE
@@ -147,7 +148,7 @@ def test_langchain_adapter_is_a_base_retriever(retriever):
 
 
 def test_large_index_switches_to_ann_and_finds_the_same_top_hit(docs_dir, settings, embedder, monkeypatch):
-    monkeypatch.setattr(rag.store.embedded, "ANN_THRESHOLD", 10)  # a segment this large gets an IVF index
+    monkeypatch.setattr(rag.store.segments, "ANN_THRESHOLD", 10)  # a segment this large gets an IVF index
     IngestJob(settings, embedder).run(docs_dir)
     store = Store.open(settings.index_dir)
     assert store.manifest.index_type.startswith("IDMap2,IVF")
@@ -215,3 +216,22 @@ def test_a_bm25_hits_similarity_is_that_of_the_vector_the_index_holds(small_inde
     question = embedder.encode_queries([query])[0]
     assert max(abs(float(question @ vector) - dense[hit.chunk.id]) for hit, vector in zip(lexical, other_way)) \
         > 2 * tolerance
+
+def test_a_page_whose_evidence_is_spread_over_chunks_outranks_one_slightly_better_chunk():
+    chunks = {1: Chunk("a", 0, "caption", "a.pdf", page=19, id=1), 2: Chunk("a", 1, "rows", "a.pdf", page=19, id=2),
+              3: Chunk("b", 0, "mention", "b.pdf", page=4, id=3), 4: Chunk("c", 0, "notes", "c.md", id=4)}
+    ranked = by_page([(3, 1.2), (1, 1.0), (2, 0.9), (4, -3.0)], chunks)
+    assert [id_ for id_, _ in ranked] == [1, 2, 3, 4]  # page 19's two chunks, then the single better chunk
+    alone = by_page([(3, 1.2), (1, 1.0), (4, -3.0)], {i: chunks[i] for i in (1, 3, 4)})
+    assert [id_ for id_, _ in alone] == [3, 1, 4]  # one chunk a page: the reranker's own order
+
+
+def test_a_question_naming_a_statement_votes_for_that_statements_tables():
+    cash = Chunk("a", 0, "| Net cash provided by operating activities | 5 |", "a.pdf", page=52, id=1,
+                 context="Annual report | Globex\nCONSOLIDATED STATEMENTS OF CASH FLOWS | cash flow statement | p. 52")
+    prose = Chunk("a", 1, "Cash flows improved.", "a.pdf", page=30, id=2, context="Annual report | Globex\nMD&A | p. 30")
+    chunks = {1: cash, 2: prose}
+    fused = [(2, 0.030), (1, 0.028)]
+    assert [i for i, _ in with_statements("What was capital expenditure in FY2018 (cash flow statement)?",
+                                           fused, chunks)] == [1, 2]
+    assert with_statements("Who is the chief executive?", fused, chunks) == fused
