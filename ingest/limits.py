@@ -55,6 +55,11 @@ class Limits:
     max_pdf_pages: int
     max_document_chars: int
     max_nesting_depth: int
+    # How scanned pages are read (ingest/ocr.py's OcrOptions), sent to the parse workers with the limits; not
+    # among the limits `rag info` lists (OCR_FIELDS).
+    ocr: str
+    ocr_min_confidence: float
+    ocr_page_timeout_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -63,11 +68,12 @@ class Limits:
 
 # The settings a user may need to raise when ingestion stops a file, shown by `rag info`.
 BUDGET_SETTINGS = ("parse_timeout_s", "parse_memory_mb")
+OCR_FIELDS = ("ocr", "ocr_min_confidence", "ocr_page_timeout_s")
 
 
 def shown(settings: Settings) -> dict[str, float | int]:
     """Every limit and budget of a file's ingestion by its environment variable, for `rag info`."""
-    names = [field.name for field in fields(Limits)] + list(BUDGET_SETTINGS)
+    names = [field.name for field in fields(Limits) if field.name not in OCR_FIELDS] + list(BUDGET_SETTINGS)
     return {env_name(name): getattr(settings, name) for name in names}
 
 
@@ -104,7 +110,7 @@ def check_file(path: Path, limits: Limits) -> None:
         if suffix == ".xlsx":
             check_sheets(path, limits)
     elif suffix == ".pdf":
-        from ingest.pdf import page_count
+        from ingest.pdf_text import page_count
 
         pages = page_count(path)
         if pages > limits.max_pdf_pages:

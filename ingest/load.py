@@ -1,18 +1,24 @@
-"""Parse one file into text elements (PDF: pypdfium2; others: `unstructured`, offline); say why a file cannot be read."""
+"""Parse one file into text elements (PDF: pypdfium2; images: OCR; others: `unstructured`, offline); say why a file
+cannot be read."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag import offline  # noqa: F401  (telemetry off before unstructured is imported)
-from ingest.limits import LimitError, Limits, check_chars, check_file, check_text_size, flatten_deep_html
-from ingest.pdf import PdfError, names_organisation, parse_pdf
+from ingest.limits import LimitError, Limits, check_chars, check_file, check_text_size, exceeded, flatten_deep_html
+from ingest.ocr import OCR_DPI, OcrOptions, image_pdf, unavailable
+from ingest.pdf import names_organisation, parse_pdf
+from ingest.pdf_text import PdfError
+from rag.config import Settings
 from rag.models import package_dir
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES | {".html", ".htm", ".pdf", ".docx", ".pptx", ".xlsx"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}  # read by OCR (ingest/ocr.py)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | IMAGE_SUFFIXES | {".html", ".htm", ".pdf", ".docx", ".pptx", ".xlsx"}
 # Element categories that are page furniture or empty structure rather than content.
 SKIPPED_CATEGORIES = {"PageBreak", "Header", "Footer", "PageNumber", "Image"}
 HEADING_CATEGORIES = {"Title"}
@@ -29,6 +35,7 @@ class Element:
     page: int | None
     heading: str | None  # nearest heading above this element in its document
     header: str = ""  # tables: their header rows (also the start of `text`), repeated by every chunk of the table
+    page_end: int | None = None  # the last page it covers, when past `page` (a table whose caption ends the page before)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,16 +145,26 @@ def _partition(path: Path, limits: Limits | None) -> tuple[list, tuple[str, ...]
     raise LoadError(unsupported_type(path) or f"no loader for '{suffix}'")
 
 
-def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> LoadedDocument:
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:10]) + (", ..." if len(items) > 10 else "")
+
+
+def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None, ocr: OcrOptions) -> LoadedDocument:
     try:
-        parsed = parse_pdf(path, map_pages, pages_per_task)
+        parsed = parse_pdf(path, map_pages, pages_per_task, ocr)
     except PdfError as error:
         raise LoadError(str(error)) from None
     warnings = []
     if parsed.scanned_pages:
-        shown = ", ".join(map(str, parsed.scanned_pages[:10])) + (", ..." if len(parsed.scanned_pages) > 10 else "")
         warnings.append(f"{len(parsed.scanned_pages)} of {parsed.pages} pages are page-sized images without a text "
-                        f"layer (scans or photos; OCR is not available), so what they show is not indexed: page {shown}")
+                        f"layer (scans or photos; {parsed.scanned_reason}), so what they show is not indexed: page "
+                        f"{_listed([str(page) for page in parsed.scanned_pages])}")
+    unsure = [f"{page} ({confidence:.2f})" for page, confidence in parsed.ocr_pages.items()
+              if confidence < ocr.min_confidence]
+    if unsure:
+        warnings.append(f"{len(unsure)} of {parsed.pages} pages were read by OCR with a confidence below "
+                        f"{ocr.min_confidence:g} (RAG_OCR_MIN_CONFIDENCE; a blurred, skewed or handwritten scan?), "
+                        f"so their text may be wrong: page {_listed(unsure)}")
     elements, heading = [], None
     for element in parsed.elements:
         # The issuer's name atop every page of a filing's notes ("ADOBE SYSTEMS INCORPORATED") names no section:
@@ -155,7 +172,7 @@ def _load_pdf(path: Path, map_pages: Callable, pages_per_task: int | None) -> Lo
         if element.heading or element.category == "Title" and not names_organisation(element.text):
             heading = (element.heading or element.text)[:200]
         text = f"{element.header}\n{element.text}" if element.header else element.text  # a table whole, header first
-        elements.append(Element(text, element.category, element.page, heading, element.header))
+        elements.append(Element(text, element.category, element.page, heading, element.header, element.page_end))
     return LoadedDocument(elements, parsed.metadata_title, parsed.metadata_author, tuple(warnings))
 
 
@@ -187,11 +204,44 @@ def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None
     return document
 
 
+def _load_image(path: Path, ocr: OcrOptions, limits: Limits | None) -> LoadedDocument:
+    """An image file (a TIFF: each of its frames, as pages) read as an image-only PDF, so that OCR and layout
+    recovery are the PDF's. Placed at OCR's resolution, its pixels are read as they are (a phone photo's metadata
+    often says 72 dpi, which would have it rendered at several times its size)."""
+    if reason := unavailable(ocr):
+        raise LoadError(f"an image file is read by OCR: {reason}")
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as image:
+            frames = []
+            for frame in ImageSequence.Iterator(image):
+                if limits and len(frames) == limits.max_pdf_pages:
+                    raise exceeded(getattr(image, "n_frames", len(frames) + 1), "pages", limits.max_pdf_pages,
+                                   "max_pdf_pages")
+                frames.append(frame.copy())
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise LoadError(f"not a readable image: {error}") from None
+    with tempfile.TemporaryDirectory(prefix="rag-image-") as folder:
+        pdf = Path(folder) / "image.pdf"
+        pdf.write_bytes(image_pdf(frames, OCR_DPI))
+        return _load_pdf(pdf, map, None, ocr)
+
+
+def ocr_options(limits: Limits | None) -> OcrOptions:
+    """How OCR reads this file: as its limits say, or (a direct `load()` without limits) as the settings say."""
+    if limits is None:
+        return OcrOptions.from_settings(Settings())
+    return OcrOptions(limits.ocr, limits.ocr_min_confidence, limits.ocr_page_timeout_s)
+
+
 def _load(path: Path, map_pages: Callable, pages_per_task: int | None, limits: Limits | None) -> LoadedDocument:
     failed_first = ""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _load_image(path, ocr_options(limits), limits)
     if path.suffix.lower() == ".pdf":
         try:
-            return _load_pdf(path, map_pages, pages_per_task)
+            return _load_pdf(path, map_pages, pages_per_task, ocr_options(limits))
         except (LoadError, MemoryError):
             raise
         except Exception as error:  # ingest.pdf's fault on an unusual file: unstructured's slower reading beats none

@@ -47,9 +47,7 @@ def test_markdown_elements_carry_their_heading():
 
 
 def test_scanned_pdf_without_text_layer_is_an_error_not_silence(tmp_path: Path):
-    with pytest.raises(LoadError, match="no text layer"):
-        load(DATA / "MEDRPT-2024-PAT-3847_medical_report_scan.pdf")
-    (tmp_path / "blank.pdf").write_bytes(scan_without_text())
+    (tmp_path / "blank.pdf").write_bytes(scan_without_text())  # grey images: OCR finds nothing in them either
     with pytest.raises(LoadError, match="no text layer on its 2 page"):
         load(tmp_path / "blank.pdf")
 
