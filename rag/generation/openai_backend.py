@@ -30,9 +30,10 @@ class OpenAIGenerator:
 
     Prompts are budgeted with a *local* tokenizer (`tokenizer_path`: a folder or .gguf holding the served model's
     tokenizer and chat template; default: the packaged SmolLM2 tokenizer). Point it at your served model's
-    tokenizer, or token budgets are only estimates. `context_window` defaults to 8192 tokens; set it to the
-    server's limit (vLLM's --max-model-len). top_k is not in OpenAI's API: it travels in the request body, where
-    vLLM, TGI and llama.cpp read it.
+    tokenizer, or token budgets are only estimates. `context_window`, when not given, is the served model's
+    `max_model_len` from /v1/models (vLLM reports it: prompts then fit `--max-model-len` instead of being refused),
+    else 8192 tokens. top_k is not in OpenAI's API: it travels in the request body, where vLLM, TGI and llama.cpp
+    read it.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str = "EMPTY", timeout: float = 120.0,
@@ -46,7 +47,15 @@ class OpenAIGenerator:
                              max_retries=max_retries)
         # A .gguf's tokenizer reads faster from its dequantised copy, when one was made (never made just for this).
         self.tokenizer = load_tokenizer(cached_decoder(tokenizer_path, cache_dir, create=False))
-        self.context_window = int(context_window or DEFAULT_CONTEXT_WINDOW)
+        self._context_window = int(context_window) if context_window else None
+
+    @property
+    def context_window(self) -> int:
+        """Asked of the server once, on first use (a server that is down when the service starts is asked again
+        when it is next needed)."""
+        if self._context_window is None:
+            self._context_window = self._served_context_window() or DEFAULT_CONTEXT_WINDOW
+        return self._context_window
 
     # -- public API
     def generate(self, messages: list[dict], params: GenerationParams) -> Generation:
@@ -103,6 +112,22 @@ class OpenAIGenerator:
         return scores
 
     # -- internals
+    def _served_context_window(self) -> int | None:
+        """`max_model_len` of the served model (a LoRA adapter's is its base model's, vLLM lists it as `parent`);
+        None when the server does not say (no /v1/models, or no such field: TGI, llama.cpp, older servers)."""
+        import openai
+
+        with self._server_errors():  # unreachable: GeneratorUnavailable, as the request itself would raise
+            try:
+                models = {model.id: model for model in self.client.models.list()}
+            except openai.APIStatusError:  # it answered, but lists no models: the request will say what is wrong
+                return None
+        model = models.get(self.model_name)
+        length = getattr(model, "max_model_len", None)
+        if length is None and model is not None:
+            length = getattr(models.get(getattr(model, "parent", None) or ""), "max_model_len", None)
+        return int(length) if isinstance(length, int) and length > 0 else None
+
     def _request(self, messages: list[dict], params: GenerationParams, **extra: Any) -> dict:
         """Every parameter that was set reaches the server; top_k in the body (not an OpenAI parameter)."""
         request: dict[str, Any] = dict(model=self.model_name, messages=messages, max_tokens=params.max_new_tokens,
