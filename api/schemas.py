@@ -20,7 +20,7 @@ from api.config import (
 )
 from rag.config import DEFAULT_SEARCH_RESULTS, MAX_CHUNKS
 from rag.generation.base import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, MAX_TEMPERATURE
-from rag.keys import MAX_NAME
+from rag.store.keys import MAX_NAME
 from rag.types import ALL_COLLECTIONS, MAX_COLLECTION_NAME, AnswerPath, RetrieverKind, Role
 
 
@@ -94,6 +94,23 @@ class CitationOut(BaseModel):
     snippet: str
 
 
+class EvidenceOut(BaseModel):
+    """`rag.evidence.Evidence`: a quoted span of one source; `chunk.text[start:end] == quote`."""
+
+    number: int = Field(description="The [n] of the source in `sources` it is quoted from.")
+    chunk_id: int | None
+    doc_id: str
+    source: str
+    page: int | None = Field(description="The page of the quoted words.")
+    start: int
+    end: int
+    quote: str
+    kind: str = Field(description="'row' (a table row), 'sentence' or 'code'.")
+    header: str = Field(description="A row's table caption and column header rows ('' for other kinds).")
+    score: float
+    readable: str = Field(description="The quote as a reader takes it in: a row as 'label: value (column); ...'.")
+
+
 class AnswerOut(BaseModel):
     """`Answer.to_dict()`: the same fields as `rag ask --json` (tests/test_architecture.py holds them equal)."""
 
@@ -109,6 +126,11 @@ class AnswerOut(BaseModel):
     confidence: float | None = Field(description="Calibrated probability that the sources hold the answer.")
     see_also: list[CitationOut] = Field(description="The closest sources of an unanswerable question.")
     searched: str | None = Field(description="The standalone question retrieval used for a follow-up.")
+    evidence: list[EvidenceOut] = Field(description="Quoted spans of the sources that answer the question, best "
+                                        "first.")
+    supported: bool | None = Field(description="Whether the figures and names of the answer are found in its "
+                                   "evidence or cited sources (false: shown without citations; null: nothing to "
+                                   "check, or the answer is the evidence itself).")
 
 
 class SearchRequest(Strict):
@@ -130,6 +152,7 @@ class SearchHit(BaseModel):
     doc_id: str
     source: str
     page: int | None
+    page_end: int | None = Field(None, description="The last page the passage covers, when it runs past `page`.")
     heading: str | None
     text: str
     scores: dict[str, float] = Field(description="Per-retriever scores that fed a fused result.")
@@ -296,6 +319,7 @@ class PassageOut(BaseModel):
     doc_id: str
     source: str
     page: int | None
+    page_end: int | None = Field(None, description="The last page the passage covers, when it runs past `page`.")
     heading: str | None
     text: str
 

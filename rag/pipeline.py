@@ -18,9 +18,12 @@ from rag.answerability import Answerability, AnswerabilityModel, answerability_f
 from rag.config import Settings
 from rag.conversation import RewriteMode, Turn, rewrite_messages, standalone_question
 from rag.errors import UserError
+from rag.evidence import EVIDENCE_CHUNKS, Evidence, asks_figure, asks_how_to, computed_change, select_evidence
 from rag.generation import Generation, GenerationParams, Generator, adapter_for, load_generator
+from rag.pages import page_of_quote
 from rag.prompt import Prompt, PromptBuilder, PromptMode, load_shots
 from rag.span import SpanMatch, align_to_source, grounded_share
+from rag.store.terms import terms
 from rag.types import AnswerPath, RetrieverKind, ScoredChunk, check_collection
 
 IDK = "I don't know."
@@ -32,6 +35,11 @@ CITATION = re.compile(r"\[(\d{1,2})\]")
 # is returned as generated rather than forced onto a span.
 MIN_SPAN_SCORE = 0.3
 REWRITE_MAX_TOKENS = 48  # a standalone question, written by the decoder
+DIGIT = re.compile(r"\d")
+EVIDENCE_IN_TEXT = 3  # quotes of one source an evidence-led answer shows in its text
+# What an answer states that its sources must hold: figures (with a sign, currency, decimals, %) and capitalised
+# names of two or more words.
+CLAIM = re.compile(r"[$€£]?\(?-?\d[\d,]*(?:\.\d+)?\)?%?|\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+)+\b")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +56,7 @@ class Citation:
 class AnswerRequest:
     """One question and how to answer it: the same options for `Pipeline.answer/stream`, `rag ask` and the API.
 
-    `path` None means `Settings.default_path`; `k` None means `Settings.answer_chunks`; `shots_file` gives few-shot
+    `path` None means `Settings.default_path`; `k` None means `Settings.prompt_chunks`; `shots_file` gives few-shot
     examples to the prompt-only path; `choices` (e.g. yes/no/maybe) are scored by likelihood instead of generating;
     `extract` aligns the answer to the best-matching span of its sources; `history` holds the conversation's earlier
     turns, oldest first, for a follow-up question.
@@ -104,6 +112,7 @@ class PreparedAnswer:
     timings: dict[str, float]
     answerability: Answerability | None = None
     searched: str | None = None  # the standalone question retrieval used, when it differs from the one asked
+    evidence_hits: list[ScoredChunk] = field(default_factory=list)  # the ranking evidence is quoted from
 
     @property
     def abstains(self) -> bool:
@@ -126,11 +135,18 @@ class Answer:
     confidence: float | None = None  # calibrated probability that the sources hold the answer (retrieving paths)
     see_also: list[Citation] = field(default_factory=list)  # closest sources of an unanswerable question
     searched: str | None = None  # the standalone question retrieval used, when a follow-up was rewritten
+    # Quoted spans of the sources that answer the question (rag.evidence), best first; `Evidence.number` is the
+    # [n] of `sources`, which lists the prompt's sources and then any further source a quote comes from.
+    evidence: list[Evidence] = field(default_factory=list)
+    # Whether the figures and names of `text` are found in its evidence or cited sources: None when the text is
+    # the evidence itself or holds no figure or name to check; False: shown, never cited.
+    supported: bool | None = None
 
     def to_dict(self) -> dict:
         """The answer as JSON: the text is named `answer` (one name in the CLI and the API)."""
         data = asdict(self)
         data["answer"] = data.pop("text")
+        data["evidence"] = [{**asdict(evidence), "readable": evidence.readable()} for evidence in self.evidence]
         data["timings"] = {key: round(value, 3) for key, value in data["timings"].items()}
         return data
 
@@ -164,20 +180,36 @@ class Pipeline:
                  finetuned_generator: Generator | None = None):
         self.settings = settings
         self._retriever = retriever
+        self._retriever_lock = threading.Lock()
         self._generator = generator
         self._finetuned_generator = finetuned_generator
 
     # Models and index load on first use, once per pipeline.
     @cached_property
-    def retriever(self):
+    def embedder(self):
+        """The query encoder: a given retriever's, else the configured one."""
         if self._retriever is not None:
-            return self._retriever
+            return self._retriever.embedder
         from rag.embed import Embedder
-        from rag.retrieve import Retriever
-        from rag.store import open_store
 
-        embedder = Embedder.from_settings(self.settings)
-        return Retriever(open_store(self.settings, embedder.name), embedder)
+        return Embedder.from_settings(self.settings)
+
+    @property
+    def retriever(self):
+        """The retriever answers search with: the one given, the one `serve_from` set, else the configured index's
+        (opened on first use)."""
+        with self._retriever_lock:
+            if self._retriever is None:
+                from rag.index import Index
+
+                self._retriever = Index.open(self.settings, self.embedder.name).retriever(self.embedder)
+            return self._retriever
+
+    def serve_from(self, retriever) -> None:
+        """Answer from this retriever from now on: a server that keeps its own index open and refreshed hands
+        its retriever over (requests in flight finish on the one they started with)."""
+        with self._retriever_lock:
+            self._retriever = retriever
 
     @cached_property
     def generator(self) -> Generator:
@@ -212,13 +244,16 @@ class Pipeline:
         path, params = request.path, request.params
         timings: dict[str, float] = {}
         hits: list[ScoredChunk] = []
+        evidence_hits: list[ScoredChunk] = []
         answerability, searched = None, request.question
         if path.retrieves:  # first: a missing index is reported before seconds are spent loading a decoder
             started = time.perf_counter()
             searched = self.standalone(request.history, request.question)
             collection = request.collection or self.settings.collection
-            hits = self.retriever.retrieve(searched, request.k or self.settings.answer_chunks, request.retriever,
-                                           request.source, collection=collection)
+            k = request.k or self.settings.prompt_chunks
+            evidence_hits = self.retriever.retrieve(searched, max(k, EVIDENCE_CHUNKS), request.retriever,
+                                                    request.source, collection=collection)
+            hits = evidence_hits[:k]
             if not request.choices:
                 similarities = self.retriever.similarities(searched, hits, collection=collection)
                 features = answerability_features(searched, hits, similarities)
@@ -237,7 +272,7 @@ class Pipeline:
             prompt = builder.build(request.question, hits, mode, request.history)
         timings["prompt_ms"] = (time.perf_counter() - started) * 1000
         return PreparedAnswer(request, generator, prompt, timings, answerability,
-                              searched if searched != request.question else None)
+                              searched if searched != request.question else None, evidence_hits)
 
     def standalone(self, history: tuple[Turn, ...], question: str) -> str:
         """The question retrieval searches for: a follow-up made standalone (settings.follow_up_rewrite)."""
@@ -310,8 +345,14 @@ class Pipeline:
         usage = {"prompt_tokens": generation.tokens_in, "completion_tokens": generation.tokens_out}
         answer = Answer(raw, [], request.path.value, usage, timings, raw, sources, generation.finish_reason,
                         confidence=_confidence(prepared), searched=prepared.searched)
+        if used:
+            pool = _evidence_pool(used, prepared.evidence_hits)
+            answer.sources = [_citation(number, hit) for number, hit in enumerate(pool, 1)]
+            answer.evidence = on_their_pages(select_evidence(prepared.searched or request.question, pool), pool)
         if used and "don't know" in raw.lower():
-            answer.text, answer.answerable, answer.see_also = NOT_ANSWERABLE, False, sources
+            answer.text, answer.answerable, answer.see_also = NOT_ANSWERABLE, False, answer.sources
+            if answer.evidence and (prepared.answerability is None or prepared.answerability.answerable):
+                _lead_with_evidence(answer)  # the sources hold it (calibrated check) though the decoder says not
         elif used:
             match = quote_source(raw, request.question, [hit.chunk.text for hit in used]) if request.extract else None
             if match is not None:
@@ -322,6 +363,13 @@ class Pipeline:
                 cited = sorted({int(n) for n in CITATION.findall(raw) if 1 <= int(n) <= len(used)})
                 answer.citations = [sources[n - 1] for n in cited
                                     if (grounded_share(raw, used[n - 1].chunk.text) or 0) >= MIN_GROUNDED_SHARE]
+            answer.supported = claims_supported(answer.text, answer.evidence, [hit.chunk.text for hit in used])
+            if answer.evidence and (answer.supported is False or evidence_leads(request.question, answer.text,
+                                                                               answer.evidence)):
+                _lead_with_evidence(answer)
+            elif answer.supported is False:
+                answer.citations = []  # shown as the decoder's words, never as what a source says
+            _with_computed_change(answer, request.question)
         elif not raw:
             answer.text = IDK
         return answer
@@ -339,6 +387,77 @@ class Pipeline:
         return Answer(best, sources, request.path.value, {"prompt_tokens": prompt.token_count, "completion_tokens": 0},
                       timings, raw_text=str({choice: round(logprobs[options[choice]], 3) for choice in request.choices}),
                       sources=sources)
+
+
+def _evidence_pool(used: list[ScoredChunk], ranked: list[ScoredChunk]) -> list[ScoredChunk]:
+    """The answer's sources: the prompt's, then the further chunks of the ranking that evidence may quote."""
+    held = {hit.chunk.id for hit in used}
+    return list(used) + [hit for hit in ranked if hit.chunk.id not in held]
+
+
+def on_their_pages(evidence: list[Evidence], pool: list[ScoredChunk]) -> list[Evidence]:
+    """Each quote of a chunk that spans a page break placed on the page its words stand on, read from the PDF (the
+    chunk records only its first and last page); a quote no page of the file holds is dropped, never cited to a
+    page that does not show it."""
+    placed = []
+    for item in evidence:
+        chunk = pool[item.number - 1].chunk
+        if (chunk.page_end is None or chunk.page is None or not chunk.source.lower().endswith(".pdf")
+                or not Path(chunk.source).is_file()):
+            placed.append(item)  # one page; or a file no longer there to read (its chunk's first page stands)
+        elif (page := page_of_quote(Path(chunk.source), range(chunk.page, chunk.page_end + 1), item.quote)) is not None:
+            placed.append(replace(item, page=page))
+    return placed
+
+
+def evidence_leads(question: str, text: str, evidence: list[Evidence]) -> bool:
+    """Whether the evidence should be the answer's text rather than the decoder's words: they say nothing the
+    question does not ("customers [1]", "[1] [1]"); the question asks for a figure and they hold none while the best
+    quote does; or it asks how to do something (the passage or code is the answer, not a phrase). A decoder's
+    figure that its evidence holds stays the answer (the evidence is shown beside it)."""
+    words = set(terms(CITATION.sub("", text)))
+    if not words or words <= set(terms(question)):
+        return True
+    if asks_how_to(question):
+        return True
+    return asks_figure(question) and not DIGIT.search(CITATION.sub("", text)) and bool(DIGIT.search(evidence[0].quote))
+
+
+def claims_supported(text: str, evidence: list[Evidence], cited: list[str]) -> bool | None:
+    """Whether every figure and name the text states is in its evidence or its sources' text; None when it states
+    none (nothing to check)."""
+    claims = [claim for claim in CLAIM.findall(CITATION.sub("", text)) if claim.strip()]
+    if not claims:
+        return None
+    haystack = _normalised(" ".join([*(e.quote + "\n" + e.header for e in evidence), *cited]))
+    return all(_normalised(claim) in haystack for claim in claims)
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.replace(",", "").replace("$", "").lower().split())
+
+
+def _lead_with_evidence(answer: Answer) -> None:
+    """The answer text becomes the best quote and the next ones from the same source (in the source's order: a
+    sentence before its code), where they are, cited to that source; the decoder's own words stay in `raw_text`."""
+    best = answer.evidence[0]
+    shown = sorted([e for e in answer.evidence if e.number == best.number][:EVIDENCE_IN_TEXT], key=lambda e: e.start)
+    where = f"{best.source}, p. {best.page}" if best.page is not None else best.source
+    answer.text = f"{where}: " + "\n".join(e.readable() for e in shown) + f" [{best.number}]"
+    answer.answerable, answer.see_also, answer.supported = True, [], None
+    answer.finish_reason = "stop"  # the text is whole quotes, not the decoder's (maybe cut) words in `raw_text`
+    answer.citations = [replace(answer.sources[best.number - 1], snippet=best.quote)]
+
+
+def _with_computed_change(answer: Answer, question: str) -> None:
+    """A change between two periods the question names, computed from a quoted row, added to the text with the
+    row cited (the decoder does not do arithmetic; the figures and the operation are shown)."""
+    for evidence in answer.evidence:
+        if line := computed_change(question, evidence):
+            answer.text = f"{answer.text}\n{line} [{evidence.number}]"
+            if all(citation.number != evidence.number for citation in answer.citations):
+                answer.citations.append(replace(answer.sources[evidence.number - 1], snippet=evidence.quote))
+            return
 
 
 def _confidence(prepared: PreparedAnswer) -> float | None:

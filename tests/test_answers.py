@@ -85,6 +85,41 @@ def test_a_source_is_never_cited_for_words_it_does_not_contain(pipeline):
     assert [c.number for c in pipeline.finish(prepared, supported).citations] == [1]
 
 
+# ------------------------------------------------------------------------------------------------------ evidence
+def _evidence_reproduces_its_quote(answer) -> None:
+    assert answer.evidence
+    for evidence in answer.evidence:
+        source = answer.sources[evidence.number - 1]
+        chunk = next(hit.chunk for hit in _ranked(answer) if hit.chunk.id == source.chunk_id)
+        assert chunk.text[evidence.start:evidence.end] == evidence.quote and evidence.page == chunk.page
+
+
+def _ranked(answer):
+    return _ranked.prepared.evidence_hits
+
+
+@pytest.mark.parametrize("decoder_says", ["automatically [1]", "[1] [1]", "I don't know."])
+def test_a_how_to_answer_shows_the_passage_or_code_that_answers_it(pipeline, decoder_says):
+    question = "How do I set a timeout on a client?"
+    prepared = _ranked.prepared = pipeline.prepare(AnswerRequest(question, "rag"))
+    answer = pipeline.finish(prepared, Generation(decoder_says, 10, 4, 0.1))
+    assert answer.answerable and answer.raw_text == decoder_says
+    assert "timeout" in answer.text.lower() and answer.text != decoder_says
+    assert answer.citations and all(c.snippet in answer.text or c.snippet.strip() in answer.text
+                                    for c in answer.citations)
+    _evidence_reproduces_its_quote(answer)
+    assert answer.to_dict()["evidence"][0]["readable"]
+
+
+def test_a_figure_the_sources_do_not_hold_is_never_cited(pipeline):
+    prepared = _ranked.prepared = pipeline.prepare(
+        AnswerRequest("How long does HTTPX wait before raising a TimeoutException?", "rag", extract=False))
+    answer = pipeline.finish(prepared, Generation("It waits 4711 seconds [1]", 10, 8, 0.1))
+    assert "4711" not in answer.text and "4711" in answer.raw_text  # the evidence leads instead
+    assert all("4711" not in citation.snippet for citation in answer.citations)
+    _evidence_reproduces_its_quote(answer)
+
+
 def test_threshold_setting_decides():
     model = AnswerabilityModel({"similarity": 1.0, "coverage": 0.0}, bias=0.0, threshold=0.5)
     features = {"similarity": 0.0, "coverage": 0.0}  # confidence 0.5

@@ -251,6 +251,15 @@ def _document_file(world):
                      params={"collection": BRAVO})
 
 
+def _document_page(world):
+    for doc_id in world.doc_ids[BRAVO]:
+        hidden = world.call("alpha-read", "GET", f"/v1/documents/{doc_id}/pages/1.png")
+        assert hidden.status_code == 404 and error_code(hidden) == "document_not_found"
+        yield hidden
+    yield world.call("alpha-read", "GET", f"/v1/documents/{world.doc_ids[BRAVO][0]}/pages/1.png",
+                     params={"collection": BRAVO})
+
+
 def _chunk(world):
     for chunk_id in world.chunk_ids[BRAVO]:
         hidden = world.call("alpha-read", "GET", f"/v1/chunks/{chunk_id}")
@@ -313,6 +322,7 @@ CASES = {
     ("GET", "/v1/documents"): _list_documents,
     ("DELETE", "/v1/documents/{doc_id}"): _delete_document,
     ("GET", "/v1/documents/{doc_id}/file"): _document_file,
+    ("GET", "/v1/documents/{doc_id}/pages/{page}.png"): _document_page,
     ("GET", "/v1/chunks/{chunk_id}"): _chunk,
     ("GET", "/v1/evals"): _evals,
     ("GET", "/v1/evals/{name}/{filename}"): _eval_file,
@@ -394,7 +404,7 @@ def stored_key_data(settings) -> bytes:
 
 
 def test_secrets_are_never_stored(world):
-    from rag.keys import digest
+    from rag.store.keys import digest
 
     stored = stored_key_data(world.settings)
     for secret in (secret for label, secret in world.keys.items() if label != "env"):
@@ -434,7 +444,7 @@ def test_the_write_key_deletes_in_its_own_collection(world):
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def test_rag_keys_create_list_revoke_round_trip(tmp_path):
-    from rag.cli import EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
+    from cli import EXIT_INDEX_ERROR, EXIT_OK, EXIT_USAGE, app
 
     runner = CliRunner()
     index = ["--index", str(tmp_path / "index")]
@@ -458,14 +468,14 @@ def test_rag_keys_create_list_revoke_round_trip(tmp_path):
         == EXIT_USAGE
 
     from rag.config import Settings
-    from rag.keys import digest
+    from rag.store.keys import digest
 
     stored = stored_key_data(Settings(index_dir=tmp_path / "index"))
     assert key["secret"].encode() not in stored and digest(key["secret"]).encode() in stored
 
 
 def test_cli_commands_work_in_the_collection_they_are_given(tmp_path, monkeypatch):
-    from rag.cli import EXIT_INDEX_ERROR, EXIT_OK, app
+    from cli import EXIT_INDEX_ERROR, EXIT_OK, app
 
     runner = CliRunner()
     monkeypatch.setenv("RAG_INDEX_DIR", str(tmp_path / "index"))
@@ -493,7 +503,7 @@ def test_cli_commands_work_in_the_collection_they_are_given(tmp_path, monkeypatc
 
 
 def test_collection_option_is_on_every_command_that_reads_or_writes_documents():
-    from rag.cli import app
+    from cli import app
 
     runner = CliRunner()
     for command in (["ingest"], ["search"], ["ask"], ["chat"], ["documents", "list"], ["documents", "delete"],

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import CORPUS, ROOT, free_port, serving
-from tests.pdfs import report_with_scanned_pages
+from tests.pdfs import report_with_scanned_pages, report_with_table
 from tests.test_api import KEY, api_base_index  # noqa: F401  (session fixture re-exported)
 
 CHROMIUM = Path(os.environ.get("RAG_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -489,3 +489,150 @@ def test_readable_at_phone_width(server, browser, screenshot):
         screenshot("phone-documents")
     finally:
         viewport(browser, *WINDOW)
+
+
+# ------------------------------------------------------------------------------ evidence and page images
+NORTHWIND_ROW = "| Net sales | 1,250 | 1,100 | 14% |"  # tests/pdfs.py report_with_table, page 2
+NORTHWIND_COVER = "This report describes the results of the quarter in words and numbers."  # its page 1
+AUTH_HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def northwind(server) -> str:
+    """A two-page PDF (a cover, then a table) in the module's index: its doc_id."""
+    import time
+
+    accepted = httpx.post(f"{server}/v1/documents", headers=AUTH_HEADERS,
+                          files=[("files", ("northwind.pdf", report_with_table()))]).json()
+    deadline = time.monotonic() + WAIT_S
+    while (job := httpx.get(f"{server}/v1/jobs/{accepted['job_id']}", headers=AUTH_HEADERS).json())["status"] not in (
+            "succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    return job["files"][0]["doc_id"]
+
+
+def signed_in(browser, server: str) -> None:
+    """The app open with the key (typed again only when this origin's tab has none)."""
+    browser.get(server)
+    wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready === 'true'")
+         or find(d, "#login-key").is_displayed(), 20)
+    if find(browser, "#login-key").is_displayed():
+        find(browser, "#login-key").send_keys(KEY + Keys.ENTER)
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready === 'true'"), 20)
+    tab(browser, "ask")
+    find(browser, "#new-thread").click()
+
+
+def last_turn(browser, count: int):
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".turn[data-state=done]")) == count)
+    return browser.find_elements(By.CSS_SELECTOR, ".turn")[-1]
+
+
+def shown_page(browser) -> tuple[str, dict, int]:
+    """The page image on screen, once loaded: the route it was fetched from, its query, and its width in pixels."""
+    from urllib.parse import parse_qs, urlsplit
+
+    img = visible(browser, "#page-image")
+    wait(browser, lambda d: d.execute_script("const i = arguments[0]; return i.complete && i.naturalWidth > 0", img),
+         20, "the page image did not load")
+    fetched = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)"
+                                     ".filter((name) => name.includes('/pages/')).at(-1)")
+    url = urlsplit(fetched)
+    return url.path, {key: values[0] for key, values in parse_qs(url.query).items()}, img.get_property("naturalWidth")
+
+
+def page_png(server: str, doc_id: str, page: int, highlight: str = "") -> bytes:
+    response = httpx.get(f"{server}/v1/documents/{doc_id}/pages/{page}.png", params={"highlight": highlight} if
+                         highlight else None, headers=AUTH_HEADERS)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def test_an_answer_shows_its_evidence_and_the_page_image(server, browser, northwind, screenshot):
+    from PIL import Image
+
+    signed_in(browser, server)
+    max_new_tokens(browser, 4)
+    Select(find(browser, "#opt-retriever")).select_by_value("bm25")
+    find(browser, "#question").send_keys("What were Northwind net sales in 2024?" + Keys.ENTER)
+    turn = last_turn(browser, 1)
+    answer = browser.execute_script("return JSON.parse(sessionStorage.getItem('rag-thread')).at(-1).answer")
+    assert answer["evidence"], answer  # the table's row or sentence that answers it
+    items = turn.find_elements(By.CSS_SELECTOR, ".evidence li")
+    assert len(items) == len(answer["evidence"])
+    for item, evidence in zip(items, answer["evidence"]):
+        assert evidence["source"] in item.text and (evidence["kind"] == "code" or evidence["readable"] in item.text)
+    pdf = next(i for i, e in enumerate(answer["evidence"]) if e["source"] == "northwind.pdf")
+    evidence = answer["evidence"][pdf]
+    items[pdf].find_element(By.CSS_SELECTOR, "button.show-page").click()
+    view = visible(browser, "#page-view")
+    assert find(browser, "#page-title").text == f"northwind.pdf · page {evidence['page']}"
+    assert view.get_attribute("data-page") == str(evidence["page"]) and view.get_attribute("data-doc-id") == northwind
+    path, query, width = shown_page(browser)
+    assert path == f"/v1/documents/{northwind}/pages/{evidence['page']}.png" and query == {"highlight": evidence["quote"]}
+    assert width == Image.open(io.BytesIO(page_png(server, northwind, evidence["page"]))).width
+    conversation = find(browser, "#panel-ask").rect
+    assert view.rect["x"] >= conversation["x"] + conversation["width"]  # beside the conversation, not over it
+    screenshot("evidence")
+    find(browser, "#page-close").click()
+    assert not find(browser, "#page-view").is_displayed()
+
+
+def test_an_unsupported_answer_shows_no_citation(server, browser):
+    signed_in(browser, server)
+    source = made_up_answer()["sources"][0]
+    # Even were a citation sent with it, an answer found in no source is never shown as what a source says.
+    stub_next_answer(browser, made_up_answer(answer="Net sales were **9,999** [1].", supported=False,
+                                             citations=[source]))
+    find(browser, "#question").send_keys("What were net sales?" + Keys.ENTER)
+    turn = last_turn(browser, 1)
+    text = turn.find_element(By.CSS_SELECTOR, ".answer-text")
+    assert text.text == "Net sales were 9,999 [1]." and text.find_element(By.CSS_SELECTOR, "strong").text == "9,999"
+    assert not turn.find_elements(By.CSS_SELECTOR, "button.cite")
+    assert "unsupported" in text.get_attribute("class")
+    assert turn.find_element(By.CSS_SELECTOR, ".unsupported-note").text.startswith("Not verified")
+
+
+def test_a_truncated_answer_is_marked_and_its_markdown_rendered(server, browser):
+    signed_in(browser, server)
+    source = made_up_answer()["sources"][0]
+    answer = ("Set a timeout on the client [1]:\n```python\nclient = httpx.Client(timeout=5.0)\n``` [1]\n"
+              "<b>not bold</b> and [2] (not cited)")
+    stub_next_answer(browser, made_up_answer(answer=answer, citations=[source], finish_reason="length"))
+    find(browser, "#question").send_keys("How do I set a timeout?" + Keys.ENTER)
+    turn = last_turn(browser, 1)
+    text = turn.find_element(By.CSS_SELECTOR, ".answer-text")
+    assert text.find_element(By.CSS_SELECTOR, "pre code").text == "client = httpx.Client(timeout=5.0)"
+    assert [b.text for b in text.find_elements(By.CSS_SELECTOR, "button.cite")] == ["[1]", "[1]"]  # [2]: not cited
+    assert "<b>not bold</b> and [2]" in text.text and not text.find_elements(By.CSS_SELECTOR, "b")
+    assert turn.find_element(By.CSS_SELECTOR, ".truncated").text.startswith("Truncated:")
+    assert not turn.find_elements(By.CSS_SELECTOR, ".unsupported-note")
+
+
+def test_a_pdf_evidence_item_opens_the_page_of_its_quoted_words(server, browser, northwind):
+    from PIL import Image
+
+    signed_in(browser, server)
+    source = {**made_up_answer()["sources"][0], "source": "northwind.pdf", "page": 1, "heading": None}
+    evidence = [{"number": 1, "chunk_id": None, "doc_id": northwind, "source": "northwind.pdf", "page": page,
+                 "start": 0, "end": len(quote), "quote": quote, "kind": kind, "header": "", "score": 1.0,
+                 "readable": readable}
+                for page, quote, kind, readable in (
+                    (2, NORTHWIND_ROW, "row", "Net sales: 1,250 (2024); 1,100 (2023)"),
+                    (1, NORTHWIND_COVER, "sentence", NORTHWIND_COVER))]
+    stub_next_answer(browser, made_up_answer(answer="Net sales: 1,250 (2024) [1]", citations=[source],
+                                             sources=[source], evidence=evidence))
+    find(browser, "#question").send_keys("What were net sales in 2024?" + Keys.ENTER)
+    turn = last_turn(browser, 1)
+    buttons = turn.find_elements(By.CSS_SELECTOR, ".evidence button.show-page")
+    assert [b.text for b in buttons] == ["Show page 2", "Show page 1"]  # the quote's page, not its source's (1)
+    for button, page, quote in ((buttons[0], 2, NORTHWIND_ROW), (buttons[1], 1, NORTHWIND_COVER)):
+        button.click()
+        wait(browser, lambda d: find(d, "#page-view").get_attribute("data-page") == str(page), 20)
+        path, query, width = shown_page(browser)
+        assert path == f"/v1/documents/{northwind}/pages/{page}.png" and query == {"highlight": quote}
+        highlighted = page_png(server, northwind, page, quote)  # what was shown: that page, the quote highlighted ...
+        assert highlighted != page_png(server, northwind, page)  # ... where it stands on it
+        assert width == Image.open(io.BytesIO(highlighted)).width

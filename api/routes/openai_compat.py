@@ -2,14 +2,14 @@
 
 Models are the answer paths: `rag`, `rag-prompt-only`, `rag-finetuned`, `rag-finetuned-rag`. The last user message
 is the question; the user/assistant turns before it are the conversation (a follow-up is made standalone before
-retrieval, and the turns enter the prompt as far as its token budget allows). Replies carry an extra top-level
-`citations` field (in the final chunk when streaming). Non-standard options go in the body too (`k`, `retriever`,
+retrieval, and the turns enter the prompt as far as its token budget allows). Replies carry extra top-level
+`citations`, `evidence` and `supported` fields (in the final chunk when streaming). Non-standard options go in the body too (`k`, `retriever`,
 `source`, `top_k`, and `collection`, the collection to answer from; with the openai client:
 `extra_body={"k": 3, "collection": "handbook"}`).
 
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="...")
     reply = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": "..."}])
-    reply.choices[0].message.content, reply.model_extra["citations"]
+    reply.choices[0].message.content, reply.model_extra["citations"], reply.model_extra["evidence"]
 """
 
 from __future__ import annotations
@@ -90,12 +90,17 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
         prompt, completion = result.usage.get("prompt_tokens", 0), result.usage.get("completion_tokens", 0)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def extras(result) -> dict:
+        """The fields an OpenAI reply does not have: what the answer cites and quotes, and whether it checks out."""
+        data = result.to_dict()
+        return {name: data[name] for name in ("citations", "evidence", "supported")}
+
     if not body.stream:
         result = await answer(service, answer_request, request)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason, "logprobs": None}],
-                "usage": usage_of(result), "citations": result.to_dict()["citations"]}
+                "usage": usage_of(result), **extras(result)}
 
     stream = await open_stream(service, answer_request, request)
     request_id = current_request_id(request.scope)
@@ -112,7 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, req
                 if isinstance(item, str):
                     yield chunk({"content": item})
                 else:
-                    yield chunk({}, item.finish_reason, usage=usage_of(item), citations=item.to_dict()["citations"])
+                    yield chunk({}, item.finish_reason, usage=usage_of(item), **extras(item))
         except Exception as error:
             logger.error("stream failed", extra={"error": f"{type(error).__name__}: {error}"})
             yield sse(None, {"error": {"type": "server_error", "code": "generation_failed",

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 
 from api.config import MAX_ANSWER_CHARS, MAX_HISTORY_TURNS, MAX_QUESTION_CHARS
 from api.errors import ApiError
+from rag.pages import MAX_HIGHLIGHT_CHARS
 
 STATIC = Path(__file__).parent / "static"
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
@@ -64,9 +65,10 @@ async def index(request: Request) -> Response:
 
 @router.get("/web/config.json")
 async def config() -> dict[str, int]:
-    """The request limits the page checks before it sends (a question's length, the history it may send)."""
+    """The request limits the page checks before it sends (a question's length, the history it may send, the words
+    a page image highlights)."""
     return {"max_question_chars": MAX_QUESTION_CHARS, "max_answer_chars": MAX_ANSWER_CHARS,
-            "max_history_turns": MAX_HISTORY_TURNS}
+            "max_history_turns": MAX_HISTORY_TURNS, "max_highlight_chars": MAX_HIGHLIGHT_CHARS}
 
 
 @router.get("/web/{name}")

@@ -1,24 +1,29 @@
-// An answer on screen: its text with clickable [n] citations, its sources, and the passage dialog that shows a
-// cited passage (document, page, heading, the cited words highlighted) with a link to the original file.
-// Only what the API returned is shown: an [n] links only when the response's `citations` hold n, and a document
-// is named by its `source` as the API gives it (a display name), never by a path built here.
+// An answer on screen: its text (Markdown, built as DOM nodes) with clickable [n] citations, its evidence (the
+// quoted words, each opening its PDF page beside the conversation or its passage), its sources, and the passage
+// dialog that shows a cited passage (document, page, heading, the cited words highlighted) with a link to the
+// original file. Only what the API returned is shown: an [n] links only when the response's `citations` hold n
+// (none when the answer is `supported: false`), and a document is named by its `source` as the API gives it (a
+// display name), never by a path built here.
 
 import * as api from "./api.js";
 import { $, basename, h, highlighted } from "./dom.js";
+import { render } from "./markdown.js";
+import { isPdfEvidence, showPage } from "./page.js";
 
 const CITATION = /\[(\d{1,2})\]/g;
 const IDK = /don't know|do not know/i;
 
 export const isIdk = (text) => !text.trim() || IDK.test(text);
 
-/** Nodes for a final answer (the API's answer object): its text with citation buttons, then its sources. */
+/** Nodes for a final answer (the API's answer object): its text with citation buttons, its evidence, its sources. */
 export function answerView(answer) {
   const text = api.answerText(answer).trim();
-  const citations = new Map((answer.citations || []).map((c) => [c.number, c]));
+  const unsupported = answer.supported === false;  // the decoder's words, found in no source: cited to none
+  const citations = new Map((unsupported ? [] : answer.citations || []).map((c) => [c.number, c]));
   const listed = answer.answerable === false ? answer.see_also || answer.sources : answer.sources;
   const sources = new Map([...(listed || []), ...citations.values()].map((s) => [s.number, s]));
   const plain = text.replace(CITATION, "").trim();
-  const body = h("p", { class: "answer-text" });
+  const body = h("div", { class: "answer-text" });
   if (answer.answerable === false) {
     body.classList.add("idk");
     body.append(h("strong", {}, text || "The documents don't answer this question."),
@@ -27,14 +32,11 @@ export function answerView(answer) {
     body.classList.add("idk");
     body.append(h("strong", {}, "No answer found in the sources. "), text ? `The model said: “${text}”` : "");
   } else {
-    let last = 0;
-    for (const match of text.matchAll(CITATION)) {
-      body.append(text.slice(last, match.index));
-      const citation = citations.get(Number(match[1]));  // a marker the server did not ground stays plain text
-      body.append(citation ? citeButton(citation, plain) : match[0]);
-      last = match.index + match[0].length;
-    }
-    body.append(text.slice(last));
+    // A marker the server did not ground stays plain text; images in an answer are never fetched (alt text only).
+    body.append(...render(text, () => null, (number, marker) => {
+      const citation = citations.get(number);
+      return citation ? citeButton(citation, plain) : marker;
+    }, true));
   }
   const list = [...sources.values()].sort((a, b) => a.number - b.number).map((source) => h("li", {},
     h("button", { type: "button", class: "link source", onclick: () => openPassage(source, plain) },
@@ -42,14 +44,40 @@ export function answerView(answer) {
     citations.has(source.number) ? h("span", { class: "badge" }, "cited") : null));
   const nodes = [body];
   if (answer.searched) nodes.unshift(h("p", { class: "meta searched" }, "Searched for: ", h("q", {}, answer.searched)));
+  if (unsupported && answer.answerable !== false) {
+    body.classList.add("unsupported");
+    nodes.push(h("p", { class: "unsupported-note" }, "Not verified: the figures or names in this answer were not "
+      + "found in its sources, so it cites none. Check the evidence below."));
+  }
   if (answer.finish_reason === "length") {
     nodes.push(h("p", { class: "truncated" }, "Truncated: generation stopped at the max new tokens limit "
       + "(Ask › Settings), so the answer may be incomplete."));
   }
+  if ((answer.evidence || []).length) nodes.push(evidenceView(answer.evidence));
   if (!list.length) return nodes;
   const title = answer.answerable === false ? `See also (${list.length})` : `Sources (${list.length})`;
   return [...nodes, h("details", { class: "sources",
     open: citations.size || answer.answerable === false ? true : null }, h("summary", {}, title), h("ol", {}, list))];
+}
+
+/** The quoted words that answer the question, best first: each opens its PDF page, or else its passage. */
+function evidenceView(evidence) {
+  const items = evidence.map((item) => {
+    const where = [`[${item.number}] ${item.source}`, item.page != null ? `page ${item.page}` : null]
+      .filter(Boolean).join(" · ");
+    const quote = item.kind === "code" ? h("pre", {}, h("code", {}, item.quote.replace(/^```.*\n?|\n?```\s*$/g, "")))
+      : h("blockquote", {}, item.readable || item.quote);
+    const open = isPdfEvidence(item)
+      ? h("button", { type: "button", class: "link show-page", onclick: () => showPage(item) },
+        `Show page ${item.page}`)
+      : item.chunk_id != null ? h("button", { type: "button", class: "link show-passage", onclick: () => openPassage(
+        { number: item.number, chunk_id: item.chunk_id, source: item.source, page: item.page, heading: "",
+          snippet: item.quote }, "") }, "Show passage") : null;
+    return h("li", { class: "evidence-item", dataset: { kind: item.kind } }, quote,
+      h("p", { class: "meta" }, where, " ", open));
+  });
+  return h("details", { class: "evidence", open: true }, h("summary", {}, `Evidence (${items.length})`),
+    h("ol", {}, items));
 }
 
 function citeButton(source, answerText) {

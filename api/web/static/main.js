@@ -8,6 +8,7 @@ import { setupPassageDialog } from "./answer.js";
 import { setupCompare } from "./compare.js";
 import { loadDocuments, setupDocuments } from "./documents.js";
 import { loadEvals } from "./evals.js";
+import { setupPageView } from "./page.js";
 
 const LOADERS = { "panel-documents": loadDocuments, "panel-evals": loadEvals };
 const NOT_READY_POLL_MS = 2000;
@@ -39,6 +40,7 @@ async function attemptStart() {
     setupCompare(paths);
     setupDocuments();
     setupPassageDialog();
+    setupPageView(limits);
     setupTabs();
   }
   select(document.querySelector("[role=tab][aria-selected=true]"), false);
