@@ -20,6 +20,9 @@ DEFAULT_CHUNK_TOKENS = 200
 DEFAULT_CHUNK_OVERLAP = 32
 DEFAULT_SEARCH_RESULTS = 5
 MAX_CHUNKS = 50  # most chunks one search returns or one prompt holds
+SERVED_ANSWER_CHUNKS = 8  # sources in the prompt of a served decoder (fitted to its context window)
+DEFAULT_RERANK_CANDIDATES = 30  # hybrid candidates the cross-encoder re-scores (its cost is per candidate)
+MAX_RERANK_CANDIDATES = 200
 # Chunks per embedding batch. On 2 CPU cores, filing chunks (~180 tokens) embed faster in small batches: per chunk,
 # bf16 23.3 ms at 16 against 25.3 ms at 64, fp32 36.0 ms against 40.3 ms at 32 (2026-11-30). GPUs want larger ones.
 DEFAULT_EMBEDDING_BATCH_SIZE = 16
@@ -72,12 +75,22 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(DEFAULT_CHUNK_OVERLAP, ge=0,
                                description="Tokens shared by consecutive chunks of one section.")
 
+    # Second-stage ranking (rag/rerank.py: the packaged cross-encoder, scripts/train_reranker.py)
+    rerank: bool = Field(False, description="Re-score the hybrid stage's top candidates with the packaged "
+                         "cross-encoder (reads question and passage together); false: hybrid order only.")
+    rerank_candidates: int = Field(
+        DEFAULT_RERANK_CANDIDATES, ge=1, le=MAX_RERANK_CANDIDATES,
+        description="Hybrid candidates the cross-encoder re-scores per question (its cost grows with them).")
+    rerank_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads of the reranker; unset: "
+                                       "ONNX Runtime's default (the machine's cores).")
+
     # Answering
-    answer_chunks: int = Field(
-        1, ge=1, le=MAX_CHUNKS,
-        description="Chunks put in a RAG prompt (-k). 1 suits the packaged 135M model: on 100 XQuAD questions its "
-        "F1 was 0.277 with 1 chunk, 0.227 with 2 and 0.208 with 5 (extra chunks distract it more than they add "
-        "recall). Raise it for larger decoders.",
+    answer_chunks: int | None = Field(
+        None, ge=1, le=MAX_CHUNKS,
+        description="Chunks put in a RAG prompt (-k); unset: 1 for the in-process decoder, "
+        f"{SERVED_ANSWER_CHUNKS} for a served one (the `openai` backend). 1 suits the packaged 135M model: on 100 "
+        "XQuAD questions its F1 was 0.277 with 1 chunk, 0.227 with 2 and 0.208 with 5 (extra chunks distract it "
+        "more than they add recall); a capable served model gets the evidence whole, within its context window.",
     )
 
     # Ingestion
@@ -106,6 +119,15 @@ class Settings(BaseSettings):
     parse_memory_mb: int = Field(
         2048, ge=64, description="Memory a parse worker may take for one file, on top of what it holds when it "
         "starts (an address-space limit); past it the file fails and the worker is replaced.")
+    # OCR of scanned pages and image files (ingest/ocr.py: Debian's tesseract, installed by scripts/install.sh).
+    ocr: Literal["auto", "off"] = Field(
+        "auto", description="auto: read PDF pages without a usable text layer, and PNG/JPEG/TIFF files, with OCR "
+        "(where tesseract is installed); off: report such pages as not indexed and refuse image files.")
+    ocr_min_confidence: float = Field(
+        0.8, ge=0, le=1, description="Pages OCR reads with a lower mean word confidence (0-1) are ingested with a "
+        "warning on their document.")
+    ocr_page_timeout_s: float = Field(
+        60.0, gt=0, description="Longest OCR may spend on one page; the page is then left out with a warning.")
     keep_duplicates: bool = Field(
         False, description="Index a file whose bytes equal a document's already in the collection (under another "
         "name) as a document of its own; by default it is reported as a duplicate of that one and not indexed again.")
@@ -128,6 +150,10 @@ class Settings(BaseSettings):
     openai_api_key: str = Field("EMPTY", repr=False)
     openai_timeout: float = Field(120.0, gt=0)
     openai_max_retries: int = Field(2, ge=0)
+    openai_lora: str | None = Field(
+        None, description="openai backend: name of a LoRA adapter the server serves (vLLM --lora-modules "
+        "NAME=FOLDER; scripts/engine.sh with RAG_ENGINE_LORA serves one by its folder's name): the fine-tuned paths "
+        "ask the server for it.")
     context_window: int | None = Field(None, description="Override the decoder's context length in tokens.")
     decoder_threads: int | None = Field(
         None, ge=1, description="Torch threads of the in-process decoder; unset: before each answer, the cores other "
@@ -182,12 +208,21 @@ class Settings(BaseSettings):
     @property
     def adapter(self) -> Path | None:
         """The adapter the fine-tuned paths use: adapter_dir, else the shipped one where it fits the decoder."""
+        if self.backend == "openai" and self.openai_lora:
+            return Path(self.openai_lora)  # served by name: the factory asks the server for this name
         if self.adapter_dir is not None:
             return self.adapter_dir
         if self.packaged_adapter and self.backend == "transformers" and self.decoder_model is None \
                 and (PACKAGED_ADAPTER / "adapter_config.json").is_file():
             return PACKAGED_ADAPTER
         return None
+
+    @property
+    def prompt_chunks(self) -> int:
+        """`answer_chunks`, or its default for the configured backend."""
+        if self.answer_chunks is not None:
+            return self.answer_chunks
+        return SERVED_ANSWER_CHUNKS if self.backend == "openai" else 1
 
     @property
     def default_path(self) -> AnswerPath:
