@@ -69,7 +69,8 @@ def holds_figure(reference: str, text: str) -> bool:
     if not wanted:
         return False
     target = wanted[0]
-    decimals = len(reference.split(".")[1].rstrip("%").split()[0]) if "." in reference else 0
+    first = NUMBER.search(reference.replace("$", ""))
+    decimals = len(first.group(0).partition(".")[2]) if first else 0
     return any(abs(abs(value) - abs(target)) <= 0.005 * abs(target) or round(abs(value), decimals) == abs(target)
                for value in figures(text))
 

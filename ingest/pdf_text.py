@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ingest.ocr import OCR_DPI, OcrOptions, OcrPage, garbage, recognise, unavailable
+from rag.pages import PDFIUM_LOCK
 
 NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
 # A font whose name says it is bold: many filings' fonts ("Times New Roman,Bold") do not state a weight, which PDFium
@@ -173,15 +174,17 @@ def open_pdf(path: str):
 
 
 def page_count(path: str | Path) -> int:
-    """Pages of a PDF; 0 where it cannot be opened (parsing it then reports why)."""
-    try:
-        document = open_pdf(str(path))
-    except PdfError:
-        return 0
-    try:
-        return len(document)
-    finally:
-        document.close()
+    """Pages of a PDF; 0 where it cannot be opened (parsing it then reports why). Called in the job's own process,
+    which may be the API's: under the process's PDFium lock."""
+    with PDFIUM_LOCK:
+        try:
+            document = open_pdf(str(path))
+        except PdfError:
+            return 0
+        try:
+            return len(document)
+        finally:
+            document.close()
 
 
 def _has_page_sized_image(page, raw) -> bool:

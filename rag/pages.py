@@ -33,7 +33,9 @@ OUTLINE = (230, 120, 0, 255)
 PAGE_CACHE_BYTES = 64 * 1024 * 1024  # rendered PNGs kept in memory by the API (a page is ~100-400 KB)
 TABLE_RULE = re.compile(r"^\|(?:\s*:?-{3,}:?\s*\|)+\s*$")
 
-_PDFIUM = threading.Lock()  # one call into PDFium at a time in this process
+# PDFium is not thread-safe: one call into it at a time in this process (the API renders pages on its threads
+# while an upload job counts a file's pages: ingest/pdf_text.page_count takes the same lock).
+PDFIUM_LOCK = threading.Lock()
 
 Box = tuple[float, float, float, float]  # left, bottom, right, top in PDF units
 
@@ -57,7 +59,7 @@ def render_page(path: Path, page: int, highlight: str = "", display_name: str = 
     from PIL import Image, ImageDraw
 
     name = display_name or path.name
-    with _PDFIUM:
+    with PDFIUM_LOCK:
         try:
             document = pdfium.PdfDocument(path)
         except pdfium.PdfiumError as error:
@@ -98,7 +100,7 @@ def page_of_quote(path: Path, pages: range, quote: str) -> int | None:
     None when the file cannot be read or no page holds it. For the quotes of a chunk that spans a page break."""
     import pypdfium2 as pdfium
 
-    with _PDFIUM:
+    with PDFIUM_LOCK:
         try:
             document = pdfium.PdfDocument(path)
         except (pdfium.PdfiumError, OSError):
