@@ -143,18 +143,23 @@ class SearchRequest(Strict):
     _query = field_validator("query")(_not_blank)
 
 
-class SearchHit(BaseModel):
-    """`ScoredChunk.to_dict()`: the same fields as each hit of `rag search --json`."""
+class Passage(BaseModel):
+    """A chunk as clients see it: where it is (its document's name, never a server path) and its text."""
 
-    rank: int
-    score: float
-    chunk_id: int | None
     doc_id: str
     source: str
     page: int | None
     page_end: int | None = Field(None, description="The last page the passage covers, when it runs past `page`.")
     heading: str | None
     text: str
+
+
+class SearchHit(Passage):
+    """`ScoredChunk.to_dict()`: the same fields as each hit of `rag search --json`."""
+
+    rank: int
+    score: float
+    chunk_id: int | None
     scores: dict[str, float] = Field(description="Per-retriever scores that fed a fused result.")
 
 
@@ -314,14 +319,10 @@ class KeyList(BaseModel):
 
 
 # ---------------------------------------------------------------- passages and evaluation reports (web app)
-class PassageOut(BaseModel):
+class PassageOut(Passage):
+    """GET /v1/chunks/{id}: the whole passage a citation points at."""
+
     chunk_id: int
-    doc_id: str
-    source: str
-    page: int | None
-    page_end: int | None = Field(None, description="The last page the passage covers, when it runs past `page`.")
-    heading: str | None
-    text: str
 
 
 class EvalOut(BaseModel):

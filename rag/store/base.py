@@ -140,6 +140,28 @@ class PendingChanges:
         self.touches[doc_id] = (size, mtime_ns)
 
 
+class BufferedWriter:
+    """What both backends' writers share: changes wait in `_pending` (a `PendingChanges`) until `commit`, each
+    store checking first that it was opened to write (`_require_writable`) and knowing its vectors' dimension
+    (`_writer_config[1]`)."""
+
+    _pending: PendingChanges
+    _writer_config: tuple | None
+
+    def _require_writable(self) -> None:
+        raise NotImplementedError
+
+    def add_document(self, record: DocumentRecord, chunks: list[Chunk], vectors: np.ndarray) -> None:
+        """Insert (or replace) one document with its chunks and their vectors."""
+        self._require_writable()
+        self._pending.add(record, chunks, vectors, self._writer_config[1])
+
+    def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
+        """Record a new modification time for a file whose content did not change."""
+        self._require_writable()
+        self._pending.touch(doc_id, size, mtime_ns)
+
+
 class Store(Protocol):
     """One index. Readers come from `open`, the single writer from `begin` ... `commit` (or `abort`)."""
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
-                            Manifest, PendingChanges, StoreError)
+from rag.store.base import (BufferedWriter, CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError,
+                            IndexNotFoundError, Manifest, PendingChanges, StoreError)
 from rag.store.segments import (SEGMENTS, build_segment_index, compact, index_type, new_segment_name, read_segment,
                                 remove_orphan_segments, search_parameters, write_segment)
 from rag.store.shared import (CHUNK_COLUMNS, DOCUMENT_COLUMNS, LEXICAL_POSTINGS_BUDGET, crash_point, generation_name,
@@ -62,7 +62,7 @@ class _Vectors:
     def ntotal(self) -> int:
         return sum(index.ntotal for index in self.segments.values()) - len(self.tombstones)
 
-class EmbeddedStore:
+class EmbeddedStore(BufferedWriter):
     """An index directory: read it with `EmbeddedStore.open`, change it with `begin` ... `commit`.
 
     >>> store = EmbeddedStore.open("rag-index")  # doctest: +SKIP
@@ -390,16 +390,6 @@ class EmbeddedStore:
             removed += self.db.execute(
                 f"SELECT COUNT(*) FROM chunks WHERE doc_id IN ({','.join('?' * len(batch))})", batch).fetchone()[0]
         return removed
-
-    def add_document(self, record: DocumentRecord, chunks: list[Chunk], vectors: np.ndarray) -> None:
-        """Insert (or replace) one document with its chunks and their vectors."""
-        self._require_writable()
-        self._pending.add(record, chunks, vectors, self._writer_config[1])
-
-    def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
-        """Record a new modification time for a file whose content did not change."""
-        self._require_writable()
-        self._pending.touch(doc_id, size, mtime_ns)
 
     def commit(self) -> CommitInfo:
         """Write the new segment, then make every buffered change visible in one transaction."""

@@ -26,8 +26,8 @@ from psycopg.pq import Format
 from psycopg.types.json import Jsonb
 
 from rag.config import Settings
-from rag.store.base import (CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError, IndexNotFoundError,
-                            Manifest, PendingChanges, StoreError)
+from rag.store.base import (BufferedWriter, CommitInfo, CompactionInfo, DocumentRecord, IndexMismatchError,
+                            IndexNotFoundError, Manifest, PendingChanges, StoreError)
 from rag.store.pg_schema import (CREATE_VECTOR_INDEX, DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, Database, initialise,
                                  read_meta, schema_version)
 from rag.store.shared import LEXICAL_POSTINGS_BUDGET, generation_name
@@ -156,7 +156,7 @@ def check_compatible(meta: dict, label: str, embedding_model: str | None, dimens
             "the same model, or use another database.")
 
 
-class PostgresStore:
+class PostgresStore(BufferedWriter):
     """An index in a PostgreSQL database: read it with `open`, change it with `begin` ... `commit`.
 
     >>> store = PostgresStore.open("postgresql://rag@db/rag", settings=settings)  # doctest: +SKIP
@@ -395,16 +395,6 @@ class PostgresStore:
         with self._db.connection() as conn:
             removed += conn.execute("SELECT count(*) FROM chunks WHERE doc_id = ANY(%s)", (doc_ids,)).fetchone()[0]
         return removed
-
-    def add_document(self, record: DocumentRecord, chunks: list[Chunk], vectors: np.ndarray) -> None:
-        """Insert (or replace) one document with its chunks and their vectors."""
-        self._require_writable()
-        self._pending.add(record, chunks, vectors, self._writer_config[1])
-
-    def touch_document(self, doc_id: str, size: int, mtime_ns: int) -> None:
-        """Record a new modification time for a file whose content did not change."""
-        self._require_writable()
-        self._pending.touch(doc_id, size, mtime_ns)
 
     def commit(self) -> CommitInfo:
         """Apply every buffered change in one transaction, holding each touched document's advisory lock."""
