@@ -34,6 +34,11 @@ AMOUNT = re.compile(r"^[$€£]?\s*(\()?\s*[$€£]?\s*(-?[\d,]*\.?\d+)\s*(\))?\
 HOW_TO = re.compile(r"\bhow\s+(?:do|can|should|would)\s+(?:i|we|you|one)\b|\bhow\s+to\b|\bexample\b", re.I)
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"“])")
 CODE_FENCE = re.compile(r"^```.*?^```[ \t]*$", re.M | re.S)
+# A line of code or a console session: a prompt (">>>", "$ "), an import, an assignment or a call, no prose.
+CODE_LINE = re.compile(r"^(?:>>>|\.\.\.|\$ |pip install |import \w|from [\w.]+ import |[\w.\[\]'\"]+ = \S|[\w.]+\(.*\)$|"
+                       r"[A-Z]\w*\(.*\)$|[<{}\])]|#\s)")
+# Code names its words in identifiers ("follow_redirects=True", "httpx.BasicAuth"): split for matching the question.
+IDENTIFIER_PARTS = re.compile(r"[_.=()\[\]{}'\"]|(?<=[a-z])(?=[A-Z])")
 TABLE_RULE = re.compile(r"^\|(?:\s*:?-{3,}:?\s*\|)+\s*$")
 
 
@@ -105,23 +110,33 @@ def _column_names(header: str) -> list[str]:
 
 
 def units(text: str) -> list[_Unit]:
-    """A chunk's checkable units in order: code blocks, table rows (with their table's header), sentences."""
+    """A chunk's checkable units in order: code blocks (fenced, or runs of code-like lines: loaders drop Markdown's
+    fences), table rows (with their table's header), sentences."""
     found: list[_Unit] = []
     covered: list[tuple[int, int]] = []
     for match in CODE_FENCE.finditer(text):
         found.append(_Unit(match.start(), match.end(), "code", ""))
         covered.append((match.start(), match.end()))
     offset, header_lines, in_table = 0, [], False
+    code: list[int] = []  # start and end of the run of code-like lines being read
+
+    def close_code() -> None:
+        if code:
+            found.append(_Unit(code[0], code[1], "code", ""))
+            code.clear()
+
     for line in text.splitlines(keepends=True):
-        start, end = offset, offset + len(line.rstrip("\n"))
+        start, end = offset + len(line) - len(line.lstrip()), offset + len(line.rstrip())
         offset += len(line)
         if any(low <= start < high for low, high in covered):
             continue
         stripped = line.strip()
         if not stripped:
+            close_code()
             header_lines, in_table = [], False
             continue
         if stripped.startswith("|"):
+            close_code()
             if TABLE_RULE.match(stripped):
                 in_table = True  # the rows above were the header
                 continue
@@ -131,10 +146,15 @@ def units(text: str) -> list[_Unit]:
             in_table = True
             found.append(_Unit(start, end, "row", "\n".join(header_lines)))
             continue
+        if CODE_LINE.match(stripped):
+            code[:] = [code[0] if code else start, end]
+            continue
+        close_code()
         if in_table:  # prose after a table: a new block (its caption lines start a fresh header)
             header_lines, in_table = [], False
         header_lines.append(stripped)
         found.extend(_sentences(text, start, end))
+    close_code()
     return sorted(found, key=lambda unit: unit.start)
 
 
@@ -181,9 +201,13 @@ def select_evidence(question: str, hits: list[ScoredChunk], limit: int = MAX_EVI
     for number, hit in enumerate(hits[:EVIDENCE_CHUNKS], start=1):
         text = hit.chunk.text
         context_terms = set(terms(hit.chunk.context))
+        introduced: set[str] = set()
         for unit in units(text):
             quote = text[unit.start:unit.end]
-            own = set(terms(quote))
+            own = set(terms(IDENTIFIER_PARTS.sub(" ", quote)))
+            if unit.kind == "code":  # code right after "... use the params keyword:" is what that sentence names
+                own |= introduced
+            introduced = own if unit.kind == "sentence" and quote.endswith(":") else set()
             candidates.append((number, hit, unit, quote, own, own | set(terms(unit.header)) | context_terms))
     if not candidates:
         return []

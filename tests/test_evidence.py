@@ -87,3 +87,14 @@ def test_quotes_of_a_chunk_across_a_page_break_are_placed_on_the_page_they_stand
     made_up = replace(sentence, quote="Nothing like this stands on either page.", page=1)
     placed = on_their_pages([sentence, row, made_up], pool)
     assert [(e.kind, e.page) for e in placed] == [("sentence", 1), ("row", 2)]  # the made-up quote is dropped
+
+
+def test_code_without_fences_is_one_unit_and_answers_a_how_to_question():
+    text = ("To include URL query parameters in the request, use the params keyword:\n\n"
+            ">>> params = {'key1': 'value1'}\n>>> r = httpx.get('https://httpbin.org/get', params=params)\n\n"
+            "The URL was encoded as you would expect.")
+    code = [unit for unit in units(text) if unit.kind == "code"]
+    assert [text[u.start:u.end] for u in code] == [
+        ">>> params = {'key1': 'value1'}\n>>> r = httpx.get('https://httpbin.org/get', params=params)"]
+    evidence = select_evidence("How do I pass query parameters in the URL?", [hit(text, 1)])
+    assert any(e.kind == "code" and "params=params" in e.quote for e in evidence)
