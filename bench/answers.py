@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_flags, dev_split, markdown_table, mean, shared_dataset  # noqa: E402
+from bench.common import cpu_flags, dev_split, markdown_table, mean, publish, shared_dataset  # noqa: E402
 from bench.evidence import open_or_ingest  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
 from rag.config import Settings  # noqa: E402
@@ -219,10 +219,7 @@ def main() -> None:
         if extra:
             output += ["", markdown_table(["set", "questions", "shown / F1", "abstained"], extra)]
     output += ["", f"{time.perf_counter() - started:.0f} s"]
-    text = "\n".join(output)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    publish(output, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_flags, dev_split, markdown_table, percentile, shared_dataset  # noqa: E402
+from bench.common import cpu_flags, dev_split, markdown_table, publish, percentile, shared_dataset  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
 from rag.config import Settings  # noqa: E402
 from rag.datasets import is_gold, read_dataset, write_contexts  # noqa: E402
@@ -156,10 +156,7 @@ def main() -> None:
                                     embedder, args.rerank_passages)
         if extra:
             output += ["", markdown_table(["set", "stage", "questions", "recall@1", "p50 ms"], extra)]
-    text = "\n".join(output)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    publish(output, args.out)
 
 
 if __name__ == "__main__":
