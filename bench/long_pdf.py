@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_flags, markdown_table, shared_dataset  # noqa: E402
-from ingest.job import PAGES_PER_TASK, _die_with_parent  # noqa: E402
+from ingest.job import PAGES_PER_TASK  # noqa: E402
 from ingest.pdf import parse_pdf  # noqa: E402
 
 
@@ -65,8 +65,7 @@ def main() -> None:
         rows = [["in-process (1 worker)", pages, f"{serial:.2f}", f"{pages / serial:.0f}", "1.00×", "yes"]]
         for workers in sorted({2, os.cpu_count() or 2}):
             def across_workers(workers=workers):
-                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                     return parse_pdf(path, pool.map, PAGES_PER_TASK)
 
             seconds, parsed = timed(across_workers, args.repeats)

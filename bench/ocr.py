@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_flags, markdown_table, mean, shared_dataset  # noqa: E402
 from bench.documents import DEPTH, score  # noqa: E402
 from ingest.job import IngestJob  # noqa: E402
-from ingest.limits import Limits  # noqa: E402
 from ingest.ocr import OcrOptions, add_image_page, unavailable  # noqa: E402
 from ingest.pdf import parse_pdf  # noqa: E402
 from ingest.pdf_text import page_count, read_pages  # noqa: E402
@@ -49,7 +48,7 @@ from rag.retrieve import Retriever, RetrieverKind  # noqa: E402
 from rag.store import Store  # noqa: E402
 from rag.types import DEFAULT_COLLECTION  # noqa: E402
 
-OPTIONS = OcrOptions.from_limits(Limits.from_settings(Settings(ocr="auto")))
+OPTIONS = OcrOptions.from_settings(Settings(ocr="auto"))
 
 
 def choose(dataset: Path, usgov: Path, pages: int, usgov_pages: int) -> tuple[list[dict], dict[Path, list[int]]]:
