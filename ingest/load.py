@@ -10,11 +10,12 @@ from pathlib import Path
 
 from rag import offline  # noqa: F401  (telemetry off before unstructured is imported)
 from ingest.limits import LimitError, Limits, check_chars, check_file, check_text_size, exceeded, flatten_deep_html
-from ingest.ocr import OCR_DPI, OcrOptions, image_pdf, unavailable
+from ingest.ocr import OcrOptions, image_pdf, unavailable
 from ingest.pdf import names_organisation, parse_pdf
 from ingest.pdf_text import PdfError
 from rag.config import Settings
 from rag.models import package_dir
+from rag.pages import OCR_DPI
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}  # read by OCR (ingest/ocr.py)
@@ -205,11 +206,19 @@ def load(path: str | Path, map_pages: Callable = map, pages_per_task: int | None
 
 
 def _load_image(path: Path, ocr: OcrOptions, limits: Limits | None) -> LoadedDocument:
-    """An image file (a TIFF: each of its frames, as pages) read as an image-only PDF, so that OCR and layout
-    recovery are the PDF's. Placed at OCR's resolution, its pixels are read as they are (a phone photo's metadata
-    often says 72 dpi, which would have it rendered at several times its size)."""
+    """An image file read as an image-only PDF (`image_file_pdf`), so that OCR and layout recovery are the PDF's."""
     if reason := unavailable(ocr):
         raise LoadError(f"an image file is read by OCR: {reason}")
+    with tempfile.TemporaryDirectory(prefix="rag-image-") as folder:
+        pdf = Path(folder) / "image.pdf"
+        pdf.write_bytes(image_file_pdf(path, limits))
+        return _load_pdf(pdf, map, None, ocr)
+
+
+def image_file_pdf(path: Path, limits: Limits | None = None) -> bytes:
+    """An image file (a TIFF: each of its frames) as a PDF of one image-only page per frame: how it is ingested and
+    how its pages are shown. Placed at OCR's resolution, its pixels are read as they are (a phone photo's metadata
+    often says 72 dpi, which would have it rendered at several times its size)."""
     from PIL import Image, ImageSequence
 
     try:
@@ -222,10 +231,7 @@ def _load_image(path: Path, ocr: OcrOptions, limits: Limits | None) -> LoadedDoc
                 frames.append(frame.copy())
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise LoadError(f"not a readable image: {error}") from None
-    with tempfile.TemporaryDirectory(prefix="rag-image-") as folder:
-        pdf = Path(folder) / "image.pdf"
-        pdf.write_bytes(image_pdf(frames, OCR_DPI))
-        return _load_pdf(pdf, map, None, ocr)
+    return image_pdf(frames, OCR_DPI)
 
 
 def ocr_options(limits: Limits | None) -> OcrOptions:

@@ -25,14 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rag.config import Settings
+from rag.pages import OCR_DPI
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 
-# Pages are rendered at this resolution for OCR: tesseract reads 8-10 pt print best around 200-300 dpi, and time
-# grows with pixels; 200 dpi gave a CER of 0-2% on filings (docs/ocr.md).
-OCR_DPI = 200
 # Words further apart than this many times their height are separate runs (cells of a table row), as a text layer's
 # glyphs are split by ingest/pdf_text.py.
 RUN_GAP = 0.9
@@ -40,6 +38,13 @@ RUN_GAP = 0.9
 # characters are unprintable, private-use or U+FFFD: then the page is read as an image.
 GARBAGE_SHARE = 0.5
 TESSERACT = "tesseract"
+# Rules (underlines, table borders) are taken off the image before OCR: tesseract's layout analysis drops whole
+# lines of text that a rule runs under or through (an 8-K's underlined exhibit index lost 10 of its 18 lines at 200
+# dpi, CER 0.216 → 0.003; 24 filing pages at 200 dpi: CER 3.1% → 1.7%, docs/ocr.md). A rule is a run of dark pixels at
+# least RULE_INCHES long, longer than any letter's stroke; dark is below INK_LEVEL, so that a table's light grey row
+# shading is not a rule (taken for one, it took the row's figures with it).
+RULE_INCHES = 0.5
+INK_LEVEL = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,25 +96,58 @@ def garbage(text: str) -> bool:
     return bool(letters) and bad > GARBAGE_SHARE * len(letters)
 
 
-def recognise(image: Image, timeout_s: float) -> OcrPage:
-    """The words on an image, in runs, with the page's confidence; past `timeout_s`, no runs and the reason."""
+def without_rules(image: Image, dpi: float = OCR_DPI) -> Image:
+    """`image` in greyscale with its horizontal rules painted white (see RULE_INCHES)."""
+    import cv2
+    import numpy as np
+    from PIL import Image as PilImage
+
+    grey = np.array(image.convert("L"))
+    _, ink = cv2.threshold(grey, INK_LEVEL, 255, cv2.THRESH_BINARY_INV)
+    length = max(1, round(RULE_INCHES * dpi))
+    rules = cv2.morphologyEx(ink, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (length, 1)))
+    grey[rules > 0] = 255
+    return PilImage.fromarray(grey)
+
+
+def recognise(image: Image, timeout_s: float, dpi: float = OCR_DPI) -> OcrPage:
+    """The words on an image rendered at `dpi`, in runs, with the page's confidence; past `timeout_s`, no runs and
+    the reason."""
+    tsv = _tesseract(image, dpi, timeout_s)
+    return _page(tsv) if isinstance(tsv, str) else tsv
+
+
+def _tesseract(image: Image, dpi: float, timeout_s: float) -> str | OcrPage:
+    """tesseract's TSV for the image without its rules, or an empty page saying why there is none."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    without_rules(image, dpi).save(buffer, format="PPM")  # PGM: no compression to spend time on either side
     # One thread: parallelism comes from the parse workers; tesseract's OpenMP threads only contend with them.
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     try:
-        done = subprocess.run([TESSERACT, "stdin", "stdout", "--psm", "3", "--dpi", str(OCR_DPI), "tsv"],
+        done = subprocess.run([TESSERACT, "stdin", "stdout", "--psm", "3", "--dpi", str(round(dpi)), "tsv"],
                               input=buffer.getvalue(), capture_output=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired:
         return OcrPage([], None, f"OCR stopped at the page time limit of {timeout_s:g} s (RAG_OCR_PAGE_TIMEOUT_S)")
     if done.returncode != 0:
         message = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         return OcrPage([], None, f"OCR failed: {message[0][:200]}")
-    return _page(done.stdout.decode("utf-8", errors="replace"))
+    return done.stdout.decode("utf-8", errors="replace")
 
 
-def _page(tsv: str) -> OcrPage:
-    """tesseract's TSV (one row per page, block, paragraph, line and word) → runs and confidence."""
+def page_words(image: Image, dpi: float, timeout_s: float) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """The words on a page image, each with its box in the image's pixels (left, top, right, bottom), as
+    `recognise` reads them: what a highlight on a scanned page is drawn from (rag.pages' `Recogniser`). Nothing
+    when OCR fails or runs out of time: the page is then shown without highlights."""
+    tsv = _tesseract(image, dpi, timeout_s)
+    if not isinstance(tsv, str):
+        return []
+    return [(word["text"].strip(), (int(word["left"]), int(word["top"]), _right(word),
+                                    int(word["top"]) + int(word["height"])))
+            for words in _lines(tsv)[0].values() for word in words]
+
+
+def _lines(tsv: str) -> tuple[dict[tuple[str, str, str], list[dict]], dict[tuple[str, str, str], int]]:
+    """tesseract's TSV (one row per page, block, paragraph, line and word) → each line's words and heights."""
     lines: dict[tuple[str, str, str], list[dict]] = {}
     heights: dict[tuple[str, str, str], int] = {}
     for row in csv.DictReader(io.StringIO(tsv), delimiter="\t", quoting=csv.QUOTE_NONE):
@@ -118,6 +156,12 @@ def _page(tsv: str) -> OcrPage:
             heights[key] = int(row["height"])
         elif row["level"] == "5" and row["text"] and row["text"].strip() and float(row["conf"]) >= 0:
             lines.setdefault(key, []).append(row)
+    return lines, heights
+
+
+def _page(tsv: str) -> OcrPage:
+    """tesseract's TSV → runs and confidence."""
+    lines, heights = _lines(tsv)
     runs, weighted, chars = [], 0.0, 0
     for key, words in lines.items():
         height = heights.get(key) or max(int(word["height"]) for word in words)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from ingest.ocr import OCR_DPI, OcrOptions, OcrPage, garbage, recognise, unavailable
-from rag.pages import PDFIUM_LOCK
+from ingest.ocr import OcrOptions, OcrPage, garbage, recognise, unavailable
+from rag.pages import OCR_DPI, PDFIUM_LOCK
 
 NUMERIC = re.compile(r"^[\s$€£%()\-–—.,:;*/x]*\(?-?[$€£]?\s*\d[\d,.]*\s*%?\)?[\s%*)]*$|^[-–—$]+$")
 # A font whose name says it is bold: many filings' fonts ("Times New Roman,Bold") do not state a weight, which PDFium

@@ -6,7 +6,8 @@ The quote is found in the page's own text layer with PDFium's search (case-insen
 line breaks and spacing that ingestion normalised: a table row (Markdown, as evidence quotes it) is searched cell by
 cell, its figures kept to the line of its label when the label is found; a sentence is searched whole, else by its
 first words (a quote that ran across a page break, or whose ligatures or hyphens the text layer spells otherwise).
-Words that cannot be found are simply not highlighted: the page is still the page the evidence names.
+Words that cannot be found are simply not highlighted: the page is still the page the evidence names. A scanned page
+has no text layer: its words are read by OCR (a `Recogniser` the caller gives) and searched the same way.
 
 PDFium is not thread-safe, so every call into it here holds one process-wide lock; the API renders off its event
 loop (api/routes/sources.py) and keeps the PNGs in a `RenderedPages` cache bounded in bytes.
@@ -14,10 +15,12 @@ loop (api/routes/sources.py) and keeps the PNGs in a `RenderedPages` cache bound
 
 from __future__ import annotations
 
+import bisect
 import io
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from rag.errors import NotFoundError, UserError
@@ -38,6 +41,13 @@ TABLE_RULE = re.compile(r"^\|(?:\s*:?-{3,}:?\s*\|)+\s*$")
 PDFIUM_LOCK = threading.Lock()
 
 Box = tuple[float, float, float, float]  # left, bottom, right, top in PDF units
+Search = Callable[[str], list[list[Box]]]  # every place a text stands on a page, each as its boxes
+# Reads a page image (PIL) rendered at the given dpi: its words, each with its box in the image's pixels (left, top,
+# right, bottom). Given by the caller (the API passes ingest.ocr.page_words): the library does not run OCR itself.
+Recogniser = Callable[[object, float], list[tuple[str, tuple[int, int, int, int]]]]
+# Pages are read by OCR at this resolution (ingestion, and highlights on scanned pages): tesseract reads 8-10 pt print
+# best around 200-300 dpi, and time grows with pixels; 200 dpi gave a CER of 0-2% on filings (docs/ocr.md).
+OCR_DPI = 200
 
 
 class PageNotFoundError(NotFoundError):
@@ -52,16 +62,19 @@ class PageUnreadableError(UserError):
     code = "page_unreadable"
 
 
-def render_page(path: Path, page: int, highlight: str = "", display_name: str = "") -> bytes:
-    """Page `page` (1-based) of the PDF at `path` as PNG bytes, with the words of `highlight` boxed. Errors name the
-    file by `display_name` (never its path on the server)."""
+def render_page(source: Path | bytes, page: int, highlight: str = "", display_name: str = "",
+                recognise: Recogniser | None = None) -> bytes:
+    """Page `page` (1-based) of the PDF at `source` (a path, or the file's bytes) as PNG bytes, with the words of
+    `highlight` boxed. A page without a text layer (a scan) has its words found by `recognise` when given. Errors
+    name the file by `display_name` (never its path on the server)."""
     import pypdfium2 as pdfium
     from PIL import Image, ImageDraw
 
-    name = display_name or path.name
+    name = display_name or (source.name if isinstance(source, Path) else "the document")
+    scan = None
     with PDFIUM_LOCK:
         try:
-            document = pdfium.PdfDocument(path)
+            document = pdfium.PdfDocument(source)
         except pdfium.PdfiumError as error:
             raise PageUnreadableError(f"'{name}' cannot be opened as a PDF ({error}).") from None
         try:
@@ -74,11 +87,23 @@ def render_page(path: Path, page: int, highlight: str = "", display_name: str = 
             rotation = pdf_page.get_rotation()
             # Rendered unrotated, so that text boxes (in unrotated page space) map straight onto pixels; turned after.
             image = pdf_page.render(scale=scale, rotation=(360 - rotation) % 360).to_pil().convert("RGB")
-            boxes = find_boxes(pdf_page.get_textpage(), highlight) if highlight.strip() else []
+            boxes: list[Box] = []
+            if highlight.strip():
+                textpage = pdf_page.get_textpage()
+                if textpage.count_chars() or recognise is None:
+                    boxes = find_boxes(text_layer(textpage), highlight)
+                else:  # read outside the lock: OCR takes seconds
+                    scan = pdf_page.render(scale=OCR_DPI / 72, rotation=(360 - rotation) % 360,
+                                           grayscale=True).to_pil()
         except pdfium.PdfiumError as error:
             raise PageUnreadableError(f"Page {page} of '{name}' cannot be rendered ({error}).") from None
         finally:
             document.close()
+    if scan is not None:
+        words = [(text, (left + word_left * 72 / OCR_DPI, top - word_bottom * 72 / OCR_DPI,
+                         left + word_right * 72 / OCR_DPI, top - word_top * 72 / OCR_DPI))
+                 for text, (word_left, word_top, word_right, word_bottom) in recognise(scan, OCR_DPI)]
+        boxes = find_boxes(RecognisedText(words).occurrences, highlight)
     if boxes:
         overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
         draw = ImageDraw.Draw(overlay)
@@ -107,7 +132,7 @@ def page_of_quote(path: Path, pages: range, quote: str) -> int | None:
             return None
         try:
             for page in pages:
-                if 1 <= page <= len(document) and find_boxes(document[page - 1].get_textpage(), quote):
+                if 1 <= page <= len(document) and find_boxes(text_layer(document[page - 1].get_textpage()), quote):
                     return page
         except pdfium.PdfiumError:
             return None
@@ -116,29 +141,29 @@ def page_of_quote(path: Path, pages: range, quote: str) -> int | None:
     return None
 
 
-def find_boxes(textpage, quote: str) -> list[Box]:
-    """The boxes of `quote`'s words on the page (see the module's docstring for how each kind is searched)."""
+def find_boxes(search: Search, quote: str) -> list[Box]:
+    """The boxes of `quote`'s words on a page whose text `search` finds (see the module's docstring for how each
+    kind of quote is searched)."""
     lines = [line.strip() for line in quote.strip().splitlines() if line.strip()]
     if lines and all(line.startswith("|") for line in lines):
-        return [box for line in lines if not TABLE_RULE.match(line) for box in _row_boxes(textpage, line)]
+        return [box for line in lines if not TABLE_RULE.match(line) for box in _row_boxes(search, line)]
     text = " ".join(quote.replace("```", " ").split())
-    found = _occurrences(textpage, text)
+    found = search(text)
     words = text.split()
     for count in SENTENCE_PREFIX_WORDS:
         if found or len(words) <= count:
             break
-        found = _occurrences(textpage, " ".join(words[:count]))
+        found = search(" ".join(words[:count]))
     return [box for boxes in found[:1] for box in boxes]  # the first place it stands (a quote is one span)
 
 
-def _row_boxes(textpage, row: str) -> list[Box]:
+def _row_boxes(search: Search, row: str) -> list[Box]:
     """A table row's cells on one line of the page: the line of the label (else of the first figure) on which
     most of the row's figures stand (the same label or figure elsewhere on the page is another row's or a
     sentence's)."""
     label, *values = [cell.strip() for cell in row.strip().strip("|").split("|")]
-    figures = [_occurrences(textpage, value) or _occurrences(textpage, value.replace(" ", ""))
-               for value in values if len(value) >= MIN_CELL_CHARS]
-    anchors = _occurrences(textpage, label) if len(label) >= MIN_CELL_CHARS else []
+    figures = [search(value) or search(value.replace(" ", "")) for value in values if len(value) >= MIN_CELL_CHARS]
+    anchors = search(label) if len(label) >= MIN_CELL_CHARS else []
     labelled = bool(anchors)
     if not labelled:
         anchors = next((places for places in figures if places), [])
@@ -156,22 +181,47 @@ def _same_line(box: Box, other: Box) -> bool:
     return high - low >= 0.5 * min(box[3] - box[1], other[3] - other[1])
 
 
-def _occurrences(textpage, text: str) -> list[list[Box]]:
-    """Every place `text` stands on the page, each as the boxes PDFium gives its characters' runs."""
-    if not text:
-        return []
-    searcher = textpage.search(text, match_case=False)
-    places = []
-    while (found := searcher.get_next()) is not None:
-        index, count = found
-        if rects := _rects(textpage, index, count):  # a match of characters without boxes cannot be shown
-            places.append(rects)
-    return places
+def text_layer(textpage) -> Search:
+    """A page's text layer searched with PDFium (case-insensitive, across line breaks)."""
+    def occurrences(text: str) -> list[list[Box]]:
+        if not text:
+            return []
+        searcher = textpage.search(text, match_case=False)
+        places = []
+        while (found := searcher.get_next()) is not None:
+            index, count = found
+            if rects := _rects(textpage, index, count):  # a match of characters without boxes cannot be shown
+                places.append(rects)
+        return places
+
+    return occurrences
 
 
 def _rects(textpage, index: int, count: int) -> list[Box]:
     # FPDFText_CountRects over a range fills the rectangles that FPDFText_GetRect then reads, by their own index.
     return [textpage.get_rect(i) for i in range(textpage.count_rects(index, count))]
+
+
+class RecognisedText:
+    """A scanned page's recognised words, searched like a text layer: case-insensitive, whitespace-insensitive
+    (each run of spaces and line breaks is one space); a match is the boxes of the words it touches."""
+
+    def __init__(self, words: list[tuple[str, Box]]):
+        self.boxes = [box for _, box in words]
+        self.text, self.starts = "", []
+        for text, _ in words:
+            self.starts.append(len(self.text))
+            self.text += " ".join(text.lower().split()) + " "
+
+    def occurrences(self, text: str) -> list[list[Box]]:
+        needle = " ".join(text.lower().split())
+        places, start = [], self.text.find(needle) if needle else -1
+        while start >= 0:
+            first = bisect.bisect_right(self.starts, start) - 1
+            last = bisect.bisect_left(self.starts, start + len(needle))
+            places.append(self.boxes[first:last])
+            start = self.text.find(needle, start + 1)
+        return places
 
 
 class RenderedPages:

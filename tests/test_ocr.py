@@ -3,20 +3,23 @@
 import io
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from ingest.job import IngestJob
 from ingest.limits import Limits
 from ingest.load import LoadError, load, ocr_options
-from ingest.ocr import OCR_DPI, image_pdf
+from ingest.ocr import image_pdf, page_words, without_rules
 from ingest.pdf import parse_pdf
+from rag.pages import OCR_DPI, RecognisedText, render_page
 from rag.retrieve import Retriever
 from rag.store import Store
 from rag.types import DEFAULT_COLLECTION
 from tests.pdfs import make_pdf, report_with_scanned_pages, report_with_table
+from tests.test_web_routes import api_base_index, changed_rows, pixels, wait_job, web  # noqa: F401, F811
 
 # scripts/install.sh installs tesseract wherever it runs as root with apt (CI does): there a missing engine fails
 # these tests; elsewhere they skip and say why.
@@ -157,3 +160,52 @@ def test_ocr_off_reports_scanned_pages_as_before_and_typed_pages_are_never_ocred
     (tmp_path / "table.pdf").write_bytes(report_with_table())
     parsed = parse_pdf(tmp_path / "table.pdf", ocr=ocr_options(_ocr_limits()))
     assert parsed.ocr_pages == {} and parsed.scanned_pages == []
+
+
+def test_rules_are_taken_off_the_image_and_the_words_stay():
+    """An underline (a hyperlink in a filing's exhibit index) is painted out; the text above it is untouched."""
+    import numpy as np
+
+    image = scanned_page(LETTER)
+    underline = OCR_DPI + 80 + 70  # under the second line's text
+    ImageDraw.Draw(image).line((200, underline, 1500, underline), fill=0, width=3)
+    before, after = np.array(image), np.array(without_rules(image))
+    assert (after[underline - 2:underline + 3, 202:1498] == 255).all()  # (a pixel at an end may stay)
+    assert (after[:underline - 5] == before[:underline - 5]).all()  # the letters, rows above the rule
+
+
+def test_recognised_words_are_searched_like_a_text_layer():
+    words = RecognisedText([("Net", (0, 0, 1, 1)), ("sales", (1, 0, 2, 1)), ("1,250", (3, 0, 4, 1)),
+                            ("net", (0, 5, 1, 6)), ("Sales", (1, 5, 2, 6))])
+    assert words.occurrences("net  SALES") == [[(0, 0, 1, 1), (1, 0, 2, 1)], [(0, 5, 1, 6), (1, 5, 2, 6)]]
+    assert words.occurrences("sales 1,250") == [[(1, 0, 2, 1), (3, 0, 4, 1)]]
+    assert words.occurrences("1,25") == [[(3, 0, 4, 1)]]  # a part of a word marks the word
+    assert words.occurrences("gross margin") == [] and words.occurrences("") == []
+
+
+def test_a_quote_on_a_scanned_page_is_highlighted_where_ocr_read_it():
+    scan = image_pdf([scanned_page(LETTER)])
+    recognise = partial(page_words, timeout_s=60)
+    plain = pixels(render_page(scan, 1, "", "letter.pdf", recognise))
+    marked = pixels(render_page(scan, 1, "the ketch Marlowquist", "letter.pdf", recognise))
+    top, bottom = changed_rows(plain, marked)
+    scale = plain.height / PAGE[1]
+    line = OCR_DPI + 80  # the second line's top, in the scan's pixels
+    assert (line - 15) * scale <= top and bottom <= (line + 80) * scale, (top, bottom, scale)
+    left = ImageChops.difference(plain, marked).getbbox()[0]
+    assert left >= (200 + FONT.getlength("The lighthouse keeper logged ") - 20) * scale  # the quote's words only
+    assert pixels(render_page(scan, 1, "the ketch Marlowquist", "letter.pdf")) == plain  # no OCR given: no marks
+
+
+def test_an_image_files_page_is_shown_with_the_quote_highlighted(web):  # noqa: F811
+    buffer = io.BytesIO()
+    scanned_page(LETTER).save(buffer, format="PNG")
+    job = wait_job(web, web.post("/v1/documents", files=[("files", ("harbour.png", buffer.getvalue()))]).json()["job_id"])
+    [done] = job["files"]
+    route = f"/v1/documents/{done['doc_id']}/pages"
+    plain = web.get(f"{route}/1.png")
+    assert plain.status_code == 200 and plain.headers["content-type"] == "image/png"
+    marked = web.get(f"{route}/1.png", params={"highlight": "entering the harbour at dawn"})
+    top, _ = changed_rows(pixels(plain.content), pixels(marked.content))
+    assert top >= (OCR_DPI + 2 * 80 - 15) * pixels(plain.content).height / PAGE[1]  # the third line
+    assert web.get(f"{route}/2.png").json()["error"]["code"] == "page_not_found"

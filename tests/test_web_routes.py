@@ -143,19 +143,19 @@ def test_a_table_row_is_found_on_its_own_line():
     """The row's label also starts a sentence above the table: its figures say which "Net sales" is the row's."""
     import pypdfium2 as pdfium
 
-    from rag.pages import find_boxes
+    from rag.pages import find_boxes, text_layer
 
     document = pdfium.PdfDocument(report_with_table())
     textpage = document[1].get_textpage()
-    boxes = find_boxes(textpage, ROW)
+    boxes = find_boxes(text_layer(textpage), ROW)
     assert len(boxes) == 4  # label and three figures
     assert max(box[1] for box in boxes) < min(box[3] for box in boxes)  # one line: every box overlaps the others
-    sentence = find_boxes(textpage, "Net sales rose in every region, as the table below shows.")
+    sentence = find_boxes(text_layer(textpage), "Net sales rose in every region, as the table below shows.")
     assert sentence and min(box[1] for box in sentence) > max(box[3] for box in boxes)  # the line above the table
-    cut = find_boxes(textpage, "Net sales rose in every region, as the table below shows and then some words "
+    cut = find_boxes(text_layer(textpage), "Net sales rose in every region, as the table below shows and then some words "
                                "that the page never says.")
     assert cut and cut[0][:2] == sentence[0][:2]  # not found whole: its first words
-    assert find_boxes(textpage, "Words that are on no page at all") == []
+    assert find_boxes(text_layer(textpage), "Words that are on no page at all") == []
     document.close()
 
 

@@ -8,6 +8,7 @@ that was ingested (otherwise the cited pages may no longer be what the answer qu
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,8 @@ from api.errors import ApiError
 from api.files import MEDIA_TYPES, UNTRUSTED_HEADERS, untrusted_file
 from api.schemas import PassageOut
 from api.service import Service
+from ingest.load import IMAGE_SUFFIXES, LoadError, image_file_pdf
+from ingest.ocr import OcrOptions, page_words, unavailable
 from rag.models import sha256_files
 from rag.pages import MAX_HIGHLIGHT_CHARS, RenderedPages, render_page
 from rag.store.base import DocumentRecord
@@ -63,21 +66,38 @@ async def original_file(doc_id: DocId, service: ServiceDep, collection: ReadScop
     return untrusted_file(path)
 
 
-@router.get("/documents/{doc_id}/pages/{page}.png", summary="A page of a PDF as PNG, with quoted words highlighted",
+@router.get("/documents/{doc_id}/pages/{page}.png",
+            summary="A page of a PDF or image file as PNG, with quoted words highlighted",
             responses={200: {"content": {"image/png": {}}},
-                       404: {"description": "No such document or page, its file is gone, or it is not a PDF."},
+                       404: {"description": "No such document or page, its file is gone, or it has no pages."},
                        409: {"description": "The file changed since it was ingested."},
-                       422: {"description": "The file cannot be rendered as a PDF."}})
+                       422: {"description": "The file cannot be rendered."}})
 async def page_image(doc_id: DocId, page: Annotated[int, PathParam(ge=1, le=MAX_PAGE_NUMBER)], service: ServiceDep,
                      collection: ReadScope,
                      highlight: Annotated[str, Query(max_length=MAX_HIGHLIGHT_CHARS, description=(
                          "Words to highlight: an evidence quote (a sentence, or a Markdown table row)."))] = ""):
     record, path = await _ingested_file(doc_id, service, collection)
-    if path.suffix.lower() != ".pdf":
-        raise ApiError(404, "not_a_pdf", f"'{record.name}' is not a PDF: only PDF pages are shown as images.")
+    suffix = path.suffix.lower()
+    if suffix != ".pdf" and suffix not in IMAGE_SUFFIXES:
+        raise ApiError(404, "not_a_pdf",
+                       f"'{record.name}' has no pages: only PDF and image files are shown as images.")
     key = (record.content_hash, page, highlight)
     png = _rendered.get(key)
     if png is None:
-        png = await run_in_threadpool(render_page, path, page, highlight, record.name)
+        png = await run_in_threadpool(_render, service, path, page, highlight, record.name)
         _rendered.put(key, png)
     return Response(png, media_type="image/png", headers=UNTRUSTED_HEADERS)
+
+
+def _render(service: Service, path: Path, page: int, highlight: str, name: str) -> bytes:
+    """The page as PNG; an image file is shown as the image-only PDF it was ingested as, and the words of a page
+    without a text layer (a scan, an image) are read by OCR for its highlights, when OCR is on."""
+    options = OcrOptions.from_settings(service.settings)
+    recognise = None if unavailable(options) else partial(page_words, timeout_s=options.page_timeout_s)
+    if path.suffix.lower() == ".pdf":
+        return render_page(path, page, highlight, name, recognise)
+    try:
+        pages = image_file_pdf(path)
+    except LoadError as error:
+        raise ApiError(422, "page_unreadable", f"'{name}' cannot be shown: {error}.") from None
+    return render_page(pages, page, highlight, name, recognise)
