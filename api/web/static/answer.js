@@ -1,5 +1,5 @@
 // An answer on screen: its text (Markdown, built as DOM nodes) with clickable [n] citations, its evidence (the
-// quoted words, each opening its PDF page beside the conversation or its passage), its sources, and the passage
+// quoted words, each opening its page (PDF or image) beside the conversation or its passage), its sources, and the passage
 // dialog that shows a cited passage (document, page, heading, the cited words highlighted) with a link to the
 // original file. Only what the API returned is shown: an [n] links only when the response's `citations` hold n
 // (none when the answer is `supported: false`), and a document is named by its `source` as the API gives it (a
@@ -8,7 +8,7 @@
 import * as api from "./api.js";
 import { $, basename, h, highlighted } from "./dom.js";
 import { render } from "./markdown.js";
-import { isPdfEvidence, showPage } from "./page.js";
+import { hasPageImage, showPage } from "./page.js";
 
 const CITATION = /\[(\d{1,2})\]/g;
 const IDK = /don't know|do not know/i;
@@ -67,7 +67,7 @@ function evidenceView(evidence) {
       .filter(Boolean).join(" · ");
     const quote = item.kind === "code" ? h("pre", {}, h("code", {}, item.quote.replace(/^```.*\n?|\n?```\s*$/g, "")))
       : h("blockquote", {}, item.readable || item.quote);
-    const open = isPdfEvidence(item)
+    const open = hasPageImage(item)
       ? h("button", { type: "button", class: "link show-page", onclick: () => showPage(item) },
         `Show page ${item.page}`)
       : item.chunk_id != null ? h("button", { type: "button", class: "link show-passage", onclick: () => openPassage(

@@ -14,7 +14,9 @@ export function setupPageView(limits) {
   $("#page-close").addEventListener("click", closePage);
 }
 
-export const isPdfEvidence = (evidence) => evidence.doc_id && evidence.page != null && /\.pdf$/i.test(evidence.source);
+// Pages the server renders (GET /v1/documents/{id}/pages/{n}.png): PDFs and image files (scans, read by OCR).
+export const hasPageImage = (evidence) =>
+  evidence.doc_id && evidence.page != null && /\.(pdf|png|jpe?g|tiff?)$/i.test(evidence.source);
 
 /** Shows page `evidence.page` of its document with `evidence.quote` highlighted. */
 export async function showPage(evidence) {
