@@ -28,6 +28,11 @@ RRF_K = 60
 HYBRID_CANDIDATES = 60
 # How much a page's further chunks add to its score (`by_page`): 1 is a plain noisy-or, 0 the best chunk alone.
 PAGE_SHARE = 1.0
+# The best card match's vote, in first ranks' RRF shares (`Retriever._with_documents`). 2-3 lifted the tune half of
+# financebench-dev (page hit@5 0.72 -> 0.84) and cost the report half (document hit@1 0.87 -> 0.83, page hit@1
+# 0.39 -> 0.35; bench/evidence.py, session 22): one is kept. Gathering fused chunk scores per page (a page's further
+# chunks adding 0.3-1.0 of their scores) cut the tune half's page hit@1 from 0.52 to 0.24-0.28.
+DOCUMENT_VOTE = 1.0
 STATEMENT_VOTE = 1.0  # of a first rank's RRF share (`with_statements`; 0.75 and 1.5 were worse on the tune half)
 # The document ranking counts for long documents only (`LONG_DOCUMENT_CHUNKS`): a candidate at that position or later
 # in its document shows it is one. A short document's passages carry its title themselves, and a second vote for it
@@ -209,7 +214,7 @@ class Retriever:
         document_score = score_documents(query, cards)
         if not document_score:
             return fused
-        rescored = [(id_, score + (document_score[chunks[id_].doc_id] / (RRF_K + 1)
+        rescored = [(id_, score + (DOCUMENT_VOTE * document_score[chunks[id_].doc_id] / (RRF_K + 1)
                                    if id_ in chunks and chunks[id_].doc_id in document_score else 0.0))
                     for id_, score in fused]
         return sorted(rescored, key=lambda pair: (-pair[1], pair[0]))
