@@ -11,6 +11,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rag.generation.base import MAX_NEW_TOKENS
+from rag.generation.transformers_backend import MAX_BATCH
 
 MAX_QUESTION_CHARS = 2000  # every route that takes a question or query (/v1/ask, /v1/search, chat completions)
 MAX_ANSWER_CHARS = 8000  # an earlier answer sent back as conversation history
@@ -35,7 +36,9 @@ class ApiSettings(BaseSettings):
     revoked_api_keys: str = Field("", repr=False, description="Comma-separated keys that are refused with 403.")
     key_cache_s: float = Field(5.0, ge=0, le=3600, description="How long a key looked up in the key store is "
                                "remembered: a key revoked by another process is refused within this time.")
-    max_concurrent_generations: int = Field(1, ge=1, le=64, description="Decoder runs at the same time.")
+    max_concurrent_generations: int = Field(MAX_BATCH, ge=1, le=64, description=(
+        "Generations let in at once: the in-process decoder decodes that many together (at most 8), vLLM batches "
+        "what it is sent."))
     max_queue: int = Field(16, ge=0, le=10_000, description="Generations waiting for a slot before 503.")
     queue_timeout_s: float = Field(30, ge=0, le=3600, description="Longest wait for a generation slot: a request "
                                    "that would wait longer is answered 503 with Retry-After, before its client "

@@ -7,9 +7,10 @@ loopback port (for vLLM, first the engine itself through scripts/engine.sh, whic
 fp32, eager) and, for each concurrency, with the machine as it is ("idle") and then with a subprocess spinning on one
 core beside it ("hog"), sends max(clients, --requests) /v1/ask requests from that many concurrent clients (each a
 closed loop). Both backends answer on the `rag` path with the same prompts, greedy, no abstention, so they do the
-same work; the API lets one generation run at a time in-process (its default) and up to --clients at once on vLLM,
-which batches them. Reported per cell: answered requests, requests/s, generated tokens/s, p50/p95 seconds;
-with the CPU's flags and the load average, since the machine may be shared. Defaults take about ten minutes here.
+same work; the API lets 1 and then 8 generations (its default, decoded together) in at once in-process, and up to
+--clients at once on vLLM, which batches them. Reported per cell: answered requests, requests/s, generated tokens/s,
+p50/p95 seconds; with the CPU's flags and the load average, since the machine may be shared. Defaults take about
+ten minutes here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import cpu_flags, markdown_table, percentile  # noqa: E402
 from bench.decoder_threads import start_hog, stop_hog  # noqa: E402
 from bench.load import BENCH_KEY, QUERIES, _free_port, build_index, start_server, wait_ready  # noqa: E402
+from rag.generation.transformers_backend import MAX_BATCH  # noqa: E402
 from tests.engine import running_engine  # noqa: E402
 
 CLIENTS = (1, 8, 32)
@@ -105,8 +107,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS), help="concurrent clients per cell")
     parser.add_argument("--in-process-clients", type=int, nargs="+", default=None, help="clients for the "
-                        "in-process backend (default: --clients); it answers one request at a time, so past one "
-                        "client more only lengthen the queue (32 take ~10 min on a busy 2-core machine)")
+                        "in-process backend (default: --clients); it decodes at most 8 requests together, so past "
+                        "that more clients only lengthen the queue")
+    parser.add_argument("--in-process-generations", type=int, nargs="+", default=[1, MAX_BATCH],
+                        help="RAG_MAX_CONCURRENT_GENERATIONS of the in-process API, one server each: 1 decodes one "
+                        f"request at a time, {MAX_BATCH} (the default) lets that many be decoded together")
+    parser.add_argument("--no-engine", action="store_true", help="the in-process backend only (no vLLM)")
     parser.add_argument("--requests", type=int, default=4, help="requests per cell at least (else one per client)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--k", type=int, default=2, help="chunks per prompt (~200 tokens each)")
@@ -123,14 +129,18 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         if not (work / "index").exists():
             build_index(ROOT / "corpus" / "httpx", work / "index")
-        serve_api(work / "index", {"RAG_BACKEND": "transformers"}, work / "api-inprocess.log", args,
-                  "in-process", args.in_process_clients or args.clients, rows)
-        with running_engine(_free_port(), work / "vllm.log", MAX_MODEL_LEN, threads=args.engine_threads) as base:
-            # vLLM batches the requests it holds: let the API pass every client's on at once.
-            serve_api(work / "index", {"RAG_BACKEND": "openai", "RAG_OPENAI_BASE_URL": base,
-                                       "RAG_OPENAI_MODEL": "default",
-                                       "RAG_MAX_CONCURRENT_GENERATIONS": str(max(args.clients))},
-                      work / "api-vllm.log", args, "vLLM", args.clients, rows)
+        for generations in args.in_process_generations:
+            serve_api(work / "index", {"RAG_BACKEND": "transformers",
+                                       "RAG_MAX_CONCURRENT_GENERATIONS": str(generations)},
+                      work / f"api-inprocess-{generations}.log", args, f"in-process, {generations} at once",
+                      args.in_process_clients or args.clients, rows)
+        if not args.no_engine:
+            with running_engine(_free_port(), work / "vllm.log", MAX_MODEL_LEN, threads=args.engine_threads) as base:
+                # vLLM batches the requests it holds: let the API pass every client's on at once.
+                serve_api(work / "index", {"RAG_BACKEND": "openai", "RAG_OPENAI_BASE_URL": base,
+                                           "RAG_OPENAI_MODEL": "default",
+                                           "RAG_MAX_CONCURRENT_GENERATIONS": str(max(args.clients))},
+                          work / "api-vllm.log", args, "vLLM", args.clients, rows)
 
     print(f"CPU: {platform.processor() or platform.machine()}, flags: {cpu_flags()}, "
           f"cpus allowed: {len(os.sched_getaffinity(0))}")

@@ -34,9 +34,9 @@ _stop_watching = _exit_with_parent()
 try:
     from ingest.job import parse_file  # noqa: F401  (the function workers run, with the chunker's imports)
     from ingest.load import warm_up
-    from rag.models import model_imports
+    from rag.models import transformers_lock
 
-    with model_imports():  # the chunker's tokenizer is read by each worker (its path is the job's), with these
+    with transformers_lock():  # the chunker's tokenizer is read by each worker (its path is the job's), with these
         from transformers import AutoTokenizer  # noqa: F401
 
     warm_up()

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rag.models import model_imports, quiet_transformers, resolve_decoder, sha256_files, silence_gguf_progress
+from rag.models import transformers_lock, quiet_transformers, resolve_decoder, sha256_files, silence_gguf_progress
 
 logger = logging.getLogger("rag.models")
 
@@ -77,7 +77,7 @@ def dequantised_copy(gguf_path: Path, cache_dir: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     import torch
-    with model_imports():
+    with transformers_lock():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("dequantising %s once into %s", gguf_path, folder)
@@ -85,7 +85,8 @@ def dequantised_copy(gguf_path: Path, cache_dir: Path) -> Path:
     silence_gguf_progress()
     extra = {"gguf_file": gguf_path.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **extra)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **extra)
+    with transformers_lock():
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **extra)
     # Dequantised, the weights are plain fp32 tensors; only the loader's marks say "gguf", and save_pretrained
     # refuses a model so marked (and a saved quantization_config would send the next load back to the .gguf).
     model.hf_quantizer = None

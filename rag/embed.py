@@ -13,7 +13,7 @@ import numpy as np
 from rag.config import DEFAULT_EMBEDDING_BATCH_SIZE
 from rag.embed_onnx import ONNX_PRECISIONS, OnnxEncoder, longest_first, max_seq_length
 from rag.errors import UserError
-from rag.models import (PRECISIONS, autocast, cpu_flags, default_embedding_path, existing_path, model_imports,
+from rag.models import (PRECISIONS, autocast, cpu_flags, default_embedding_path, existing_path, transformers_lock,
                         resolve_device, resolve_precision)
 from rag.types import LONG_DOCUMENT_CHUNKS, Chunk
 
@@ -189,13 +189,14 @@ class Embedder:
 
     @cached_property
     def model(self):
-        with model_imports():
+        with transformers_lock():
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in CLI output
 
-        return SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+        with transformers_lock():
+            return SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
 
     @property
     def tokenizer(self):

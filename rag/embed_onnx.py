@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.models import cpu_flags, model_imports, sha256_files
+from rag.models import cpu_flags, sha256_files, transformers_lock
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,13 @@ def export(model_dir: Path, cache_dir: Path, quantised: bool) -> Path:
     int8_path = folder / ("model.int8.onnx" if bits == 8 else f"model.int8-w{bits}.onnx")
     if not fp32_path.exists():
         import torch
-        with model_imports():
+        with transformers_lock():
             from transformers import AutoModel
 
         _check_mean_pooling(model_dir)
         log.info("Exporting %s to ONNX (once; cached in %s)", model_dir, folder)
-        encoder = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        with transformers_lock():
+            encoder = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
 
         class LastHiddenState(torch.nn.Module):  # named tensors in, one tensor out: what the tracer handles
             def __init__(self):
@@ -188,7 +189,7 @@ class OnnxEncoder:
 
     @cached_property
     def tokenizer(self):
-        with model_imports():
+        with transformers_lock():
             from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)

@@ -136,15 +136,18 @@ def resolve_device(device: str) -> str:
     raise UserError(f"unknown device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
 
 
-_MODEL_IMPORTS = threading.RLock()
+_TRANSFORMERS = threading.RLock()
 
 
 @contextmanager
-def model_imports() -> Iterator[None]:
-    """Held while importing from transformers (or a library built on it). Its lazy module is not safe to import
-    from two threads at once: a decoder loading in a background thread while the query encoder was exported in
-    the main one failed with "cannot import name 'AutoModel' from 'transformers'"."""
-    with _MODEL_IMPORTS:
+def transformers_lock() -> Iterator[None]:
+    """Held while importing from transformers (or a library built on it) and while building a model with it
+    (re-entrant). Neither is safe in two threads at once: the lazy module failed an import ("cannot import name
+    'AutoModel' from 'transformers'", a decoder loading in a background thread while the query encoder was exported
+    in the main one), and `from_pretrained` builds a model on the meta device by patching torch's Module class for
+    the whole process, so a model built beside it got meta tensors ("Cannot copy out of meta tensor": the API's
+    decoder preload beside the fp32 query encoder, tests/test_workers.py)."""
+    with _TRANSFORMERS:
         yield
 
 
@@ -157,7 +160,7 @@ def quiet_transformers() -> None:
 def read_tokenizer(model: str | Path | None = None):
     """A new tokenizer of a model folder or .gguf (default: the packaged decoder's). The one place tokenizers are
     loaded; a fast tokenizer is not thread-safe, so each decoder reads its own."""
-    with model_imports():
+    with transformers_lock():
         from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -176,7 +179,7 @@ def load_causal_lm(model: str | Path | None, device: str, for_training: bool = F
     """(model, tokenizer, device) for a decoder: HF folder or GGUF (dequantised by transformers; see
     rag.decoder_cache for doing that once), fp32 on CPU, bf16 on CUDA. The one place decoders are loaded."""
     import torch
-    with model_imports():
+    with transformers_lock():
         from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -187,7 +190,8 @@ def load_causal_lm(model: str | Path | None, device: str, for_training: bool = F
         silence_gguf_progress()
     tokenizer = read_tokenizer(folder / gguf_file if gguf_file else folder)
     dtype = torch.bfloat16 if device == "cuda" and not for_training else torch.float32
-    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra).to(device)
+    with transformers_lock():
+        loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra).to(device)
     if not for_training:
         loaded.eval()
     return loaded, tokenizer, device

@@ -197,7 +197,44 @@ def test_every_parameter_reaches_model_generate(generator, monkeypatch):
     seen.clear()
     generator.generate(QUESTION, GenerationParams(max_new_tokens=2, top_k=5, top_p=0.5))
     assert (seen["do_sample"], seen["temperature"], seen["top_k"], seen["top_p"]) == (False, None, None, None)
-    assert "stopping_criteria" not in seen
+
+
+def test_concurrent_requests_are_decoded_together_and_get_the_replies_they_get_alone(generator, monkeypatch):
+    """Greedy requests waiting for the model go in one batch (left-padded, each with its own length, stop strings
+    and max_new_tokens); a sampling one runs alone, first as it came first; a bad one fails alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asked = [([{"role": "user", "content": "Name a colour."}], GenerationParams(max_new_tokens=8, temperature=1.2,
+                                                                                  seed=5)),
+             (QUESTION, GenerationParams(max_new_tokens=12)),
+             ([{"role": "user", "content": "Say hello in Spanish, then in French."}],
+              GenerationParams(max_new_tokens=6)),
+             (QUESTION, GenerationParams(max_new_tokens=12, stop=[","])),
+             ([], GenerationParams(max_new_tokens=4)),  # no messages: refused
+             (EMOJI, GenerationParams(max_new_tokens=9))]
+    alone = [generator.generate(messages, params) if messages else None for messages, params in asked]
+    batches = []
+    real_generate = generator.model.generate
+    monkeypatch.setattr(generator.model, "generate",
+                        lambda **kwargs: batches.append(len(kwargs["input_ids"])) or real_generate(**kwargs))
+    pool = ThreadPoolExecutor(len(asked))
+    with generator._lock:  # the model is busy: every request queues behind it, in order
+        futures = []
+        for messages, params in asked:
+            futures.append(pool.submit(generator.generate, messages, params))
+            deadline = time.monotonic() + 10
+            while len(generator._waiting) < len(futures) and time.monotonic() < deadline:
+                time.sleep(0.005)
+    with pytest.raises(ValueError, match="messages is empty"):
+        futures[4].result(timeout=120)
+    got = [future.result(timeout=120) if messages else None for future, (messages, _) in zip(futures, asked)]
+    pool.shutdown()
+    assert batches == [1, 4]  # the sampler alone, then the four greedy requests that can run (of five)
+    for mine, theirs in zip(got, alone):
+        if theirs is not None:
+            assert (mine.text, mine.tokens_in, mine.tokens_out, mine.finish_reason) == (
+                theirs.text, theirs.tokens_in, theirs.tokens_out, theirs.finish_reason)
+    assert got[2].finish_reason == "length" and got[3].finish_reason == "stop"
 
 
 def test_seed_makes_sampling_reproducible_and_filters_change_it(generator):

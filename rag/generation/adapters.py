@@ -11,8 +11,8 @@ from typing import Any
 
 from rag.config import Settings
 from rag.errors import ConflictError, UserError
-from rag.models import (TRAINING_RECORD, ModelNotFoundError, decoder_identity, existing_path, model_imports,
-                        resolve_decoder)
+from rag.models import (TRAINING_RECORD, ModelNotFoundError, decoder_identity, existing_path, resolve_decoder,
+                        transformers_lock)
 from rag.types import AnswerPath
 
 logger = logging.getLogger("rag.generation")
@@ -85,10 +85,11 @@ def checked_adapter(adapter_dir: str | Path | None, base: str | Path | None) -> 
 
 def apply_adapter(model: Any, adapter_dir: Path) -> Any:
     """The base with the LoRA adapter merged in: merged weights decode as fast as the base model."""
-    with model_imports():
+    with transformers_lock():
         from peft import PeftModel
 
-    adapted = PeftModel.from_pretrained(model, adapter_dir)
+    with transformers_lock():
+        adapted = PeftModel.from_pretrained(model, adapter_dir)
     merged = adapted.merge_and_unload() if hasattr(adapted, "merge_and_unload") else adapted
     return merged.eval()
 

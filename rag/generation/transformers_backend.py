@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from collections.abc import Generator as PyGenerator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from rag.generation.base import (
     check_options,
     cut_at_stop,
 )
-from rag.models import load_causal_lm, model_imports, resolve_decoder
+from rag.models import load_causal_lm, transformers_lock, resolve_decoder
 
 logger = logging.getLogger("rag.generation")
 
@@ -141,37 +142,67 @@ class DecoderThreads:
         return self.last
 
 
-class _TextWatch:
-    """Called by `model.generate` after every new token (as a StoppingCriteria): decodes the reply so far, hands it
-    to a stream, and stops on a stop string or when the stream was closed. Decoding the whole reply each step
-    costs microseconds next to a forward pass and sees stop strings that span tokens."""
+# -- decoding concurrent requests together
+# Greedy requests that wait for the model while another runs are decoded together in one `model.generate` call (left
+# padded), at most this many: a small decoder's step on the CPU costs its weight reads and per-op overhead far more
+# than arithmetic, so eight sequences take little longer a step than one (bench/serving.py, docs/benchmarks.md). The
+# API lets that many generations in at once by default (RAG_MAX_CONCURRENT_GENERATIONS). A request that samples runs
+# alone: its seed's draws must not depend on who else was waiting. A request alone is decoded exactly as before.
+MAX_BATCH = 8
 
-    def __init__(self, tokenizer: Any, prompt_length: int, stop: list[str], cancel: threading.Event | None,
-                 on_text: Callable[[str], None] | None):
-        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, stop
-        self.cancel, self.on_text = cancel, on_text
+
+@dataclass(eq=False)
+class _Request:
+    """One generation waiting for, or in, a batch; `done` is set once `result` or `error` is."""
+
+    messages: list[dict]
+    params: GenerationParams
+    on_text: Callable[[str], None] | None = None
+    cancel: threading.Event | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Generation | None = None
+    error: BaseException | None = None
+
+
+class _BatchWatch:
+    """Called by `model.generate` after every new token (as a StoppingCriteria): per row, decodes the reply so far,
+    hands it to that request's stream, and stops the row on its stop string, its own max_new_tokens, or when its
+    stream was closed; it records where each row stopped. Decoding the whole reply each step costs microseconds next
+    to a forward pass and sees stop strings that span tokens."""
+
+    def __init__(self, tokenizer: Any, width: int, rows: list[_Request]):
+        self.tokenizer, self.width, self.rows = tokenizer, width, rows
+        self.stopped_at: list[int | None] = [None] * len(rows)  # new tokens of the row when it was stopped here
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        done = self.cancel is not None and self.cancel.is_set()
-        if self.stop or self.on_text:
-            text = self.tokenizer.decode(input_ids[0, self.prompt_length:], skip_special_tokens=True)
-            if self.on_text:
-                self.on_text(text)
-            done = done or any(s in text for s in self.stop)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        generated = input_ids.shape[1] - self.width
+        for row, request in enumerate(self.rows):
+            if self.stopped_at[row] is not None:
+                continue
+            done = generated >= request.params.max_new_tokens or (request.cancel is not None
+                                                                   and request.cancel.is_set())
+            if request.params.stop or request.on_text:
+                text = self.tokenizer.decode(input_ids[row, self.width:], skip_special_tokens=True)
+                if request.on_text:
+                    request.on_text(text)
+                done = done or any(s in text for s in request.params.stop)
+            if done:
+                self.stopped_at[row] = generated
+        stopped = [at is not None for at in self.stopped_at]
+        return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)
 
 
-def _stopping_criteria(watch: _TextWatch) -> Any:
-    with model_imports():
+def _stopping_criteria(watch: _BatchWatch) -> Any:
+    with transformers_lock():
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-    class TextWatchCriteria(StoppingCriteria):
+    class BatchWatchCriteria(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             return watch(input_ids, scores, **kwargs)
 
-    return StoppingCriteriaList([TextWatchCriteria()])
+    return StoppingCriteriaList([BatchWatchCriteria()])
 
 
 class TransformersGenerator:
@@ -179,9 +210,10 @@ class TransformersGenerator:
     the packaged SmolLM2-135M-Instruct. cuda in bf16 when present, else cpu in fp32. The model's name is the one
 configured (the .gguf's file name), whatever folder a cached copy was loaded from.
 
-    One generation runs at a time per model (a lock): torch already uses every core for one sequence, and the
-    fast tokenizer is not safe to share between threads. On the CPU each call uses as many torch threads as other
-    processes leave cores free (`DecoderThreads`); `threads` (Settings.decoder_threads) forces a number.
+    One `model.generate` runs at a time per model (a lock): torch already uses every core for it, and the fast
+    tokenizer is not safe to share between threads. Greedy requests that arrive while it runs are decoded together
+    in the next one (`MAX_BATCH`). On the CPU each call uses as many torch threads as other processes leave cores
+    free (`DecoderThreads`); `threads` (Settings.decoder_threads) forces a number.
 
     >>> generator = TransformersGenerator()  # doctest: +SKIP
     >>> hello = [{"role": "user", "content": "Say hi"}]  # doctest: +SKIP
@@ -229,6 +261,8 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
         self._eos_ids.add(self.tokenizer.eos_token_id)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
+        self._waiting: list[_Request] = []  # in arrival order, guarded by _waiting_lock
+        self._waiting_lock = threading.Lock()
         self._default_threads: int | None = None  # torch's own thread count, read at the first call
 
     @contextmanager
@@ -327,38 +361,94 @@ configured (the .gguf's file name), whatever folder a cached copy was loaded fro
                 f"decoder's context window of {self.context_window} tokens. Shorten the prompt or lower "
                 "max_new_tokens.")
 
-    def _generate_kwargs(self, inputs: dict, params: GenerationParams, watch: _TextWatch | None) -> dict:
+    def _generate_kwargs(self, inputs: dict, params: GenerationParams, watch: _BatchWatch) -> dict:
         """Exactly our parameters, nothing inherited: with sampling, top_k/top_p of None are passed as 'off'
         (transformers would otherwise apply top_k=50); greedy clears any sampling defaults of the model."""
         kwargs: dict[str, Any] = dict(**inputs, max_new_tokens=params.max_new_tokens, do_sample=params.sampling,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+                                      pad_token_id=self._pad_id, stopping_criteria=_stopping_criteria(watch))
         if params.sampling:
             kwargs.update(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p or 1.0)
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
-        if watch is not None:
-            kwargs["stopping_criteria"] = _stopping_criteria(watch)
         return kwargs
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
 
     def _run(self, messages: list[dict], params: GenerationParams, on_text: Callable[[str], None] | None = None,
              cancel: threading.Event | None = None) -> Generation:
-        """One `model.generate` call; `generate()` and `stream()` both come here, so their texts agree."""
+        """One request's generation; `generate()` and `stream()` both come here, so their texts agree. The thread
+        that gets the model decodes the oldest waiting requests (its own among them, or in a later round)."""
+        request = _Request(messages, params, on_text, cancel)
+        with self._waiting_lock:
+            self._waiting.append(request)
+        with self._lock:
+            while not request.done.is_set():
+                self._decode(self._next_batch())
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _next_batch(self) -> list[_Request]:
+        """The oldest waiting request, and the greedy ones after it when it is greedy."""
+        with self._waiting_lock:
+            first = self._waiting[0]
+            batch = [first] if first.params.sampling else \
+                [request for request in self._waiting if not request.params.sampling][:MAX_BATCH]
+            self._waiting = [request for request in self._waiting if request not in batch]
+        return batch
+
+    def _decode(self, batch: list[_Request]) -> None:
+        """One `model.generate` over the batch's prompts, left-padded; each request gets its own result or error."""
         import torch
 
-        with self._lock, self._sized_threads(), torch.inference_mode():
-            inputs = self._encode(messages)
-            tokens_in = int(inputs["input_ids"].shape[1])
-            self._check_room(tokens_in, params.max_new_tokens)
-            watch = _TextWatch(self.tokenizer, tokens_in, params.stop, cancel, on_text) \
-                if params.stop or on_text or cancel else None
-            if params.sampling and params.seed is not None:
-                torch.manual_seed(params.seed)  # under the lock: the global RNG is ours for this call
-            started = time.perf_counter()
-            output = self.model.generate(**self._generate_kwargs(inputs, params, watch))
-            seconds = time.perf_counter() - started
-            new_tokens = output[0, tokens_in:].tolist()
-            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, params.stop)
+        try:
+            with self._sized_threads(), torch.inference_mode():
+                rows, prompts = [], []
+                for request in batch:
+                    try:
+                        prompt = self._encode(request.messages)["input_ids"][0].tolist()
+                        self._check_room(len(prompt), request.params.max_new_tokens)
+                    except UserError as error:  # this request's own mistake: the others go on
+                        request.error = error
+                        continue
+                    rows.append(request)
+                    prompts.append(prompt)
+                if not rows:
+                    return
+                width = max(map(len, prompts))
+                inputs = {"input_ids": torch.tensor([[self._pad_id] * (width - len(p)) + p for p in prompts],
+                                                    device=self.device),
+                          "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                                         device=self.device)}
+                params = rows[0].params if len(rows) == 1 else GenerationParams(
+                    max_new_tokens=max(request.params.max_new_tokens for request in rows))
+                watch = _BatchWatch(self.tokenizer, width, rows)
+                if params.sampling and params.seed is not None:
+                    torch.manual_seed(params.seed)  # under the lock: the global RNG is ours for this call
+                started = time.perf_counter()
+                output = self.model.generate(**self._generate_kwargs(inputs, params, watch))
+                seconds = time.perf_counter() - started
+                for row, (request, prompt) in enumerate(zip(rows, prompts)):
+                    request.result = self._generation(output[row, width:].tolist(), watch.stopped_at[row],
+                                                      len(prompt), seconds, request)
+        except BaseException as error:  # noqa: BLE001 (each waiting caller re-raises it in its own thread)
+            for request in batch:
+                if request.result is None and request.error is None:
+                    request.error = error
+        finally:
+            for request in batch:
+                request.done.set()
+
+    def _generation(self, new_tokens: list[int], stopped_at: int | None, tokens_in: int, seconds: float,
+                    request: _Request) -> Generation:
+        """A row's reply: its tokens up to where it ended (its end-of-sequence token, or where the watch stopped
+        it; after that come the padding of rows still running), and why it ended."""
+        end = next((index + 1 for index, token in enumerate(new_tokens) if token in self._eos_ids), len(new_tokens))
+        new_tokens = new_tokens[:min(end, stopped_at or end)]
+        params, cancel = request.params, request.cancel
+        text, stopped = cut_at_stop(self.tokenizer.decode(new_tokens, skip_special_tokens=True), params.stop)
         if stopped or (new_tokens and new_tokens[-1] in self._eos_ids):
             finish = "stop"
         elif len(new_tokens) >= params.max_new_tokens:
