@@ -144,7 +144,8 @@ def howto(settings: Settings, embedder: Embedder, generator, workdir: Path) -> l
     items = [json.loads(line) for line in (ROOT / "bench" / "data" / "howto.jsonl").read_text().splitlines()]
     misses = []
     for item in items:
-        answer = pipeline.answer(item["question"], path="rag", params=PARAMS, collection=DEFAULT_COLLECTION)
+        answer = pipeline.answer(item["question"], path=settings.default_path, params=PARAMS,
+                                 collection=DEFAULT_COLLECTION)
         texts = [answer.text, *(e.quote for e in answer.evidence)]
         found = any(item["expect"] in text for text in texts)
         shown += found
@@ -152,7 +153,8 @@ def howto(settings: Settings, embedder: Embedder, generator, workdir: Path) -> l
         if not found:
             misses.append(item["question"])
     print("how-to misses:", misses, file=sys.stderr)
-    return [["how-to (corpus/httpx)", len(items), f"{shown / len(items):.3f}", f"{abstained / len(items):.3f}"]]
+    return [[f"how-to (corpus/httpx, {settings.default_path.value} path)", len(items), f"{shown / len(items):.3f}",
+             f"{abstained / len(items):.3f}"]]
 
 
 def xquad_f1(settings: Settings, embedder: Embedder, generator, workdir: Path, limit: int) -> list[list]:
@@ -163,9 +165,9 @@ def xquad_f1(settings: Settings, embedder: Embedder, generator, workdir: Path, l
     index_settings = Settings(index_dir=workdir / "xquad-index")
     IngestJob(index_settings, embedder).run(write_contexts(dataset, workdir / "xquad"))
     pipeline = Pipeline(index_settings, Index.open(index_settings, embedder.name).retriever(embedder), generator)
-    scores = [best_f1(pipeline.answer(item.question, path="rag", params=PARAMS,
+    scores = [best_f1(pipeline.answer(item.question, path=settings.default_path, params=PARAMS,
                                       collection=DEFAULT_COLLECTION).text, item.answers) for item in items]
-    return [["XQuAD held-out (rag path)", len(items), f"{mean(scores):.3f}", ""]]
+    return [[f"XQuAD held-out ({settings.default_path.value} path)", len(items), f"{mean(scores):.3f}", ""]]
 
 
 def main() -> None:
@@ -193,7 +195,7 @@ def main() -> None:
         pipeline = Pipeline(settings, retriever, generator)
         splits = ("report", "tune") if args.split == "all" else (args.split,)
         rows = []
-        paths = args.paths.split(",")
+        paths = [path for path in args.paths.split(",") if path]  # "": only --howto / --xquad
         runs = {path: {} for path in paths}
         chain = None if args.no_langchain else langchain_chain(retriever, generator)
         for question in questions:
