@@ -1,5 +1,5 @@
-"""API keys, for admin keys: create (the secret is in the reply, once), list, revoke. Thin over rag/keys.py, like
-`rag keys create|list|revoke`.
+"""API keys, for admin keys: create (the secret is in the reply, once), list, revoke. Thin over rag/store/keys.py,
+like `rag keys create|list|revoke`.
 
 An admin key of one collection manages the keys of that collection only (another collection's key is not found,
 like an unknown one); an admin key of every collection (`*`, e.g. one from RAG_API_KEYS) manages every key.

@@ -95,8 +95,8 @@ MIGRATIONS: list[str] = [
         name text NOT NULL,
         collection text NOT NULL,  -- '*' = every collection
         role text NOT NULL CHECK (role IN ('read', 'write', 'admin')),
-        digest text NOT NULL UNIQUE,  -- hex SHA-256 of the secret (rag.keys.digest); the secret is never stored
-        created_at text NOT NULL,  -- ISO 8601, as rag.keys and the embedded store's table keep them
+        digest text NOT NULL UNIQUE,  -- hex SHA-256 of the secret (rag.store.keys.digest); the secret is never stored
+        created_at text NOT NULL,  -- ISO 8601, as rag.store.keys and the embedded store's table keep them
         revoked_at text,
         position bigint GENERATED ALWAYS AS IDENTITY  -- creation order (created_at has whole seconds)
     );

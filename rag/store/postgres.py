@@ -11,7 +11,6 @@ Scoping: `collection` (and `allowed` ids) go into every query's WHERE clause, ne
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import struct
@@ -30,13 +29,11 @@ from rag.store.base import (BufferedWriter, CommitInfo, CompactionInfo, Document
                             IndexNotFoundError, Manifest, PendingChanges, StoreError)
 from rag.store.pg_schema import (CREATE_VECTOR_INDEX, DOCUMENT_LOCK_NAMESPACE, MIGRATIONS, Database, initialise,
                                  read_meta, schema_version)
-from rag.store.shared import LEXICAL_POSTINGS_BUDGET, generation_name
+from rag.store.shared import (CHUNK_COLUMNS, DOCUMENT_COLUMNS, LEXICAL_POSTINGS_BUDGET, generation_name,
+                              source_matches)
 from rag.store.terms import indexed_terms, rarest_within, terms
 from rag.types import ALL_COLLECTIONS, Chunk, collection_filter
 
-CHUNK_COLUMNS = ("id, doc_id, ordinal, text, source, page, heading, element_type, tokens, hash, context, name,"
-                 " page_end")
-DOCUMENT_COLUMNS = ", ".join(field.name for field in fields(DocumentRecord))
 INSERT_DOCUMENT = (f"INSERT INTO documents ({DOCUMENT_COLUMNS}) "
                    f"VALUES ({', '.join(['%s'] * len(fields(DocumentRecord)))})")
 # New chunks arrive by binary COPY (no per-row statement, no text parsing of vectors on the server).
@@ -65,11 +62,6 @@ MAX_POSITIONS = 256  # positions a tsvector keeps per lexeme: BM25's term freque
 LAST_POSITION = 16383  # a tsvector's largest position
 # The rows holding a word (`w.word`), from the GIN index; a subquery's start, closed by the caller.
 COUNT_POSTINGS = "SELECT count(*) FROM (SELECT FROM chunks WHERE terms @@ quote_literal(w.word)::tsquery"
-
-
-def source_matches(source: str, pattern: str) -> bool:
-    """A document path matches a glob, or ends with it below some folder (the embedded store's rule)."""
-    return fnmatch.fnmatch(source, pattern) or fnmatch.fnmatch(source, f"*/{pattern.lstrip('/')}")
 
 
 def _analysed(chunk: Chunk) -> tuple[bytes, Jsonb, int]:
