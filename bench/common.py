@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rag import models
 from rag.embed import chunk_inputs
@@ -58,6 +61,24 @@ def embed_windows(documents: list[list[Chunk]], flush_at: int) -> list[list[Chun
 def model_inputs(window: list[Chunk]) -> list[str]:
     """What the embed stage gives the model for one window of whole documents (`Embedder.encode_chunks`)."""
     return chunk_inputs(window, Counter(chunk.doc_id for chunk in window)).distinct
+
+
+def timed_writes(begin: Callable[[], Any], data: Any, first_doc: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `repeats` commits that add one new document (`data.documents`, bench/scale.py's synthetic data,
+    from `first_doc`), then of `repeats` commits that delete one document each: each a writer's whole life (begin,
+    change, commit, close), as an upload or delete job's, on either store (`begin` opens its writer)."""
+    uploads, deletes = [], []
+    for writes, change in ((uploads, lambda writer, r: writer.add_document(*next(data.documents(first_doc + r, 1,
+                                                                                                 seed_offset=7)))),
+                           (deletes, lambda writer, r: writer.delete([f"{r * 97:016x}"]))):
+        for r in range(repeats):
+            started = time.perf_counter()
+            writer = begin()
+            change(writer, r)
+            writer.commit()
+            writer.close()
+            writes.append(time.perf_counter() - started)
+    return {"upload_s": uploads, "delete_s": deletes}
 
 
 def mean(values: list[float]) -> float:

@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import scale_postgres  # noqa: E402
-from bench.common import cpu_flags, markdown_table, percentile, shared_dataset  # noqa: E402
+from bench.common import cpu_flags, markdown_table, percentile, shared_dataset, timed_writes  # noqa: E402
 from rag.types import ALL_COLLECTIONS  # noqa: E402
 
 DIMENSION, LATENT, CHUNKS_PER_DOC, BULK_COMMIT = 384, 24, 10, 20_000
@@ -136,21 +136,8 @@ def upload_and_delete_new(data: Synthetic, index: Path, size: int, repeats: int)
     """Small commits beside the large segment; compacted later (`compact_new`), after searching them as they are."""
     from rag.store import Store
 
-    uploads, deletes = [], []
-    next_doc = size // CHUNKS_PER_DOC + 1_000_000
-    for r in range(repeats):
-        started = time.perf_counter()
-        store = Store.begin(index, "synthetic", DIMENSION, {})
-        store.add_document(*next(data.documents(next_doc + r, 1, seed_offset=7)))
-        store.commit()
-        uploads.append(time.perf_counter() - started)
-    for r in range(repeats):
-        started = time.perf_counter()
-        store = Store.begin(index, "synthetic", DIMENSION, {})
-        store.delete([f"{r * 97:016x}"])
-        store.commit()
-        deletes.append(time.perf_counter() - started)
-    return {"upload_s": uploads, "delete_s": deletes}
+    return timed_writes(lambda: Store.begin(index, "synthetic", DIMENSION, {}), data,
+                        size // CHUNKS_PER_DOC + 1_000_000, repeats)
 
 
 def compact_new(index: Path) -> dict:

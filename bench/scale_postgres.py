@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import timed_writes
+
 
 def batches(size: int, chunks_per_doc: int, per_batch: int) -> list[tuple[int, int]]:
     """(first document, documents) of each batch `Synthetic.documents` generates (its vectors depend on the batch),
@@ -45,23 +47,8 @@ def build(data, url: str, size: int, chunks_per_doc: int, dimension: int, per_ba
 def upload_and_delete(data, url: str, size: int, chunks_per_doc: int, dimension: int, repeats: int) -> dict:
     from rag.store.postgres import PostgresStore
 
-    uploads, deletes = [], []
-    next_doc = size // chunks_per_doc + 1_000_000
-    for r in range(repeats):
-        started = time.perf_counter()
-        writer = PostgresStore.begin(url, "synthetic", dimension, {})
-        writer.add_document(*next(data.documents(next_doc + r, 1, seed_offset=7)))
-        writer.commit()
-        writer.close()
-        uploads.append(time.perf_counter() - started)
-    for r in range(repeats):
-        started = time.perf_counter()
-        writer = PostgresStore.begin(url, "synthetic", dimension, {})
-        writer.delete([f"{r * 97:016x}"])
-        writer.commit()
-        writer.close()
-        deletes.append(time.perf_counter() - started)
-    return {"upload_s": uploads, "delete_s": deletes, "compaction_s": None}
+    return {**timed_writes(lambda: PostgresStore.begin(url, "synthetic", dimension, {}), data,
+                           size // chunks_per_doc + 1_000_000, repeats), "compaction_s": None}
 
 
 def live_vectors(data, url: str, size: int, chunks_per_doc: int, per_batch: int):
