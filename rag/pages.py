@@ -122,7 +122,9 @@ def render_page(source: Path | bytes, page: int, highlight: str = "", display_na
 
 def page_of_quote(path: Path, pages: range, quote: str) -> int | None:
     """The first of `pages` (1-based) of the PDF at `path` on which `quote` stands (searched like a highlight);
-    None when the file cannot be read or no page holds it. For the quotes of a chunk that spans a page break."""
+    None when the file cannot be read or no page holds it. For the quotes of a chunk that spans a page break. Pages
+    without a text layer (scans, read by OCR at ingestion) cannot be searched here: a quote that no searchable page
+    holds is placed on the first of them."""
     import pypdfium2 as pdfium
 
     with PDFIUM_LOCK:
@@ -131,14 +133,20 @@ def page_of_quote(path: Path, pages: range, quote: str) -> int | None:
         except (pdfium.PdfiumError, OSError):
             return None
         try:
+            scanned = None
             for page in pages:
-                if 1 <= page <= len(document) and find_boxes(text_layer(document[page - 1].get_textpage()), quote):
+                if not 1 <= page <= len(document):
+                    continue
+                textpage = document[page - 1].get_textpage()
+                if not textpage.count_chars():
+                    scanned = scanned or page
+                elif find_boxes(text_layer(textpage), quote):
                     return page
+            return scanned
         except pdfium.PdfiumError:
             return None
         finally:
             document.close()
-    return None
 
 
 def find_boxes(search: Search, quote: str) -> list[Box]:

@@ -197,6 +197,17 @@ def test_a_quote_on_a_scanned_page_is_highlighted_where_ocr_read_it():
     assert pixels(render_page(scan, 1, "the ketch Marlowquist", "letter.pdf")) == plain  # no OCR given: no marks
 
 
+def test_a_quote_of_a_chunk_across_scanned_pages_is_placed_not_dropped(tmp_path):
+    from rag.pages import page_of_quote
+
+    scan = tmp_path / "scan.pdf"
+    scan.write_bytes(image_pdf([scanned_page(LETTER), scanned_page(LETTER)]))
+    assert page_of_quote(scan, range(1, 3), "the ketch Marlowquist") == 1  # no text layer to search: first page
+    typed = tmp_path / "typed.pdf"
+    typed.write_bytes(report_with_table())
+    assert page_of_quote(typed, range(1, 3), "words on no page at all") is None
+
+
 def test_an_image_files_page_is_shown_with_the_quote_highlighted(web):  # noqa: F811
     buffer = io.BytesIO()
     scanned_page(LETTER).save(buffer, format="PNG")
