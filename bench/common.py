@@ -81,6 +81,21 @@ def timed_writes(begin: Callable[[], Any], data: Any, first_doc: int, repeats: i
     return {"upload_s": uploads, "delete_s": deletes}
 
 
+class GivenVectors:
+    """A query encoder for the scale benches: each synthetic query's vector stands in for its embedded text."""
+
+    name = "synthetic"
+
+    def __init__(self, texts: list[str], vectors: Any):
+        self.by_text = dict(zip(texts, vectors))
+
+    def follow(self, index_weights: Any) -> None:
+        pass
+
+    def encode_query(self, text: str) -> Any:
+        return self.by_text[text]
+
+
 def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 

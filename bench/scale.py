@@ -44,7 +44,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import scale_postgres  # noqa: E402
-from bench.common import cpu_flags, markdown_table, percentile, shared_dataset, timed_writes  # noqa: E402
+from bench.common import (GivenVectors, cpu_flags, markdown_table, percentile, shared_dataset,  # noqa: E402
+                          timed_writes)
 from rag.types import ALL_COLLECTIONS  # noqa: E402
 
 DIMENSION, LATENT, CHUNKS_PER_DOC, BULK_COMMIT = 384, 24, 10, 20_000
@@ -247,17 +248,8 @@ def probe(kind: str, index: Path, dataset: Path) -> dict:
     if kind == "new":  # the project's own hybrid path: both legs at once, fusion, row lookup
         from rag.retrieve import Retriever
 
-        class GivenVectors:  # the synthetic queries' vectors stand in for embedded question texts
-            name = "synthetic"
-            by_text = dict(zip(query_texts, query_vectors))
-
-            def follow(self, index_weights):
-                pass
-
-            def encode_query(self, text):
-                return self.by_text[text]
-
-        retriever = Retriever(store, GivenVectors(), "hybrid")  # the shipped candidates per leg
+        # the shipped candidates per leg
+        retriever = Retriever(store, GivenVectors(query_texts, query_vectors), "hybrid")
         hybrid = lambda pair: retriever.retrieve(pair[1], 10, collection=ALL_COLLECTIONS)  # noqa: E731
     else:  # the snapshot store's: one leg after the other
         def hybrid(pair):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import timed_writes
+from bench.common import GivenVectors, timed_writes
 
 
 def batches(size: int, chunks_per_doc: int, per_batch: int) -> list[tuple[int, int]]:
@@ -90,17 +90,7 @@ def probe(url: str, dataset: Path, queries: int, scopes: dict, size: int, chunks
     store = PostgresStore.open(url)
     open_s = time.perf_counter() - started
 
-    class GivenVectors:  # the synthetic queries' vectors stand in for embedded question texts
-        name = "synthetic"
-        by_text = dict(zip(query_texts, query_vectors))
-
-        def follow(self, index_weights):
-            pass
-
-        def encode_query(self, text):
-            return self.by_text[text]
-
-    retriever = Retriever(store, GivenVectors(), "hybrid")
+    retriever = Retriever(store, GivenVectors(query_texts, query_vectors), "hybrid")
     ids, vectors, collections = live_vectors(data, url, size, chunks_per_doc, per_batch)
     result = {"open_s": open_s, "scoped": {}}
     for name, (collection, source) in scopes.items():
